@@ -1,0 +1,185 @@
+"""Server assembly and lifecycle: `create_server(settings) -> (server, port)` and `serve(settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from authopt.v1 import optimizer_pb2, optimizer_pb2_grpc
+from server import policy, validation
+from server.batcher import BatcherConfig, MicroBatcher
+from server.decision import DecisionEngine, EngineConfig
+from server.features import FeatureStore, InMemoryFeatureStore
+from server.idempotency import IdempotencyCache, make_cache
+from server.models import ModelRegistry, resolve_device
+from server.publisher import OutcomePublisher, make_publisher
+from server.service import OptimizerService
+from server.settings import ServerSettings
+from server.telemetry import Metrics
+
+__all__ = ["AuthoptServer", "create_server", "serve"]
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = optimizer_pb2.DESCRIPTOR.services_by_name["AuthorizationOptimizerService"].full_name
+_TRANSPORT_LIMIT = 4 * 1024 * 1024  # hard cap in gRPC core; the settings' limit is checked per RPC
+
+
+@dataclass
+class AuthoptServer:
+    """A running authopt server: the grpc.aio server plus the tasks and resources it owns."""
+
+    grpc_server: grpc.aio.Server
+    settings: ServerSettings
+    health: health.aio.HealthServicer
+    registry: ModelRegistry
+    batcher: MicroBatcher
+    publisher: OutcomePublisher
+    features: FeatureStore
+    metrics: Metrics
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        """Load the model (if any), start the batcher and the model watcher, then serve."""
+        await self.registry.refresh()
+        self.metrics.model_loaded.set(1 if self.registry.current else 0)
+        await self.batcher.start()
+        self._tasks.append(asyncio.create_task(self.registry.run(), name="model-watcher"))
+        await self.grpc_server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)  # type: ignore[arg-type]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, finish in-flight ones within `grace`, release."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.grace_period_s if grace is None else grace
+        log.info("draining: health NOT_SERVING, finishing in-flight RPCs within %.1fs", grace)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.batcher.stop()
+        await self.publisher.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ValueError("TLS needs both AUTHOPT_SERVER_TLS_CERT_FILE and AUTHOPT_SERVER_TLS_KEY_FILE")
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+async def create_server(
+    settings: ServerSettings,
+    *,
+    features: FeatureStore | None = None,
+    publisher: OutcomePublisher | None = None,
+) -> tuple[AuthoptServer, int]:
+    """Build (not start) the server and bind its port; returns it and the bound port."""
+    metrics = Metrics()
+    registry = ModelRegistry(
+        settings.model_dir, device=resolve_device(settings.device), poll_interval_s=settings.model_poll_interval_s
+    )
+
+    def infer(x):  # type: ignore[no-untyped-def]
+        model = registry.current
+        if model is None:
+            raise RuntimeError("no model loaded")
+        return model.infer(x)
+
+    batcher = MicroBatcher(
+        infer,
+        BatcherConfig(
+            max_batch_rows=settings.batch_max_rows,
+            max_queue_delay_us=settings.batch_max_queue_delay_us,
+            queue_size=settings.batch_queue_size,
+        ),
+        on_batch=metrics.observe_batch,
+    )
+    store = features if features is not None else InMemoryFeatureStore()
+    routes = tuple(policy.Candidate(r.id, r.cost_bps, r.fixed_fee_minor) for r in settings.routes)
+    engine = DecisionEngine(
+        EngineConfig(settings.exploration_rate, settings.feature_max_age_s, routes),
+        store,
+        registry,
+        batcher,
+        rng=random.Random(settings.seed),
+    )
+    pub = publisher if publisher is not None else make_publisher(
+        settings.kafka_bootstrap, settings.kafka_publish_timeout_s
+    )
+    service = OptimizerService(
+        engine,
+        IdempotencyCache(make_cache(settings.cache_url), settings.idempotency_ttl_s),
+        pub,
+        metrics,
+        limits=validation.Limits(max_candidates=settings.max_candidates),
+        default_budget_ms=settings.default_latency_budget_ms,
+        max_message_bytes=settings.max_message_bytes,
+        has_configured_routes=bool(routes),
+        replica_id=settings.replica_id,
+    )
+    limit = max(_TRANSPORT_LIMIT, settings.max_message_bytes)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    optimizer_pb2_grpc.add_AuthorizationOptimizerServiceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    creds = _credentials(settings)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    if settings.metrics_port >= 0:
+        start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    return AuthoptServer(server, settings, health_servicer, registry, batcher, pub, store, metrics), port
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM/SIGINT, then drain within the grace period."""
+    server, port = await create_server(settings)
+    await server.start()
+    model = server.registry.current
+    log.info(
+        "authopt serving on %s:%d (model %s, device %s)",
+        settings.host, port, model.version if model else "none: fallback policy", settings.device,
+    )
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(server.stop())))
+    await server.wait_for_termination()

@@ -1,0 +1,245 @@
+"""One Recommend decision: features → (batched) model → policy, inside the latency budget.
+
+Every failure on the way degrades to the transparent fallback policy and says why in
+`decision_source`; nothing here may leave a payment unanswered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from opentelemetry.trace import Span
+
+from authopt.v1 import attempt_pb2, optimizer_pb2
+from model.layout import DELAY_BUCKETS_S, encode_rows
+from server import policy, rules
+from server.batcher import DeadlineExceeded, MicroBatcher, QueueFull
+from server.features import FeatureLookup, FeatureStore, attempt_context, lookup_features
+from server.models import ModelRegistry
+from server.telemetry import tracer
+from streams.contract import Entity
+
+__all__ = ["DecisionEngine", "EngineConfig"]
+
+log = logging.getLogger(__name__)
+Source = optimizer_pb2.DecisionSource
+
+_NETWORK_NAMES = {
+    attempt_pb2.CARD_NETWORK_VISA: "visa",
+    attempt_pb2.CARD_NETWORK_MASTERCARD: "mastercard",
+}
+_ACTIONS = {
+    "retry_now": optimizer_pb2.RETRY_ACTION_RETRY_NOW,
+    "retry_at": optimizer_pb2.RETRY_ACTION_RETRY_AT,
+    "do_not_retry": optimizer_pb2.RETRY_ACTION_DO_NOT_RETRY,
+}
+# Time kept back from the budget for the policy and the response once the model has answered.
+_POLICY_RESERVE_S = 0.0003
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the engine needs from the settings."""
+
+    exploration_rate: float
+    feature_max_age_s: float
+    routes: tuple[policy.Candidate, ...]
+
+
+@dataclass(slots=True)
+class _Scores:
+    source: int
+    p_approve: list[float]
+    p_retry: list[list[float]]
+    buckets_s: Sequence[int]
+    model_version: str
+
+
+class DecisionEngine:
+    """Turns a validated RecommendRequest into a RecommendResponse."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        store: FeatureStore,
+        registry: ModelRegistry,
+        batcher: MicroBatcher,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._registry = registry
+        self._batcher = batcher
+        self._rng = rng or random.Random()
+
+    def candidates(self, req: optimizer_pb2.RecommendRequest) -> list[policy.Candidate]:
+        """The request's candidates, or the configured routes when it names none."""
+        if req.candidates:
+            return [policy.Candidate(c.id, c.cost_bps, c.fixed_fee_minor) for c in req.candidates]
+        return list(self._config.routes)
+
+    async def decide(
+        self, req: optimizer_pb2.RecommendRequest, deadline: float, started: float
+    ) -> optimizer_pb2.RecommendResponse:
+        """Decide for `req`; `deadline` and `started` are event-loop times (seconds)."""
+        now = time.time()
+        attempt = req.attempt
+        cands = self.candidates(req)
+        with tracer.start_as_current_span("features"):
+            feats = lookup_features(self._store, attempt, [c.route_id for c in cands])
+        scores = await self._score(req, cands, feats, deadline, now)
+        with tracer.start_as_current_span("policy") as span:
+            resp = self._apply_policy(req, cands, feats, scores, now)
+            span.set_attribute("authopt.route", resp.routes[0].route_id if resp.routes else "")
+        loop = asyncio.get_running_loop()
+        resp.server_time_us = int((loop.time() - started) * 1e6)
+        return resp
+
+    async def _score(
+        self,
+        req: optimizer_pb2.RecommendRequest,
+        cands: list[policy.Candidate],
+        feats: FeatureLookup,
+        deadline: float,
+        now: float,
+    ) -> _Scores:
+        model = self._registry.current
+        if model is None:
+            return self._fallback(Source.DECISION_SOURCE_FALLBACK_NO_MODEL, req, cands, feats)
+        if feats.routes_known == 0 or (
+            feats.oldest_as_of is not None and now - feats.oldest_as_of > self._config.feature_max_age_s
+        ):
+            return self._fallback(Source.DECISION_SOURCE_FALLBACK_FEATURES, req, cands, feats)
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time() - _POLICY_RESERVE_S
+        if remaining < model.latency.estimate(len(cands)):
+            return self._fallback(Source.DECISION_SOURCE_FALLBACK_BUDGET, req, cands, feats)
+        ctx = attempt_context(req.attempt, req.prior_attempts)
+        routes = [(c.route_id, c.cost_bps, rows) for c, rows in zip(cands, feats.route_rows, strict=True)]
+        x = torch.tensor(encode_rows(ctx, routes, feats.attempt_rows), dtype=torch.float32)
+        try:
+            with tracer.start_as_current_span("inference") as span:
+                span.set_attribute("authopt.model_version", model.version)
+                out = await asyncio.wait_for(self._batcher.submit(x, deadline - _POLICY_RESERVE_S), remaining)
+        except (DeadlineExceeded, TimeoutError):
+            return self._fallback(Source.DECISION_SOURCE_FALLBACK_BUDGET, req, cands, feats)
+        except QueueFull:
+            return self._fallback(Source.DECISION_SOURCE_FALLBACK_OVERLOAD, req, cands, feats)
+        except Exception:
+            log.exception("inference failed; answering from the fallback policy")
+            return self._fallback(Source.DECISION_SOURCE_FALLBACK_ERROR, req, cands, feats)
+        rows = out.tolist()
+        return _Scores(
+            Source.DECISION_SOURCE_MODEL,
+            [r[0] for r in rows],
+            [r[1:] for r in rows],
+            model.manifest.delay_buckets_s,
+            model.version,
+        )
+
+    def _fallback(
+        self,
+        source: int,
+        req: optimizer_pb2.RecommendRequest,
+        cands: list[policy.Candidate],
+        feats: FeatureLookup,
+    ) -> _Scores:
+        rates: list[tuple[float, float] | None] = []
+        for rows in feats.route_rows:
+            row = rows.get(Entity.ROUTE)
+            rates.append(None if row is None else (row.get("approval_rate_1h", 0.0), row.get("attempts_1h", 0.0)))
+        p = policy.success_rate_scores(cands, rates)
+        p_retry: list[list[float]] = []
+        if req.prior_attempts:
+            last = req.prior_attempts[-1]
+            ids = [c.route_id for c in cands]
+            last_idx = ids.index(last.route_id) if last.route_id in ids else None
+            p_retry = policy.heuristic_retry_probabilities(last.response_code, len(cands), last_idx, DELAY_BUCKETS_S)
+        model = self._registry.current
+        return _Scores(source, p, p_retry, DELAY_BUCKETS_S, model.version if model else "")
+
+    def _apply_policy(
+        self,
+        req: optimizer_pb2.RecommendRequest,
+        cands: list[policy.Candidate],
+        feats: FeatureLookup,
+        scores: _Scores,
+        now: float,
+    ) -> optimizer_pb2.RecommendResponse:
+        amount = req.attempt.amount_minor
+        ranked = policy.rank_by_value(amount, cands, scores.p_approve)
+        chosen = policy.explore(ranked, self._config.exploration_rate, self._rng)
+        resp = optimizer_pb2.RecommendResponse(
+            request_id=req.request_id,
+            decision_source=scores.source,  # type: ignore[arg-type]
+            model_version=scores.model_version,
+            feature_age_ms=feats.age_ms(now),
+            explored=chosen.explored,
+            propensity=chosen.propensity,
+            rules_version=rules.RULES_VERSION,
+        )
+        for r in chosen.routes:
+            resp.routes.add(
+                route_id=r.route_id,
+                approval_probability=r.p_approve,
+                expected_value_minor=r.expected_value_minor,
+                cost_minor=r.cost_minor,
+            )
+        if req.prior_attempts:
+            self._advise_retry(req, cands, feats, scores, now, resp.retry)
+        return resp
+
+    def _advise_retry(
+        self,
+        req: optimizer_pb2.RecommendRequest,
+        cands: list[policy.Candidate],
+        feats: FeatureLookup,
+        scores: _Scores,
+        now: float,
+        out: optimizer_pb2.RetryAdvice,
+    ) -> None:
+        prior = req.prior_attempts
+        last = prior[-1]
+        card_merchant = feats.attempt_rows.get(Entity.CARD_MERCHANT) or {}
+        cma = feats.attempt_rows.get(Entity.CARD_MERCHANT_AMOUNT) or {}
+        # The request's own prior attempts count even before their outcomes reach the features.
+        counters = rules.RetryCounters(
+            card_merchant_reattempts_30d=max(int(card_merchant.get("reattempts_30d", 0.0)), len(prior) - 1),
+            card_merchant_amount_attempts_30d=max(int(cma.get("attempts_30d", 0.0)), len(prior)),
+        )
+        decline = rules.Decline(
+            response_code=last.response_code,
+            mastercard_mac=last.mastercard_mac,
+            visa_category=int(last.visa_category),
+            attempted_at=last.attempted_at.seconds + last.attempted_at.nanos / 1e9,
+        )
+        network = _NETWORK_NAMES.get(req.attempt.card.network, "other")
+        constraint = rules.evaluate_retry(network, decline, counters, now)
+        advice = policy.advise_retry(
+            req.attempt.amount_minor, cands, scores.p_retry, scores.buckets_s, constraint, now
+        )
+        out.action = _ACTIONS[advice.action]  # type: ignore[assignment]
+        out.route_id = advice.route_id
+        if advice.action != "do_not_retry":
+            out.retry_at.FromNanoseconds(int(advice.retry_at * 1e9))
+        out.recovery_probability = advice.p_recover
+        out.expected_value_minor = advice.expected_value_minor
+        out.rule_id = advice.rule_id
+        out.reason = advice.reason
+
+
+def annotate(span: Span, resp: optimizer_pb2.RecommendResponse, batch_rows: int | None = None) -> None:
+    """Decision attributes on the RPC span."""
+    span.set_attribute("authopt.decision_source", optimizer_pb2.DecisionSource.Name(resp.decision_source))
+    span.set_attribute("authopt.model_version", resp.model_version)
+    if resp.routes:
+        span.set_attribute("authopt.route", resp.routes[0].route_id)
+    if batch_rows is not None:
+        span.set_attribute("authopt.batch_size", batch_rows)

@@ -1,0 +1,133 @@
+"""The server's view of rolling features: a FeatureStore read on the hot path, never the network.
+
+The streams replica (authopt.features.v1 consumer) fills an InMemoryFeatureStore; tests fill one
+directly. A missing entity is normal (a new card, a new issuer): the contract defaults apply. What
+makes a decision fall back is missing or stale *route* features, the signal the model depends on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from authopt.v1 import attempt_pb2, events_pb2
+from model.layout import AttemptContext, Rows
+from streams.contract import Entity, entity_key
+
+__all__ = [
+    "FeatureLookup",
+    "FeatureRow",
+    "FeatureStore",
+    "InMemoryFeatureStore",
+    "attempt_context",
+    "lookup_features",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRow:
+    """Current feature values of one entity and the event time they are as of (epoch seconds)."""
+
+    values: Mapping[str, float]
+    as_of: float
+
+
+class FeatureStore(Protocol):
+    """Read access to the latest feature values by (entity, key)."""
+
+    def get(self, entity: Entity, key: str) -> FeatureRow | None: ...
+
+
+class InMemoryFeatureStore:
+    """A dict of the latest FeatureRow per (entity, key); what the replica materializes into."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[Entity, str], FeatureRow] = {}
+
+    def get(self, entity: Entity, key: str) -> FeatureRow | None:
+        return self._rows.get((entity, key))
+
+    def put(self, entity: Entity, key: str, values: Mapping[str, float], as_of: float | None = None) -> None:
+        self._rows[(entity, key)] = FeatureRow(dict(values), time.time() if as_of is None else as_of)
+
+    def apply(self, snapshot: events_pb2.FeatureSnapshot) -> None:
+        """Store one FeatureSnapshot from authopt.features.v1 (a newer one replaces an older one)."""
+        entity = Entity(snapshot.entity)
+        as_of = snapshot.as_of.seconds + snapshot.as_of.nanos / 1e9
+        current = self._rows.get((entity, snapshot.key))
+        if current is None or current.as_of <= as_of:
+            self._rows[(entity, snapshot.key)] = FeatureRow(dict(snapshot.values), as_of)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureLookup:
+    """The rows one decision reads, and what they say about freshness."""
+
+    attempt_rows: Rows
+    route_rows: list[Rows]
+    oldest_as_of: float | None  # None: no row at all
+    routes_known: int  # candidates with route-level features
+
+    def age_ms(self, now: float) -> int:
+        """Age of the oldest row used, in milliseconds; -1 when none was found."""
+        return -1 if self.oldest_as_of is None else max(0, int((now - self.oldest_as_of) * 1000))
+
+
+def lookup_features(
+    store: FeatureStore, attempt: attempt_pb2.Attempt, route_ids: Sequence[str]
+) -> FeatureLookup:
+    """Read every entity row a decision over `route_ids` needs."""
+    card, merchant = attempt.card, attempt.merchant
+    keys = {
+        "bin_": card.bin,
+        "issuer_country": card.issuer_country,
+        "merchant": merchant.id,
+        "fingerprint": card.fingerprint,
+        "amount_minor": attempt.amount_minor,
+        "currency": attempt.currency,
+    }
+    oldest: float | None = None
+
+    def read(entity: Entity, route: str = "") -> Mapping[str, float] | None:
+        nonlocal oldest
+        row = store.get(entity, entity_key(entity, route=route, **keys))  # type: ignore[arg-type]
+        if row is None:
+            return None
+        if oldest is None or row.as_of < oldest:
+            oldest = row.as_of
+        return row.values
+
+    attempt_rows: dict[Entity, Mapping[str, float] | None] = {
+        e: read(e) for e in (Entity.ISSUER, Entity.MERCHANT, Entity.CARD_MERCHANT, Entity.CARD_MERCHANT_AMOUNT)
+    }
+    route_rows: list[Rows] = []
+    known = 0
+    for rid in route_ids:
+        rows = {e: read(e, rid) for e in (Entity.ROUTE, Entity.ROUTE_ISSUER, Entity.ROUTE_BIN)}
+        known += rows[Entity.ROUTE] is not None
+        route_rows.append(rows)
+    return FeatureLookup(attempt_rows, route_rows, oldest, known)
+
+
+def attempt_context(attempt: attempt_pb2.Attempt, prior: Sequence[attempt_pb2.PriorAttempt]) -> AttemptContext:
+    """The request-level model inputs of an attempt and its payment's prior attempts."""
+    last = prior[-1] if prior else None
+    return AttemptContext(
+        amount_minor=attempt.amount_minor,
+        network=attempt.card.network,
+        funding=attempt.card.funding,
+        channel=attempt.channel,
+        initiator=attempt.initiator,
+        recurring=attempt.recurring,
+        network_token=attempt.card.network_token,
+        cross_border=attempt.card.issuer_country != attempt.merchant.country,
+        attempt_number=attempt.attempt_number or len(prior) + 1,
+        prior_declines=len(prior),
+        last_decline_code=last.response_code if last else "",
+        last_route_id=last.route_id if last else "",
+    )

@@ -1,0 +1,193 @@
+"""The gRPC servicer: validation, idempotency, tracing and metrics around the decision engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+
+from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
+from server import validation
+from server.decision import DecisionEngine, annotate
+from server.errors import AuthoptError, InvalidArgument, abort_with
+from server.idempotency import IdempotencyCache
+from server.publisher import OutcomePublisher
+from server.telemetry import Metrics, extract_trace_context, tracer
+
+__all__ = ["OptimizerService"]
+
+log = logging.getLogger(__name__)
+_SERVICE = "authopt.v1.AuthorizationOptimizerService"
+_STREAM_CONCURRENCY = 64  # decisions in flight per RecommendStream
+
+
+class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer):
+    """Implements authopt.v1.AuthorizationOptimizerService."""
+
+    def __init__(
+        self,
+        engine: DecisionEngine,
+        idempotency: IdempotencyCache,
+        publisher: OutcomePublisher,
+        metrics: Metrics,
+        *,
+        limits: validation.Limits,
+        default_budget_ms: int,
+        max_message_bytes: int,
+        has_configured_routes: bool,
+        replica_id: str,
+    ) -> None:
+        self._engine = engine
+        self._idem = idempotency
+        self._publisher = publisher
+        self._metrics = metrics
+        self._limits = limits
+        self._default_budget_s = default_budget_ms / 1000
+        self._max_bytes = max_message_bytes
+        self._require_candidates = not has_configured_routes
+        self._replica_id = replica_id
+        self._latency = {m: metrics.rpc_latency.labels(m) for m in ("Recommend", "ReportOutcome")}
+
+    def _check_size(self, msg: optimizer_pb2.RecommendRequest | optimizer_pb2.ReportOutcomesRequest) -> None:
+        size = msg.ByteSize()
+        if size > self._max_bytes:
+            raise InvalidArgument(
+                "MESSAGE_TOO_LARGE", f"request is {size} bytes; the limit is {self._max_bytes} bytes", field=""
+            )
+
+    async def _recommend(
+        self, req: optimizer_pb2.RecommendRequest, time_remaining: float | None
+    ) -> optimizer_pb2.RecommendResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._check_size(req)
+        validation.validate_recommend(req, self._limits, time.time(), require_candidates=self._require_candidates)
+        budget = req.latency_budget_ms / 1000 if req.latency_budget_ms else self._default_budget_s
+        if time_remaining is not None:
+            budget = min(budget, time_remaining)
+        deadline = started + budget
+        resp = await self._idem.get_or_decide(req, lambda: self._engine.decide(req, deadline, started))
+        self._metrics.decisions.labels(optimizer_pb2.DecisionSource.Name(resp.decision_source)).inc()
+        return resp
+
+    async def Recommend(  # noqa: N802 - gRPC method name
+        self, request: optimizer_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> optimizer_pb2.RecommendResponse:
+        t0 = time.perf_counter()
+        parent = extract_trace_context(context.invocation_metadata())
+        with tracer.start_as_current_span(
+            f"{_SERVICE}/Recommend", context=parent, kind=trace.SpanKind.SERVER
+        ) as span:
+            try:
+                resp = await self._recommend(request, context.time_remaining())
+            except AuthoptError as err:
+                self._metrics.errors.labels(err.reason).inc()
+                span.set_attribute("authopt.error_reason", err.reason)
+                await abort_with(context, err)
+            annotate(span, resp)
+        self._latency["Recommend"].observe(time.perf_counter() - t0)
+        return resp
+
+    async def RecommendStream(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[optimizer_pb2.RecommendStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[optimizer_pb2.RecommendStreamResponse]:
+        parent = extract_trace_context(context.invocation_metadata())
+        out: asyncio.Queue[optimizer_pb2.RecommendStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(_STREAM_CONCURRENCY)
+
+        async def one(msg: optimizer_pb2.RecommendStreamRequest) -> None:
+            try:
+                with tracer.start_as_current_span(
+                    f"{_SERVICE}/RecommendStream", context=parent, kind=trace.SpanKind.SERVER
+                ) as span:
+                    try:
+                        resp = await self._recommend(msg.request, None)
+                        annotate(span, resp)
+                        await out.put(
+                            optimizer_pb2.RecommendStreamResponse(request_id=resp.request_id, response=resp)
+                        )
+                    except AuthoptError as err:
+                        self._metrics.errors.labels(err.reason).inc()
+                        await out.put(_stream_error(msg.request.request_id, err))
+            finally:
+                slots.release()
+
+        async def pump() -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                async for msg in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await out.put(None)
+
+        pumper = asyncio.create_task(pump())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+            await pumper
+        finally:
+            pumper.cancel()
+
+    def _event(self, outcome: object) -> events_pb2.AttemptEvent:
+        received = timestamp_pb2.Timestamp()
+        received.GetCurrentTime()
+        return events_pb2.AttemptEvent(outcome=outcome, received_at=received, producer=self._replica_id)  # type: ignore[arg-type]
+
+    async def _publish(self, events: list[events_pb2.AttemptEvent], context: grpc.aio.ServicerContext) -> None:
+        parent = extract_trace_context(context.invocation_metadata())
+        with tracer.start_as_current_span(f"{_SERVICE}/ReportOutcome", context=parent, kind=trace.SpanKind.SERVER):
+            try:
+                await self._publisher.publish(events)
+            except AuthoptError as err:
+                self._metrics.errors.labels(err.reason).inc()
+                await abort_with(context, err)
+        self._metrics.outcomes.inc(len(events))
+
+    async def ReportOutcome(  # noqa: N802 - gRPC method name
+        self, request: optimizer_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> optimizer_pb2.ReportOutcomeResponse:
+        t0 = time.perf_counter()
+        try:
+            if not request.HasField("outcome"):
+                raise InvalidArgument("MISSING_FIELD", "outcome is required", field="outcome")
+            validation.validate_outcome(request.outcome, self._limits, time.time())
+        except AuthoptError as err:
+            self._metrics.errors.labels(err.reason).inc()
+            await abort_with(context, err)
+        await self._publish([self._event(request.outcome)], context)
+        self._latency["ReportOutcome"].observe(time.perf_counter() - t0)
+        return optimizer_pb2.ReportOutcomeResponse(event_id=request.outcome.event_id)
+
+    async def ReportOutcomes(  # noqa: N802 - gRPC method name
+        self, request: optimizer_pb2.ReportOutcomesRequest, context: grpc.aio.ServicerContext
+    ) -> optimizer_pb2.ReportOutcomesResponse:
+        try:
+            self._check_size(request)
+            validation.validate_outcomes(request, self._limits, time.time())
+        except AuthoptError as err:
+            self._metrics.errors.labels(err.reason).inc()
+            await abort_with(context, err)
+        await self._publish([self._event(o) for o in request.outcomes], context)
+        return optimizer_pb2.ReportOutcomesResponse(accepted=len(request.outcomes))
+
+
+def _stream_error(request_id: str, err: AuthoptError) -> optimizer_pb2.RecommendStreamResponse:
+    return optimizer_pb2.RecommendStreamResponse(
+        request_id=request_id,
+        error=optimizer_pb2.StreamError(
+            code=err.code.value[0], reason=err.reason, message=err.message, field=err.field
+        ),
+    )
+

@@ -1,0 +1,66 @@
+"""The server's typed, frozen settings, read from `AUTHOPT_SERVER_*` environment variables.
+
+Read once at the entry point (`ServerSettings()`), then passed down. Every default is safe and
+works locally with nothing set: loopback only, no TLS material needed, bounded messages and queues.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RouteConfig(BaseModel):
+    """A route the server offers when a request names no candidates."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64, description="route identifier")
+    cost_bps: int = Field(0, ge=0, le=10_000, description="variable cost, basis points of the amount")
+    fixed_fee_minor: int = Field(0, ge=0, description="fixed cost per attempt, minor units")
+
+
+class ServerSettings(BaseSettings):
+    """Settings of `authopt serve`. Environment: `AUTHOPT_SERVER_<FIELD>` (routes as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTHOPT_SERVER_", frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a container")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    model_dir: Path | None = Field(None, description="directory of model versions (<dir>/<version>/)")
+    model_poll_interval_s: float = Field(2.0, gt=0, description="how often the model directory is scanned")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
+    batch_max_rows: int = Field(256, ge=1, le=65_536, description="most (attempt, route) rows per forward")
+    batch_max_queue_delay_us: int = Field(
+        0, ge=0, le=100_000, description="how long the batcher waits for more requests, microseconds"
+    )
+    batch_queue_size: int = Field(2048, ge=1, description="requests waiting for inference before shedding")
+    default_latency_budget_ms: int = Field(
+        50, ge=1, le=10_000, description="budget when the request and its deadline give none"
+    )
+    exploration_rate: float = Field(0.02, ge=0.0, le=0.5, description="epsilon-greedy share of decisions")
+    max_message_bytes: int = Field(65_536, ge=1024, le=4 * 1024 * 1024, description="largest request accepted")
+    max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are refused")
+    max_candidates: int = Field(16, ge=1, le=256, description="most candidate routes per request")
+    routes: tuple[RouteConfig, ...] = Field((), description="routes used when a request names none (JSON)")
+    feature_max_age_s: float = Field(
+        3600.0, gt=0, description="route features older than this count as stale (fallback)"
+    )
+    idempotency_ttl_s: int = Field(600, ge=1, description="how long a request id returns the same decision")
+    cache_url: str = Field("memory://", description="aiocache backend: memory:// or redis://host:port/db")
+    kafka_bootstrap: str = Field(
+        "",
+        validation_alias=AliasChoices("AUTHOPT_KAFKA_BOOTSTRAP", "AUTHOPT_SERVER_KAFKA_BOOTSTRAP"),
+        description="Kafka bootstrap servers for outcomes; empty: ReportOutcome answers UNAVAILABLE",
+    )
+    kafka_publish_timeout_s: float = Field(5.0, gt=0, description="how long ReportOutcome waits for acks")
+    grace_period_s: float = Field(10.0, ge=0, description="drain time on SIGTERM; below the pod's grace")
+    metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus port; -1 off, 0 a free one")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with the key, serve TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle; when set, require client certs")
+    seed: int | None = Field(None, description="exploration RNG seed (tests and simulations)")
+    replica_id: str = Field("authopt-server", description="producer id stamped on published events")

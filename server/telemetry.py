@@ -1,0 +1,61 @@
+"""Tracing (OpenTelemetry API only; the SDK is wired at the entry point) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics", "extract_trace_context", "tracer"]
+
+tracer = trace.get_tracer("authopt.server")
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def extract_trace_context(metadata: Sequence[tuple[str, str | bytes]] | None) -> Context | None:
+    """The caller's W3C trace context from gRPC metadata (`traceparent`/`tracestate`), if any."""
+    if not metadata:
+        return None
+    carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate") and isinstance(v, str)}
+    if not carrier:
+        return None
+    return _PROPAGATOR.extract(carrier)
+
+
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per server instance)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rpc_latency = Histogram(
+            "authopt_rpc_latency_seconds", "server-side time per RPC", ["method"], buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter("authopt_decisions_total", "decisions by source", ["source"], registry=r)
+        self.batch_rows = Histogram(
+            "authopt_batch_rows", "(attempt, route) rows per model forward", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "authopt_batch_requests", "requests merged per model forward", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "authopt_inference_seconds", "model forward time per batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("authopt_queue_depth", "requests waiting for inference", registry=r)
+        self.errors = Counter("authopt_rpc_errors_total", "rejected RPCs by reason", ["reason"], registry=r)
+        self.outcomes = Counter("authopt_outcomes_published_total", "outcome events published", registry=r)
+        self.model_loaded = Gauge("authopt_model_loaded", "1 when a model is serving", registry=r)
+
+    def observe_batch(self, rows: int, requests: int, seconds: float) -> None:
+        """Called by the batcher after each forward."""
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
+        self.inference_seconds.observe(seconds)
