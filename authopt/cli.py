@@ -66,14 +66,14 @@ def recommend(request_json: str | None, target: str, timeout_s: float) -> None:
     REQUEST_JSON is a RecommendRequest in protobuf JSON form (e.g. '{"attempt": {...}}'); '-' or no
     argument reads it from standard input. A request id is generated when none is given.
     """
-    from authopt.client import Client
-    from server.errors import error_info
-
     text = sys.stdin.read() if request_json in (None, "-") else request_json
     try:
         req = json_format.Parse(text or "{}", optimizer_pb2.RecommendRequest())
     except json_format.ParseError as exc:
         raise click.BadParameter(f"not a RecommendRequest: {exc}", param_hint="REQUEST_JSON") from exc
+    from authopt.client import Client
+    from server.errors import error_info
+
     with Client(target) as client:
         try:
             resp = client.recommend(req, timeout_s=timeout_s)

@@ -1,8 +1,18 @@
-"""authopt's gRPC decision server: validation, features, micro-batched TorchScript, policy, fallback."""
+"""authopt's gRPC decision server: validation, features, micro-batched TorchScript, policy, fallback.
 
-from server.app import AuthoptServer, create_server, serve
-from server.features import FeatureRow, FeatureStore, InMemoryFeatureStore
-from server.settings import RouteConfig, ServerSettings
+The public names load lazily, so that light modules (``server.errors``, ``server.rules``,
+``server.policy``) can be imported by clients and the simulator without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.app import AuthoptServer, create_server, serve
+    from server.features import FeatureRow, FeatureStore, InMemoryFeatureStore
+    from server.settings import RouteConfig, ServerSettings
 
 __all__ = [
     "AuthoptServer",
@@ -14,3 +24,21 @@ __all__ = [
     "create_server",
     "serve",
 ]
+
+_HOMES = {
+    "AuthoptServer": "server.app",
+    "create_server": "server.app",
+    "serve": "server.app",
+    "FeatureRow": "server.features",
+    "FeatureStore": "server.features",
+    "InMemoryFeatureStore": "server.features",
+    "RouteConfig": "server.settings",
+    "ServerSettings": "server.settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'server' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

@@ -111,6 +111,12 @@ async def create_server(
             raise RuntimeError("no model loaded")
         return model.infer(x)
 
+    def on_batch(rows: int, requests: int, seconds: float) -> None:
+        metrics.observe_batch(rows, requests, seconds)
+        model = registry.current
+        if model is not None:  # keeps the budget check's latency estimate live
+            model.latency.observe(rows, seconds)
+
     batcher = MicroBatcher(
         infer,
         BatcherConfig(
@@ -118,7 +124,7 @@ async def create_server(
             max_queue_delay_us=settings.batch_max_queue_delay_us,
             queue_size=settings.batch_queue_size,
         ),
-        on_batch=metrics.observe_batch,
+        on_batch=on_batch,
     )
     store = features if features is not None else InMemoryFeatureStore()
     routes = tuple(policy.Candidate(r.id, r.cost_bps, r.fixed_fee_minor) for r in settings.routes)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from authopt.v1 import attempt_pb2, optimizer_pb2
@@ -59,6 +60,7 @@ class _Scores:
     p_retry: list[list[float]]
     buckets_s: Sequence[int]
     model_version: str
+    batch_rows: int | None = None
 
 
 class DecisionEngine:
@@ -100,6 +102,8 @@ class DecisionEngine:
             span.set_attribute("authopt.route", resp.routes[0].route_id if resp.routes else "")
         loop = asyncio.get_running_loop()
         resp.server_time_us = int((loop.time() - started) * 1e6)
+        if scores.batch_rows is not None:
+            trace.get_current_span().set_attribute("authopt.batch_size", scores.batch_rows)
         return resp
 
     async def _score(
@@ -125,9 +129,9 @@ class DecisionEngine:
         routes = [(c.route_id, c.cost_bps, rows) for c, rows in zip(cands, feats.route_rows, strict=True)]
         x = torch.tensor(encode_rows(ctx, routes, feats.attempt_rows), dtype=torch.float32)
         try:
-            with tracer.start_as_current_span("inference") as span:
-                span.set_attribute("authopt.model_version", model.version)
-                out = await asyncio.wait_for(self._batcher.submit(x, deadline - _POLICY_RESERVE_S), remaining)
+            out, stats = await asyncio.wait_for(
+                self._batcher.submit_with_stats(x, deadline - _POLICY_RESERVE_S), remaining
+            )
         except (DeadlineExceeded, TimeoutError):
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_BUDGET, req, cands, feats)
         except QueueFull:
@@ -135,6 +139,19 @@ class DecisionEngine:
         except Exception:
             log.exception("inference failed; answering from the fallback policy")
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_ERROR, req, cands, feats)
+        # The batched work happened on the batcher's thread; record it as this request's children.
+        tracer.start_span("queue_wait", start_time=stats.queued_ns).end(end_time=stats.started_ns)
+        inference = tracer.start_span(
+            "inference",
+            start_time=stats.started_ns,
+            attributes={
+                "authopt.model_version": model.version,
+                "authopt.batch_size": stats.batch_rows,
+                "authopt.batch_requests": stats.batch_requests,
+                "authopt.device": str(model.device),
+            },
+        )
+        inference.end(end_time=stats.finished_ns)
         rows = out.tolist()
         return _Scores(
             Source.DECISION_SOURCE_MODEL,
@@ -142,6 +159,7 @@ class DecisionEngine:
             [r[1:] for r in rows],
             model.manifest.delay_buckets_s,
             model.version,
+            stats.batch_rows,
         )
 
     def _fallback(
@@ -235,11 +253,9 @@ class DecisionEngine:
         out.reason = advice.reason
 
 
-def annotate(span: Span, resp: optimizer_pb2.RecommendResponse, batch_rows: int | None = None) -> None:
+def annotate(span: Span, resp: optimizer_pb2.RecommendResponse) -> None:
     """Decision attributes on the RPC span."""
     span.set_attribute("authopt.decision_source", optimizer_pb2.DecisionSource.Name(resp.decision_source))
     span.set_attribute("authopt.model_version", resp.model_version)
     if resp.routes:
         span.set_attribute("authopt.route", resp.routes[0].route_id)
-    if batch_rows is not None:
-        span.set_attribute("authopt.batch_size", batch_rows)

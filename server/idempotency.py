@@ -39,6 +39,14 @@ def _fingerprint(req: optimizer_pb2.RecommendRequest) -> bytes:
     return hashlib.blake2b(body.SerializeToString(deterministic=True), digest_size=16).digest()
 
 
+def _reused() -> InvalidArgument:
+    return InvalidArgument(
+        "IDEMPOTENCY_KEY_REUSED",
+        "request_id was already used for a different request within the idempotency TTL",
+        field="request_id",
+    )
+
+
 Decide = Callable[[], Awaitable[optimizer_pb2.RecommendResponse]]
 
 
@@ -48,29 +56,29 @@ class IdempotencyCache:
     def __init__(self, cache: Any, ttl_s: int) -> None:
         self._cache = cache
         self._ttl_s = ttl_s
-        self._inflight: dict[str, asyncio.Future[optimizer_pb2.RecommendResponse]] = {}
+        self._inflight: dict[str, tuple[bytes, asyncio.Future[optimizer_pb2.RecommendResponse]]] = {}
 
     async def get_or_decide(
         self, req: optimizer_pb2.RecommendRequest, decide: Decide
     ) -> optimizer_pb2.RecommendResponse:
+        if self._ttl_s == 0:
+            return await decide()
         key = req.request_id
         fp = _fingerprint(req)
         pending = self._inflight.get(key)
         if pending is not None:
-            resp = await asyncio.shield(pending)
-            return resp
+            stored_fp, fut = pending
+            if stored_fp != fp:
+                raise _reused()
+            return await asyncio.shield(fut)
         cached = await self._cache.get(key)
         if cached is not None:
             stored_fp, payload = cached
             if stored_fp != fp:
-                raise InvalidArgument(
-                    "IDEMPOTENCY_KEY_REUSED",
-                    "request_id was already used for a different request within the idempotency TTL",
-                    field="request_id",
-                )
+                raise _reused()
             return optimizer_pb2.RecommendResponse.FromString(payload)
         fut: asyncio.Future[optimizer_pb2.RecommendResponse] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+        self._inflight[key] = (fp, fut)
         try:
             resp = await decide()
             await self._cache.set(key, (fp, resp.SerializeToString()), ttl=self._ttl_s)

@@ -26,7 +26,9 @@ class RouteConfig(BaseModel):
 class ServerSettings(BaseSettings):
     """Settings of `authopt serve`. Environment: `AUTHOPT_SERVER_<FIELD>` (routes as JSON)."""
 
-    model_config = SettingsConfigDict(env_prefix="AUTHOPT_SERVER_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="AUTHOPT_SERVER_", frozen=True, extra="forbid", populate_by_name=True
+    )
 
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a container")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
@@ -49,7 +51,9 @@ class ServerSettings(BaseSettings):
     feature_max_age_s: float = Field(
         3600.0, gt=0, description="route features older than this count as stale (fallback)"
     )
-    idempotency_ttl_s: int = Field(600, ge=1, description="how long a request id returns the same decision")
+    idempotency_ttl_s: int = Field(
+        600, ge=0, description="how long a request id returns the same decision, seconds; 0 turns it off"
+    )
     cache_url: str = Field("memory://", description="aiocache backend: memory:// or redis://host:port/db")
     kafka_bootstrap: str = Field(
         "",

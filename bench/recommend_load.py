@@ -1,0 +1,163 @@
+"""Recommend under load vs a bare grpc.aio echo server, with h2load as the load generator.
+
+  python -m bench.recommend_load [--duration 5] [--repeats 3] [--inflight 1,16,64]
+
+Needs `h2load` (Debian package nghttp2-client). For each server (authopt with batching, authopt
+without batching, echo) and each in-flight level it runs h2load `--repeats` times for `--duration`
+seconds over one HTTP/2 connection with that many concurrent streams, framing one RecommendRequest
+as gRPC, and reports the median QPS, p50 and p99 (from h2load's per-request log). It checks that the
+recommend server really answered with decisions (grpc-status 0) before measuring. Prints a table
+and the ratios; never fails on a timing. Only 127.0.0.1 is targeted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _request_body() -> bytes:
+    from authopt.v1 import attempt_pb2, optimizer_pb2
+    from bench.servers import ROUTES
+
+    req = optimizer_pb2.RecommendRequest(
+        request_id="bench-0001",
+        attempt=attempt_pb2.Attempt(
+            merchant=attempt_pb2.Merchant(id="m-bench", mcc="5411", country="DE"),
+            amount_minor=4_999,
+            currency="EUR",
+            card=attempt_pb2.Card(
+                bin="45717360", last4="0005", network=attempt_pb2.CARD_NETWORK_VISA,
+                funding=attempt_pb2.CARD_FUNDING_DEBIT, issuer_country="DE", fingerprint="fp-bench",
+            ),
+            channel=attempt_pb2.CHANNEL_ECOMMERCE,
+            initiator=attempt_pb2.INITIATOR_CUSTOMER,
+            attempt_number=1,
+        ),
+        candidates=[attempt_pb2.Route(id=r, cost_bps=150 + 10 * i, fixed_fee_minor=5) for i, r in enumerate(ROUTES)],
+        latency_budget_ms=50,
+    )
+    payload = req.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(payload)) + payload  # gRPC length-prefixed message
+
+
+def _free_port() -> int:
+    from streams.broker import free_port
+
+    return free_port()
+
+
+def _start(mode: str, model_dir: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "bench.servers", mode, "--port", str(port), "--model-dir", str(model_dir), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if b"ready" not in line:
+        proc.kill()
+        raise RuntimeError(f"{mode} server did not start")
+    return proc, port
+
+
+def _check_decision(port: int) -> str:
+    import grpc
+
+    from authopt.v1 import optimizer_pb2, optimizer_pb2_grpc
+
+    req = optimizer_pb2.RecommendRequest.FromString(_request_body()[5:])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(ch).Recommend(req, timeout=5)
+    return optimizer_pb2.DecisionSource.Name(resp.decision_source)
+
+
+def _h2load(port: int, body: Path, inflight: int, duration: float, log: Path) -> dict[str, float]:
+    cmd = [
+        "h2load", "-c", "1", "-t", "1", "-m", str(inflight), "-D", str(duration), "--warm-up-time", "1",
+        "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body),
+        "--log-file", str(log), f"http://127.0.0.1:{port}/authopt.v1.AuthorizationOptimizerService/Recommend",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    lat = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.strip())
+    ok = [line for line in out.splitlines() if line.strip().startswith("status codes:")]
+    done = [line for line in out.splitlines() if "requests:" in line and "total" in line]
+    n = len(lat)
+    return {
+        "qps": n / duration,
+        "p50_ms": lat[n // 2] / 1000 if n else float("nan"),
+        "p99_ms": lat[min(n - 1, int(n * 0.99))] / 1000 if n else float("nan"),
+        "requests": n,
+        "status": ok[0].strip() if ok else "",
+        "summary": done[0].strip() if done else "",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inflight", default="1,16,64")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if shutil.which("h2load") is None:
+        sys.exit("h2load not found: apt-get install nghttp2-client")
+    levels = [int(x) for x in args.inflight.split(",")]
+    from model import make_tiny_artifact
+
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        make_tiny_artifact(tmpdir / "models", "bench-1")
+        body = tmpdir / "body.bin"
+        body.write_bytes(_request_body())
+        print(f"request: {body.stat().st_size} bytes framed; {os.cpu_count()} CPUs; "
+              f"{args.repeats} x {args.duration:g}s per point, medians", flush=True)
+        servers = {
+            "authopt (batching)": ("recommend", []),
+            "authopt (no batching)": ("recommend", ["--no-batching"]),
+            "echo (bare grpc.aio)": ("echo", []),
+        }
+        for name, (mode, extra) in servers.items():
+            proc, port = _start(mode, tmpdir / "models", extra)
+            try:
+                if mode == "recommend":
+                    print(f"{name}: decision_source of a probe request = {_check_decision(port)}", flush=True)
+                results[name] = {}
+                for level in levels:
+                    runs = [_h2load(port, body, level, args.duration, tmpdir / "log.tsv") for _ in range(args.repeats)]
+                    results[name][level] = {
+                        k: statistics.median(r[k] for r in runs) for k in ("qps", "p50_ms", "p99_ms")
+                    }
+                    print(f"  {name:24s} in-flight {level:3d}: {results[name][level]['qps']:8.0f} req/s  "
+                          f"p50 {results[name][level]['p50_ms']:6.2f} ms  p99 {results[name][level]['p99_ms']:6.2f} ms"
+                          f"   [{runs[-1]['status']}]", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(10)
+    echo = results["echo (bare grpc.aio)"]
+    print("\n| server | in flight | QPS | p50 ms | p99 ms | QPS / echo |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, by_level in results.items():
+        for level, r in by_level.items():
+            ratio = r["qps"] / echo[level]["qps"] if echo[level]["qps"] else float("nan")
+            print(f"| {name} | {level} | {r['qps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f} |")
+    if 64 in levels:
+        b, nb = results["authopt (batching)"][64]["qps"], results["authopt (no batching)"][64]["qps"]
+        print(f"\nbatching gain at 64 in flight: {b / nb:.2f}x ({b:.0f} vs {nb:.0f} req/s)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    time.sleep(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Servers for bench/recommend_load.py, each run in its own process.
+
+  python -m bench.servers recommend --port P --model-dir D [--no-batching]
+  python -m bench.servers echo --port P
+
+`recommend` is the real authopt server (create_server) with tracing on (SDK TracerProvider and a
+batch span processor whose exporter counts and discards spans, so export I/O is not measured) and
+fresh synthetic route features for the bench request's routes, so decisions come from the model.
+`echo` is a bare grpc.aio server that returns the request bytes on the same method path: the
+framework's physical limit for a message of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+METHOD = "/authopt.v1.AuthorizationOptimizerService/Recommend"
+ROUTES = ("acq-a", "acq-b", "acq-c", "acq-d")
+
+
+class _DiscardExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.count += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+async def _recommend(port: int, model_dir: Path, batching: bool) -> None:
+    from server import InMemoryFeatureStore, ServerSettings, create_server
+    from streams import Entity
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(_DiscardExporter(), max_queue_size=65536))
+    trace.set_tracer_provider(provider)
+    store = InMemoryFeatureStore()
+    for i, route in enumerate(ROUTES):
+        store.put(Entity.ROUTE, route, {"approval_rate_1h": 0.9 - 0.05 * i, "attempts_1h": 400.0})
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=port,
+        model_dir=model_dir,
+        device="cpu",
+        batch_max_rows=256 if batching else 1,
+        idempotency_ttl_s=0,  # h2load replays one body: a cache hit would measure the cache, not a decision
+        feature_max_age_s=1e9,
+    )
+    server, _ = await create_server(settings, features=store)
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+async def _echo(port: int) -> None:
+    def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "authopt.v1.AuthorizationOptimizerService",
+        {"Recommend": grpc.unary_unary_rpc_method_handler(echo)},
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["recommend", "echo"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--no-batching", action="store_true")
+    args = parser.parse_args()
+    time.sleep(0)  # keep imports above out of the measured window; nothing else to do here
+    if args.mode == "echo":
+        asyncio.run(_echo(args.port))
+    else:
+        asyncio.run(_recommend(args.port, args.model_dir, not args.no_batching))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The server's exceptions and their one translation to gRPC status.
+
+Code inside ``server/`` raises :class:`AuthoptError` subclasses; the RPC edge turns them into a
+canonical gRPC status carrying a ``google.rpc.Status`` with exactly one ``google.rpc.ErrorInfo``
+(AIP-193): ``reason`` is stable and machine-readable, ``domain`` is :data:`DOMAIN`, and
+``metadata["field"]`` names the offending field (dotted proto path, ``""`` when none). The human
+message may change between releases; clients must branch on ``reason`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar, NoReturn
+
+import grpc
+import grpc.aio
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from authopt.v1 import optimizer_pb2
+
+__all__ = [
+    "DOMAIN",
+    "AuthoptError",
+    "InvalidArgument",
+    "ResourceExhausted",
+    "Unavailable",
+    "abort_with",
+    "error_info",
+    "to_status",
+    "to_stream_error",
+]
+
+DOMAIN = "authopt.v1"
+
+# The trailing-metadata key under which gRPC carries a serialized google.rpc.Status.
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class AuthoptError(Exception):
+    """Base of every error the server reports to a caller.
+
+    Attributes:
+        code: canonical gRPC status code the error maps to.
+        reason: stable UPPER_SNAKE machine-readable reason (the ErrorInfo ``reason``).
+        field: dotted proto field path of the offending field, e.g. ``"attempt.card.bin"``; ``""``
+            when the error is not about one field.
+        message: human-readable explanation. Never contains a card number.
+    """
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, reason: str, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(reason={self.reason!r}, field={self.field!r}, message={self.message!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keeps the keyword-only ``field`` across pickling (e.g. to a process pool).
+        return (_rebuild, (type(self), self.reason, self.message, self.field))
+
+
+def _rebuild(cls: type[AuthoptError], reason: str, message: str, field: str) -> AuthoptError:
+    return cls(reason, message, field=field)
+
+
+class InvalidArgument(AuthoptError):
+    """The request is malformed; retrying it unchanged will fail again."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unavailable(AuthoptError):
+    """A dependency (e.g. the Kafka broker) cannot be reached; the caller may retry with backoff."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(AuthoptError):
+    """The server is over a limit (queue full, rate limit); the caller may retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _rich_status(err: AuthoptError) -> status_pb2.Status:
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata={"field": err.field})
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    code: int = err.code.value[0]
+    return status_pb2.Status(code=code, message=err.message, details=[detail])
+
+
+def to_status(err: AuthoptError) -> grpc.Status:
+    """The ``grpc.Status`` for ``err``: its code, message and one ErrorInfo in the status details."""
+    status: grpc.Status = rpc_status.to_status(_rich_status(err))
+    return status
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: AuthoptError) -> NoReturn:
+    """Ends the RPC handled by ``context`` with ``err``'s status; always raises.
+
+    Equivalent to ``context.abort_with_status(to_status(err))`` (which the aio server implements as
+    exactly this ``abort`` call); ``abort`` is used because it is part of the typed aio surface.
+    """
+    status = to_status(err)
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    raise AssertionError("unreachable: ServicerContext.abort returned")  # pragma: no cover
+
+
+def to_stream_error(err: AuthoptError) -> optimizer_pb2.StreamError:
+    """The per-message ``StreamError`` for ``err`` on RecommendStream (same code and reason as unary)."""
+    return optimizer_pb2.StreamError(
+        code=err.code.value[0], reason=err.reason, message=err.message, field=err.field
+    )
+
+
+def _status_from_metadata(metadata: Iterable[Any] | None) -> status_pb2.Status | None:
+    # Items are (key, value) pairs at runtime whatever the stubs say (grpc.aio.Metadata or a tuple).
+    for key, value in metadata or ():
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def error_info(
+    error: grpc.Status | grpc.RpcError | grpc.aio.AioRpcError,
+) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo carried by a failed call or a status, or ``None`` when there is none.
+
+    Accepts a ``grpc.Status`` (e.g. from :func:`to_status`), a synchronous ``grpc.RpcError`` raised by
+    a call, or a ``grpc.aio.AioRpcError``. Meant for clients and tests.
+    """
+    rich: status_pb2.Status | None
+    if isinstance(error, grpc.aio.AioRpcError):
+        rich = _status_from_metadata(error.trailing_metadata())
+    elif isinstance(error, grpc.Call):
+        rich = rpc_status.from_call(error)
+    elif isinstance(error, grpc.Status):
+        rich = _status_from_metadata(error.trailing_metadata)
+    else:
+        return None
+    if rich is None:
+        return None
+    for detail in rich.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None

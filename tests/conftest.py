@@ -1,0 +1,131 @@
+"""Shared fixtures: env isolation, tiny model artifacts, real servers on port 0, in-memory spans."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
+from model import make_tiny_artifact
+from server import AuthoptServer, InMemoryFeatureStore, ServerSettings, create_server
+from streams import Entity, entity_key
+
+_SPANS = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+trace.set_tracer_provider(_provider)
+
+ROUTES = (("acq-a", 180, 10), ("acq-b", 150, 25), ("acq-c", 250, 0))
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("AUTHOPT_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    _SPANS.clear()
+    yield _SPANS
+    _SPANS.clear()
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A model directory holding one tiny artifact, version "1"."""
+    d = tmp_path / "models"
+    make_tiny_artifact(d, "1")
+    return d
+
+
+def make_request(request_id: str = "req-1", **attempt_overrides: Any) -> optimizer_pb2.RecommendRequest:
+    """A valid RecommendRequest over ROUTES for a Visa credit card."""
+    attempt = attempt_pb2.Attempt(
+        merchant=attempt_pb2.Merchant(id="m-1", mcc="5411", country="DE"),
+        amount_minor=12_500,
+        currency="EUR",
+        card=attempt_pb2.Card(
+            bin="41111111",
+            last4="1111",
+            network=attempt_pb2.CARD_NETWORK_VISA,
+            funding=attempt_pb2.CARD_FUNDING_CREDIT,
+            issuer_country="DE",
+            fingerprint="fp-abc",
+        ),
+        channel=attempt_pb2.CHANNEL_ECOMMERCE,
+        initiator=attempt_pb2.INITIATOR_CUSTOMER,
+        attempt_number=1,
+    )
+    for key, value in attempt_overrides.items():
+        setattr(attempt, key, value)
+    return optimizer_pb2.RecommendRequest(
+        request_id=request_id,
+        attempt=attempt,
+        candidates=[attempt_pb2.Route(id=r, cost_bps=b, fixed_fee_minor=f) for r, b, f in ROUTES],
+        latency_budget_ms=200,
+    )
+
+
+def fill_route_features(store: InMemoryFeatureStore, as_of: float | None = None) -> None:
+    """Route-level features for every route in ROUTES (fresh unless `as_of` says otherwise)."""
+    for i, (route, _, _) in enumerate(ROUTES):
+        store.put(
+            Entity.ROUTE,
+            entity_key(Entity.ROUTE, route=route),
+            {"approval_rate_1h": 0.9 - 0.1 * i, "attempts_1h": 500.0, "approval_rate_24h": 0.85},
+            as_of if as_of is not None else time.time(),
+        )
+
+
+class Running:
+    """A started server, its port and a stub on a real channel."""
+
+    def __init__(self, server: AuthoptServer, port: int, channel: grpc.aio.Channel) -> None:
+        self.server = server
+        self.port = port
+        self.channel = channel
+        self.stub = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(channel)
+
+    @property
+    def features(self) -> InMemoryFeatureStore:
+        store = self.server.features
+        assert isinstance(store, InMemoryFeatureStore)
+        return store
+
+
+ServerFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[ServerFactory]:
+    """Factory: `await start_server(model_dir=..., **settings)` → Running; all stopped at teardown."""
+    running: list[Running] = []
+
+    async def factory(*, features: bool = True, publisher: Any = None, **overrides: Any) -> Running:
+        settings = ServerSettings(**{"port": 0, "host": "127.0.0.1", "exploration_rate": 0.0, **overrides})
+        store = InMemoryFeatureStore()
+        if features:
+            fill_route_features(store)
+        server, port = await create_server(settings, features=store, publisher=publisher)
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        r = Running(server, port, channel)
+        running.append(r)
+        return r
+
+    yield factory
+    for r in running:
+        await r.channel.close()
+        await r.server.stop(grace=0.5)

@@ -1,0 +1,94 @@
+"""The `authopt` command: `serve` as a real process (SIGTERM drains), `recommend` as a client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from streams.broker import free_port
+from tests.conftest import make_request
+
+AUTHOPT = [sys.executable, "-m", "authopt.cli"]
+
+
+def _wait_serving(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise AssertionError("server did not become SERVING")
+
+
+@pytest.fixture
+def served(model_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    env = {**os.environ, "AUTHOPT_SERVER_EXPLORATION_RATE": "0"}
+    proc = subprocess.Popen(
+        [*AUTHOPT, "serve", "--port", str(port), "--model-dir", str(model_dir), "--device", "cpu"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_serving(port)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_recommend_prints_the_decision_and_sigterm_drains(served: tuple[subprocess.Popen[bytes], int]) -> None:
+    proc, port = served
+    body = json_format.MessageToJson(make_request("cli-1"))
+    out = subprocess.run(
+        [*AUTHOPT, "recommend", "--target", f"127.0.0.1:{port}", "-"],
+        input=body, capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    decision = json.loads(out.stdout)
+    assert decision["request_id"] == "cli-1"
+    # No route features in a bare `serve`: the fallback answers and says so.
+    assert decision["decision_source"] == "DECISION_SOURCE_FALLBACK_FEATURES"
+    assert len(decision["routes"]) == 3
+
+    bad = make_request("cli-2")
+    bad.attempt.card.bin = "12ab"
+    out = subprocess.run(
+        [*AUTHOPT, "recommend", "--target", f"127.0.0.1:{port}", json_format.MessageToJson(bad)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 1
+    assert "INVALID_ARGUMENT" in out.stderr and "INVALID_BIN" in out.stderr and "attempt.card.bin" in out.stderr
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert proc.stdout is not None
+    log = proc.stdout.read().decode()
+    assert "draining" in log and "stopped" in log
+
+
+def test_recommend_rejects_malformed_json() -> None:
+    out = subprocess.run([*AUTHOPT, "recommend", "{not json"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "not a RecommendRequest" in out.stderr
+
+
+def test_serve_help_lists_options() -> None:
+    out = subprocess.run([*AUTHOPT, "serve", "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "--model-dir" in out.stdout and "AUTHOPT_SERVER_" in out.stdout

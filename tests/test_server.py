@@ -1,0 +1,226 @@
+"""The server over a real channel on port 0: decisions, fallbacks, reload, streaming, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authopt.v1 import optimizer_pb2
+from model import make_tiny_artifact
+from server.errors import error_info
+from tests.conftest import ROUTES, ServerFactory, make_request
+
+Source = optimizer_pb2.DecisionSource
+
+
+async def _health(channel: grpc.aio.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+    return int(resp.status)
+
+
+async def test_model_decision_is_ranked_by_expected_value(start_server: ServerFactory, model_dir: Path) -> None:
+    srv = await start_server(model_dir=model_dir)
+    resp = await srv.stub.Recommend(make_request(), timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_MODEL
+    assert resp.model_version == "1"
+    assert [r.route_id for r in resp.routes] and {r.route_id for r in resp.routes} == {r[0] for r in ROUTES}
+    values = [r.expected_value_minor for r in resp.routes]
+    assert values == sorted(values, reverse=True)
+    costs = {r: 12_500 * bps / 10_000 + fixed for r, bps, fixed in ROUTES}
+    for r in resp.routes:
+        assert 0.0 <= r.approval_probability <= 1.0
+        assert r.cost_minor == pytest.approx(costs[r.route_id])
+        assert r.expected_value_minor == pytest.approx(12_500 * r.approval_probability - r.cost_minor)
+    assert not resp.explored and resp.propensity == 1.0
+    assert 0 <= resp.feature_age_ms < 60_000
+    assert resp.rules_version and resp.server_time_us > 0
+    assert not resp.HasField("retry")
+    assert await _health(srv.channel, "authopt.v1.AuthorizationOptimizerService") == 1
+
+
+async def test_configured_routes_are_used_when_request_names_none(start_server: ServerFactory) -> None:
+    routes = [{"id": "cfg-1", "cost_bps": 100}, {"id": "cfg-2", "cost_bps": 100}]
+    srv = await start_server(routes=routes, features=False)
+    req = make_request()
+    del req.candidates[:]
+    resp = await srv.stub.Recommend(req, timeout=5)
+    assert {r.route_id for r in resp.routes} == {"cfg-1", "cfg-2"}
+    # No model, no features, equal costs: the configured order decides among unknown routes.
+    assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_NO_MODEL
+    assert resp.routes[0].route_id == "cfg-1"
+
+
+async def test_no_model_falls_back_and_health_stays_serving(start_server: ServerFactory) -> None:
+    srv = await start_server()
+    resp = await srv.stub.Recommend(make_request(), timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_NO_MODEL
+    assert resp.model_version == ""
+    # Success-rate routing: acq-a has the best 1 h approval rate in the fixture's features.
+    assert resp.routes[0].route_id == "acq-a"
+    assert await _health(srv.channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_mismatched_model_is_refused_and_fallback_serves(
+    start_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = tmp_path / "models"
+    make_tiny_artifact(d, "1", contract_hash="sha256:not-our-contract")
+    srv = await start_server(model_dir=d)
+    assert "refused" in caplog.text and "sha256:not-our-contract" in caplog.text
+    resp = await srv.stub.Recommend(make_request(), timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_NO_MODEL
+    assert await _health(srv.channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_missing_route_features_fall_back(start_server: ServerFactory, model_dir: Path) -> None:
+    srv = await start_server(model_dir=model_dir, features=False)
+    resp = await srv.stub.Recommend(make_request(), timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_FEATURES
+    assert resp.feature_age_ms == -1
+    assert resp.model_version == "1"
+
+
+async def test_stale_route_features_fall_back(start_server: ServerFactory, model_dir: Path) -> None:
+    from tests.conftest import fill_route_features
+
+    srv = await start_server(model_dir=model_dir, features=False, feature_max_age_s=60)
+    fill_route_features(srv.features, as_of=time.time() - 600)
+    resp = await srv.stub.Recommend(make_request(), timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_FEATURES
+    assert resp.feature_age_ms >= 600_000
+
+
+async def test_budget_below_measured_inference_latency_falls_back(
+    start_server: ServerFactory, model_dir: Path
+) -> None:
+    srv = await start_server(model_dir=model_dir)
+    model = srv.server.registry.current
+    assert model is not None
+    for _ in range(200):  # the live EWMA learns that a forward now takes 20 ms
+        model.latency.observe(len(ROUTES), 0.020)
+    req = make_request(request_id="tight")
+    req.latency_budget_ms = 5
+    t0 = time.perf_counter()
+    resp = await srv.stub.Recommend(req, timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_BUDGET
+    assert time.perf_counter() - t0 < 1.0
+    assert len(resp.routes) == len(ROUTES)
+    roomy = make_request(request_id="roomy")
+    roomy.latency_budget_ms = 1000
+    assert (await srv.stub.Recommend(roomy, timeout=5)).decision_source == Source.DECISION_SOURCE_MODEL
+
+
+async def test_grpc_deadline_shorter_than_budget_is_honoured(start_server: ServerFactory, model_dir: Path) -> None:
+    srv = await start_server(model_dir=model_dir)
+    model = srv.server.registry.current
+    assert model is not None
+    for _ in range(200):
+        model.latency.observe(len(ROUTES), 0.800)
+    req = make_request()
+    req.latency_budget_ms = 5000
+    resp = await srv.stub.Recommend(req, timeout=0.5)  # the deadline wins over the request's budget
+    assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_BUDGET
+
+
+async def test_hot_reload_swaps_to_new_version(start_server: ServerFactory, model_dir: Path) -> None:
+    srv = await start_server(model_dir=model_dir, model_poll_interval_s=0.05)
+    assert (await srv.stub.Recommend(make_request("a"), timeout=5)).model_version == "1"
+    make_tiny_artifact(model_dir, "2", seed=7)
+    for _ in range(200):
+        resp = await srv.stub.Recommend(make_request(f"poll-{_}"), timeout=5)
+        if resp.model_version == "2":
+            break
+        await asyncio.sleep(0.05)
+    assert resp.model_version == "2" and resp.decision_source == Source.DECISION_SOURCE_MODEL
+    # A mismatched newer version is refused; version 2 keeps serving.
+    make_tiny_artifact(model_dir, "3", contract_hash="sha256:other")
+    await asyncio.sleep(0.5)
+    resp = await srv.stub.Recommend(make_request("after-3"), timeout=5)
+    assert resp.model_version == "2"
+    assert "3" in srv.server.registry.rejected
+
+
+async def test_recommend_stream_answers_each_message(start_server: ServerFactory, model_dir: Path) -> None:
+    srv = await start_server(model_dir=model_dir)
+
+    async def requests():  # type: ignore[no-untyped-def]
+        for i in range(20):
+            req = make_request(f"s-{i}")
+            if i == 7:
+                req.attempt.amount_minor = -5
+            yield optimizer_pb2.RecommendStreamRequest(request=req)
+
+    results = [r async for r in srv.stub.RecommendStream(requests(), timeout=10)]
+    assert sorted(r.request_id for r in results) == sorted(f"s-{i}" for i in range(20))
+    bad = [r for r in results if r.WhichOneof("result") == "error"]
+    assert len(bad) == 1 and bad[0].request_id == "s-7"
+    assert bad[0].error.reason == "INVALID_AMOUNT" and bad[0].error.field == "attempt.amount_minor"
+    assert bad[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    good = [r.response for r in results if r.WhichOneof("result") == "response"]
+    assert all(g.decision_source == Source.DECISION_SOURCE_MODEL and g.routes for g in good)
+
+
+async def test_same_request_id_returns_same_decision(start_server: ServerFactory, model_dir: Path) -> None:
+    # Exploration at 50 % makes an accidental match of two independent decisions unlikely.
+    srv = await start_server(model_dir=model_dir, exploration_rate=0.5)
+    first = await srv.stub.Recommend(make_request("idem"), timeout=5)
+    again = [await srv.stub.Recommend(make_request("idem"), timeout=5) for _ in range(10)]
+    assert all(a == first for a in again)
+    concurrent = await asyncio.gather(*(srv.stub.Recommend(make_request("idem-c"), timeout=5) for _ in range(10)))
+    assert all(c == concurrent[0] for c in concurrent)
+    changed = make_request("idem")
+    changed.attempt.amount_minor = 999
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await srv.stub.Recommend(changed, timeout=5)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(exc.value)
+    assert info is not None and info.reason == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_concurrent_requests_are_batched(start_server: ServerFactory, model_dir: Path) -> None:
+    srv = await start_server(model_dir=model_dir, batch_max_queue_delay_us=2000)
+    resps = await asyncio.gather(*(srv.stub.Recommend(make_request(f"c-{i}"), timeout=10) for i in range(64)))
+    assert all(r.decision_source == Source.DECISION_SOURCE_MODEL for r in resps)
+    reg = srv.server.metrics.registry
+    forwards = reg.get_sample_value("authopt_batch_requests_count")
+    merged = reg.get_sample_value("authopt_batch_requests_sum")
+    assert forwards is not None and merged == 64
+    assert forwards < 64, f"64 concurrent requests ran in {forwards} forwards: no batching"
+    # Batched results are the same as scoring each request alone.
+    alone = await srv.stub.Recommend(make_request("c-alone"), timeout=5)
+    assert [r.approval_probability for r in alone.routes] == pytest.approx(
+        [r.approval_probability for r in resps[0].routes], abs=1e-6
+    )
+
+
+async def test_overload_sheds_to_fallback(start_server: ServerFactory, model_dir: Path) -> None:
+    srv = await start_server(model_dir=model_dir, batch_queue_size=1, batch_max_queue_delay_us=20_000)
+    resps = await asyncio.gather(*(srv.stub.Recommend(make_request(f"o-{i}"), timeout=10) for i in range(20)))
+    sources = {r.decision_source for r in resps}
+    assert Source.DECISION_SOURCE_FALLBACK_OVERLOAD in sources
+    assert all(r.routes for r in resps)
+
+
+async def test_graceful_drain_finishes_in_flight(start_server: ServerFactory, model_dir: Path) -> None:
+    # A 300 ms batching delay keeps requests in flight while the drain starts.
+    srv = await start_server(model_dir=model_dir, batch_max_queue_delay_us=100_000)
+    async def call(i: int) -> optimizer_pb2.RecommendResponse:
+        resp: optimizer_pb2.RecommendResponse = await srv.stub.Recommend(make_request(f"d-{i}"), timeout=10)
+        return resp
+
+    in_flight = [asyncio.create_task(call(i)) for i in range(5)]
+    await asyncio.sleep(0.02)
+    health = asyncio.create_task(srv.server.stop(grace=5))
+    await asyncio.sleep(0.01)
+    done = await asyncio.gather(*in_flight)
+    assert all(r.routes for r in done)
+    await health
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await srv.stub.Recommend(make_request("late"), timeout=1)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
