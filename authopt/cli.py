@@ -27,7 +27,9 @@ def main(log_level: str) -> None:
 @main.command()
 @click.option("--host", help="Bind address [env AUTHOPT_SERVER_HOST, default 127.0.0.1].")
 @click.option("--port", type=int, help="gRPC port [env AUTHOPT_SERVER_PORT, default 50051].")
-@click.option("--model-dir", type=click.Path(path_type=Path), help="Model directory [env AUTHOPT_SERVER_MODEL_DIR].")
+@click.option(
+    "--model-dir", type=click.Path(path_type=Path), help="Model directory [env AUTHOPT_SERVER_MODEL_DIR]."
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Inference device [default auto].")
 @click.option("--metrics-port", type=int, help="Prometheus port; -1 off [env AUTHOPT_SERVER_METRICS_PORT].")
 def serve(
@@ -39,12 +41,17 @@ def serve(
     Without a model directory every decision comes from the fallback policy.
     """
     from authopt.otel import configure_tracing
-    from server import ServerSettings, serve as run_server
+    from server import ServerSettings
+    from server import serve as run_server
 
     overrides = {
         k: v
         for k, v in {
-            "host": host, "port": port, "model_dir": model_dir, "device": device, "metrics_port": metrics_port,
+            "host": host,
+            "port": port,
+            "model_dir": model_dir,
+            "device": device,
+            "metrics_port": metrics_port,
         }.items()
         if v is not None
     }

@@ -15,7 +15,7 @@ import grpc
 
 from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
 
-__all__ = ["AsyncClient", "Client", "DEFAULT_TIMEOUT_S"]
+__all__ = ["DEFAULT_TIMEOUT_S", "AsyncClient", "Client"]
 
 DEFAULT_TIMEOUT_S = 0.5  # the caller's whole wait; the server's own budget is shorter
 
@@ -37,7 +37,11 @@ class AsyncClient:
     """grpc.aio client: `async with AsyncClient("127.0.0.1:50051") as c: await c.recommend(req)`."""
 
     def __init__(
-        self, target: str, *, credentials: grpc.ChannelCredentials | None = None, timeout_s: float | None = None
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self._channel = (
             grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
@@ -46,7 +50,10 @@ class AsyncClient:
         self._timeout_s = timeout_s
 
     async def recommend(
-        self, req: optimizer_pb2.RecommendRequest, *, timeout_s: float | None = None,
+        self,
+        req: optimizer_pb2.RecommendRequest,
+        *,
+        timeout_s: float | None = None,
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> optimizer_pb2.RecommendResponse:
         req = _prepare(req)
@@ -77,7 +84,7 @@ class AsyncClient:
         return self._stub
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -92,9 +99,15 @@ class Client:
     """Blocking client with the same defaults: `with Client(target) as c: c.recommend(req)`."""
 
     def __init__(
-        self, target: str, *, credentials: grpc.ChannelCredentials | None = None, timeout_s: float | None = None
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        self._channel = (
+            grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        )
         self._stub = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import struct
@@ -38,14 +39,20 @@ def _request_body() -> bytes:
             amount_minor=4_999,
             currency="EUR",
             card=attempt_pb2.Card(
-                bin="45717360", last4="0005", network=attempt_pb2.CARD_NETWORK_VISA,
-                funding=attempt_pb2.CARD_FUNDING_DEBIT, issuer_country="DE", fingerprint="fp-bench",
+                bin="45717360",
+                last4="0005",
+                network=attempt_pb2.CARD_NETWORK_VISA,
+                funding=attempt_pb2.CARD_FUNDING_DEBIT,
+                issuer_country="DE",
+                fingerprint="fp-bench",
             ),
             channel=attempt_pb2.CHANNEL_ECOMMERCE,
             initiator=attempt_pb2.INITIATOR_CUSTOMER,
             attempt_number=1,
         ),
-        candidates=[attempt_pb2.Route(id=r, cost_bps=150 + 10 * i, fixed_fee_minor=5) for i, r in enumerate(ROUTES)],
+        candidates=[
+            attempt_pb2.Route(id=r, cost_bps=150 + 10 * i, fixed_fee_minor=5) for i, r in enumerate(ROUTES)
+        ],
         latency_budget_ms=50,
     )
     payload = req.SerializeToString()
@@ -60,7 +67,17 @@ def _free_port() -> int:
 
 def _start(mode: str, model_dir: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "bench.servers", mode, "--port", str(port), "--model-dir", str(model_dir), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.servers",
+        mode,
+        "--port",
+        str(port),
+        "--model-dir",
+        str(model_dir),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -82,28 +99,32 @@ def _check_decision(port: int) -> str:
 
 
 def _h2load(port: int, body: Path, inflight: int, duration: float, log: Path) -> dict[str, float]:
+    log.unlink(missing_ok=True)  # h2load appends to an existing log
     cmd = [
         "h2load", "-c", "1", "-t", "1", "-m", str(inflight), "-D", str(duration), "--warm-up-time", "1",
         "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body),
         "--log-file", str(log), f"http://127.0.0.1:{port}/authopt.v1.AuthorizationOptimizerService/Recommend",
-    ]
+    ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    finished = re.search(r"finished in ([0-9.]+)s, ([0-9.]+) req/s", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if finished is None or codes is None:
+        raise RuntimeError(f"unexpected h2load output:\n{out}")
     lat = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.strip())
-    ok = [line for line in out.splitlines() if line.strip().startswith("status codes:")]
-    done = [line for line in out.splitlines() if "requests:" in line and "total" in line]
     n = len(lat)
     return {
-        "qps": n / duration,
+        "qps": float(finished.group(2)),
         "p50_ms": lat[n // 2] / 1000 if n else float("nan"),
         "p99_ms": lat[min(n - 1, int(n * 0.99))] / 1000 if n else float("nan"),
-        "requests": n,
-        "status": ok[0].strip() if ok else "",
-        "summary": done[0].strip() if done else "",
+        "ok": float(codes.group(1)),
+        "not_ok": float(sum(int(codes.group(i)) for i in (2, 3, 4))),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inflight", default="1,16,64")
@@ -120,8 +141,11 @@ def main() -> None:
         make_tiny_artifact(tmpdir / "models", "bench-1")
         body = tmpdir / "body.bin"
         body.write_bytes(_request_body())
-        print(f"request: {body.stat().st_size} bytes framed; {os.cpu_count()} CPUs; "
-              f"{args.repeats} x {args.duration:g}s per point, medians", flush=True)
+        print(
+            f"request: {body.stat().st_size} bytes framed; {os.cpu_count()} CPUs; "
+            f"{args.repeats} x {args.duration:g}s per point, medians",
+            flush=True,
+        )
         servers = {
             "authopt (batching)": ("recommend", []),
             "authopt (no batching)": ("recommend", ["--no-batching"]),
@@ -134,13 +158,20 @@ def main() -> None:
                     print(f"{name}: decision_source of a probe request = {_check_decision(port)}", flush=True)
                 results[name] = {}
                 for level in levels:
-                    runs = [_h2load(port, body, level, args.duration, tmpdir / "log.tsv") for _ in range(args.repeats)]
+                    runs = [
+                        _h2load(port, body, level, args.duration, tmpdir / "log.tsv")
+                        for _ in range(args.repeats)
+                    ]
                     results[name][level] = {
                         k: statistics.median(r[k] for r in runs) for k in ("qps", "p50_ms", "p99_ms")
                     }
-                    print(f"  {name:24s} in-flight {level:3d}: {results[name][level]['qps']:8.0f} req/s  "
-                          f"p50 {results[name][level]['p50_ms']:6.2f} ms  p99 {results[name][level]['p99_ms']:6.2f} ms"
-                          f"   [{runs[-1]['status']}]", flush=True)
+                    r = results[name][level]
+                    print(
+                        f"  {name:24s} in-flight {level:3d}: {r['qps']:8.0f} req/s  "
+                        f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                        f"(non-2xx: {sum(int(x['not_ok']) for x in runs)})",
+                        flush=True,
+                    )
             finally:
                 proc.terminate()
                 proc.wait(10)
@@ -150,7 +181,9 @@ def main() -> None:
     for name, by_level in results.items():
         for level, r in by_level.items():
             ratio = r["qps"] / echo[level]["qps"] if echo[level]["qps"] else float("nan")
-            print(f"| {name} | {level} | {r['qps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f} |")
+            print(
+                f"| {name} | {level} | {r['qps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f} |"
+            )
     if 64 in levels:
         b, nb = results["authopt (batching)"][64]["qps"], results["authopt (no batching)"][64]["qps"]
         print(f"\nbatching gain at 64 in flight: {b / nb:.2f}x ({b:.0f} vs {nb:.0f} req/s)")

@@ -38,6 +38,7 @@ class _DiscardExporter(SpanExporter):
 
 async def _recommend(port: int, model_dir: Path, batching: bool) -> None:
     from server import InMemoryFeatureStore, ServerSettings, create_server
+    from server.app import configure_process, freeze_heap
     from streams import Entity
 
     provider = TracerProvider()
@@ -55,8 +56,10 @@ async def _recommend(port: int, model_dir: Path, batching: bool) -> None:
         idempotency_ttl_s=0,  # h2load replays one body: a cache hit would measure the cache, not a decision
         feature_max_age_s=1e9,
     )
+    configure_process(settings)  # as `authopt serve` does
     server, _ = await create_server(settings, features=store)
     await server.start()
+    freeze_heap()
     print("ready", flush=True)
     await server.wait_for_termination()
 

@@ -42,8 +42,8 @@ _CHANNELS = ("ecommerce", "recurring", "moto")
 _INITIATORS = ("customer", "merchant")
 # Decline classes of the last declined attempt (none when this is the first attempt).
 DECLINE_CLASSES = ("insufficient_funds", "do_not_honor", "issuer_unavailable", "hard", "data", "other")
-_HARD = frozenset("03 04 07 12 15 41 43 46 57 62 78 93 R0 R1 R3".split())
-_DATA = frozenset("14 54 55 N7 82 1A".split())
+_HARD = frozenset(["03", "04", "07", "12", "15", "41", "43", "46", "57", "62", "78", "93", "R0", "R1", "R3"])
+_DATA = frozenset(["14", "54", "55", "N7", "82", "1A"])
 
 ATTEMPT_FEATURES: tuple[str, ...] = (
     "attempt.log_amount",
@@ -120,8 +120,13 @@ def attempt_vector(ctx: AttemptContext, rows: Rows) -> list[float]:
     out += _one_hot(ctx.funding, len(_FUNDINGS))
     out += _one_hot(ctx.channel, len(_CHANNELS))
     out += _one_hot(ctx.initiator, len(_INITIATORS))
-    out += [float(ctx.recurring), float(ctx.network_token), float(ctx.cross_border),
-            float(ctx.attempt_number), float(ctx.prior_declines)]
+    out += [
+        float(ctx.recurring),
+        float(ctx.network_token),
+        float(ctx.cross_border),
+        float(ctx.attempt_number),
+        float(ctx.prior_declines),
+    ]
     out += [1.0 if cls == c else 0.0 for c in DECLINE_CLASSES]
     for entity in _ATTEMPT_ENTITIES:
         out += _entity_values(entity, rows.get(entity))
@@ -137,7 +142,9 @@ def route_vector(route_id: str, cost_bps: int, ctx: AttemptContext, rows: Rows) 
     return out
 
 
-def encode_rows(ctx: AttemptContext, routes: Sequence[tuple[str, int, Rows]], attempt_rows: Rows) -> list[list[float]]:
+def encode_rows(
+    ctx: AttemptContext, routes: Sequence[tuple[str, int, Rows]], attempt_rows: Rows
+) -> list[list[float]]:
     """One input row per candidate route: `routes` holds (route_id, cost_bps, route entity rows)."""
     shared = attempt_vector(ctx, attempt_rows)
     return [route_vector(rid, bps, ctx, rows) + shared for rid, bps, rows in routes]

@@ -39,7 +39,9 @@ def main() -> None:
     text = render()
     if "--write" in sys.argv:
         readme = README.read_text()
-        README.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, readme, flags=re.S))
+        README.write_text(
+            re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, readme, flags=re.S)
+        )
     else:
         print(text)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -26,7 +29,7 @@ from server.service import OptimizerService
 from server.settings import ServerSettings
 from server.telemetry import Metrics
 
-__all__ = ["AuthoptServer", "create_server", "serve"]
+__all__ = ["AuthoptServer", "configure_process", "create_server", "freeze_heap", "serve"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = optimizer_pb2.DESCRIPTOR.services_by_name["AuthorizationOptimizerService"].full_name
@@ -39,7 +42,7 @@ class AuthoptServer:
 
     grpc_server: grpc.aio.Server
     settings: ServerSettings
-    health: health.aio.HealthServicer
+    health: HealthServicer
     registry: ModelRegistry
     batcher: MicroBatcher
     publisher: OutcomePublisher
@@ -102,7 +105,9 @@ async def create_server(
     """Build (not start) the server and bind its port; returns it and the bound port."""
     metrics = Metrics()
     registry = ModelRegistry(
-        settings.model_dir, device=resolve_device(settings.device), poll_interval_s=settings.model_poll_interval_s
+        settings.model_dir,
+        device=resolve_device(settings.device),
+        poll_interval_s=settings.model_poll_interval_s,
     )
 
     def infer(x):  # type: ignore[no-untyped-def]
@@ -135,8 +140,10 @@ async def create_server(
         batcher,
         rng=random.Random(settings.seed),
     )
-    pub = publisher if publisher is not None else make_publisher(
-        settings.kafka_bootstrap, settings.kafka_publish_timeout_s
+    pub = (
+        publisher
+        if publisher is not None
+        else make_publisher(settings.kafka_bootstrap, settings.kafka_publish_timeout_s)
     )
     service = OptimizerService(
         engine,
@@ -159,7 +166,7 @@ async def create_server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     optimizer_pb2_grpc.add_AuthorizationOptimizerServiceServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -175,14 +182,37 @@ async def create_server(
     return AuthoptServer(server, settings, health_servicer, registry, batcher, pub, store, metrics), port
 
 
+def configure_process(settings: ServerSettings) -> None:
+    """Process-wide settings for a serving process (call once, before create_server)."""
+    if settings.torch_threads:
+        # Small batches gain nothing from intra-op parallelism; extra threads only contend with
+        # the event loop for the pod's cores (measured: 3-row forwards jumping from 75 us to ms).
+        torch.set_num_threads(settings.torch_threads)
+
+
+def freeze_heap() -> None:
+    """Move everything loaded at start (torch, the model, descriptors) out of the GC's generations.
+
+    It lives as long as the process; without this a full collection walks it and pauses requests
+    for ~100-200 ms on a small machine (measured in the test suite's process).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM/SIGINT, then drain within the grace period."""
+    configure_process(settings)
     server, port = await create_server(settings)
     await server.start()
+    freeze_heap()
     model = server.registry.current
     log.info(
         "authopt serving on %s:%d (model %s, device %s)",
-        settings.host, port, model.version if model else "none: fallback policy", settings.device,
+        settings.host,
+        port,
+        model.version if model else "none: fallback policy",
+        settings.device,
     )
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []

@@ -172,14 +172,18 @@ class DecisionEngine:
         rates: list[tuple[float, float] | None] = []
         for rows in feats.route_rows:
             row = rows.get(Entity.ROUTE)
-            rates.append(None if row is None else (row.get("approval_rate_1h", 0.0), row.get("attempts_1h", 0.0)))
+            rates.append(
+                None if row is None else (row.get("approval_rate_1h", 0.0), row.get("attempts_1h", 0.0))
+            )
         p = policy.success_rate_scores(cands, rates)
         p_retry: list[list[float]] = []
         if req.prior_attempts:
             last = req.prior_attempts[-1]
             ids = [c.route_id for c in cands]
             last_idx = ids.index(last.route_id) if last.route_id in ids else None
-            p_retry = policy.heuristic_retry_probabilities(last.response_code, len(cands), last_idx, DELAY_BUCKETS_S)
+            p_retry = policy.heuristic_retry_probabilities(
+                last.response_code, len(cands), last_idx, DELAY_BUCKETS_S
+            )
         model = self._registry.current
         return _Scores(source, p, p_retry, DELAY_BUCKETS_S, model.version if model else "")
 

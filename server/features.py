@@ -103,7 +103,8 @@ def lookup_features(
         return row.values
 
     attempt_rows: dict[Entity, Mapping[str, float] | None] = {
-        e: read(e) for e in (Entity.ISSUER, Entity.MERCHANT, Entity.CARD_MERCHANT, Entity.CARD_MERCHANT_AMOUNT)
+        e: read(e)
+        for e in (Entity.ISSUER, Entity.MERCHANT, Entity.CARD_MERCHANT, Entity.CARD_MERCHANT_AMOUNT)
     }
     route_rows: list[Rows] = []
     known = 0
@@ -114,7 +115,9 @@ def lookup_features(
     return FeatureLookup(attempt_rows, route_rows, oldest, known)
 
 
-def attempt_context(attempt: attempt_pb2.Attempt, prior: Sequence[attempt_pb2.PriorAttempt]) -> AttemptContext:
+def attempt_context(
+    attempt: attempt_pb2.Attempt, prior: Sequence[attempt_pb2.PriorAttempt]
+) -> AttemptContext:
     """The request-level model inputs of an attempt and its payment's prior attempts."""
     last = prior[-1] if prior else None
     return AttemptContext(

@@ -67,10 +67,10 @@ class IdempotencyCache:
         fp = _fingerprint(req)
         pending = self._inflight.get(key)
         if pending is not None:
-            stored_fp, fut = pending
+            stored_fp, waiting = pending
             if stored_fp != fp:
                 raise _reused()
-            return await asyncio.shield(fut)
+            return await asyncio.shield(waiting)
         cached = await self._cache.get(key)
         if cached is not None:
             stored_fp, payload = cached

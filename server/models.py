@@ -352,9 +352,12 @@ class ModelRegistry:
         except OSError:
             return []
         complete = [
-            p for p in entries
-            if not p.name.startswith(".") and p.is_dir()
-            and (p / MANIFEST_FILE).is_file() and (p / MODEL_FILE).is_file()
+            p
+            for p in entries
+            if not p.name.startswith(".")
+            and p.is_dir()
+            and (p / MANIFEST_FILE).is_file()
+            and (p / MODEL_FILE).is_file()
         ]
         return sorted(complete, key=lambda p: _natural_key(p.name))
 
@@ -389,7 +392,9 @@ class ModelRegistry:
                 self._rejected_mtime.pop(name, None)
                 self._log.info(
                     "model %s loaded on %s (warm-up batch 1: %.3f ms); replaced %s",
-                    name, loaded.device, loaded.latency.estimate(1) * 1e3,
+                    name,
+                    loaded.device,
+                    loaded.latency.estimate(1) * 1e3,
                     current.version if current else "none",
                 )
                 return True
@@ -404,7 +409,9 @@ class ModelRegistry:
         self._rejected_mtime[version_dir.name] = mtime
         self._log.error(
             "model %s refused: %s; still serving %s",
-            version_dir, detail, current.version if current else "none",
+            version_dir,
+            detail,
+            current.version if current else "none",
         )
 
     async def run(self) -> None:

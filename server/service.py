@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -14,7 +15,7 @@ from opentelemetry import trace
 from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server import validation
 from server.decision import DecisionEngine, annotate
-from server.errors import AuthoptError, InvalidArgument, abort_with
+from server.errors import AuthoptError, InvalidArgument, abort_with, to_stream_error
 from server.idempotency import IdempotencyCache
 from server.publisher import OutcomePublisher
 from server.telemetry import Metrics, extract_trace_context, tracer
@@ -23,6 +24,7 @@ __all__ = ["OptimizerService"]
 
 log = logging.getLogger(__name__)
 _SERVICE = "authopt.v1.AuthorizationOptimizerService"
+Context = grpc.aio.ServicerContext[Any, Any]
 _STREAM_CONCURRENCY = 64  # decisions in flight per RecommendStream
 
 
@@ -57,7 +59,9 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         size = msg.ByteSize()
         if size > self._max_bytes:
             raise InvalidArgument(
-                "MESSAGE_TOO_LARGE", f"request is {size} bytes; the limit is {self._max_bytes} bytes", field=""
+                "MESSAGE_TOO_LARGE",
+                f"request is {size} bytes; the limit is {self._max_bytes} bytes",
+                field="",
             )
 
     async def _recommend(
@@ -66,7 +70,9 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._check_size(req)
-        validation.validate_recommend(req, self._limits, time.time(), require_candidates=self._require_candidates)
+        validation.validate_recommend(
+            req, self._limits, time.time(), require_candidates=self._require_candidates
+        )
         budget = req.latency_budget_ms / 1000 if req.latency_budget_ms else self._default_budget_s
         if time_remaining is not None:
             budget = min(budget, time_remaining)
@@ -75,8 +81,8 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         self._metrics.decisions.labels(optimizer_pb2.DecisionSource.Name(resp.decision_source)).inc()
         return resp
 
-    async def Recommend(  # noqa: N802 - gRPC method name
-        self, request: optimizer_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    async def Recommend(
+        self, request: optimizer_pb2.RecommendRequest, context: Context
     ) -> optimizer_pb2.RecommendResponse:
         t0 = time.perf_counter()
         parent = extract_trace_context(context.invocation_metadata())
@@ -93,10 +99,10 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         self._latency["Recommend"].observe(time.perf_counter() - t0)
         return resp
 
-    async def RecommendStream(  # noqa: N802 - gRPC method name
+    async def RecommendStream(
         self,
         request_iterator: AsyncIterator[optimizer_pb2.RecommendStreamRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> AsyncIterator[optimizer_pb2.RecommendStreamResponse]:
         parent = extract_trace_context(context.invocation_metadata())
         out: asyncio.Queue[optimizer_pb2.RecommendStreamResponse | None] = asyncio.Queue()
@@ -115,7 +121,11 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
                         )
                     except AuthoptError as err:
                         self._metrics.errors.labels(err.reason).inc()
-                        await out.put(_stream_error(msg.request.request_id, err))
+                        await out.put(
+                            optimizer_pb2.RecommendStreamResponse(
+                                request_id=msg.request.request_id, error=to_stream_error(err)
+                            )
+                        )
             finally:
                 slots.release()
 
@@ -145,9 +155,11 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         received.GetCurrentTime()
         return events_pb2.AttemptEvent(outcome=outcome, received_at=received, producer=self._replica_id)  # type: ignore[arg-type]
 
-    async def _publish(self, events: list[events_pb2.AttemptEvent], context: grpc.aio.ServicerContext) -> None:
+    async def _publish(self, events: list[events_pb2.AttemptEvent], context: Context) -> None:
         parent = extract_trace_context(context.invocation_metadata())
-        with tracer.start_as_current_span(f"{_SERVICE}/ReportOutcome", context=parent, kind=trace.SpanKind.SERVER):
+        with tracer.start_as_current_span(
+            f"{_SERVICE}/ReportOutcome", context=parent, kind=trace.SpanKind.SERVER
+        ):
             try:
                 await self._publisher.publish(events)
             except AuthoptError as err:
@@ -155,8 +167,8 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
                 await abort_with(context, err)
         self._metrics.outcomes.inc(len(events))
 
-    async def ReportOutcome(  # noqa: N802 - gRPC method name
-        self, request: optimizer_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
+    async def ReportOutcome(
+        self, request: optimizer_pb2.ReportOutcomeRequest, context: Context
     ) -> optimizer_pb2.ReportOutcomeResponse:
         t0 = time.perf_counter()
         try:
@@ -170,8 +182,8 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         self._latency["ReportOutcome"].observe(time.perf_counter() - t0)
         return optimizer_pb2.ReportOutcomeResponse(event_id=request.outcome.event_id)
 
-    async def ReportOutcomes(  # noqa: N802 - gRPC method name
-        self, request: optimizer_pb2.ReportOutcomesRequest, context: grpc.aio.ServicerContext
+    async def ReportOutcomes(
+        self, request: optimizer_pb2.ReportOutcomesRequest, context: Context
     ) -> optimizer_pb2.ReportOutcomesResponse:
         try:
             self._check_size(request)
@@ -181,13 +193,3 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
             await abort_with(context, err)
         await self._publish([self._event(o) for o in request.outcomes], context)
         return optimizer_pb2.ReportOutcomesResponse(accepted=len(request.outcomes))
-
-
-def _stream_error(request_id: str, err: AuthoptError) -> optimizer_pb2.RecommendStreamResponse:
-    return optimizer_pb2.RecommendStreamResponse(
-        request_id=request_id,
-        error=optimizer_pb2.StreamError(
-            code=err.code.value[0], reason=err.reason, message=err.message, field=err.field
-        ),
-    )
-

@@ -35,6 +35,9 @@ class ServerSettings(BaseSettings):
     model_dir: Path | None = Field(None, description="directory of model versions (<dir>/<version>/)")
     model_poll_interval_s: float = Field(2.0, gt=0, description="how often the model directory is scanned")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
+    torch_threads: int = Field(
+        1, ge=0, le=256, description="CPU intra-op threads for inference; 0 keeps torch's default"
+    )
     batch_max_rows: int = Field(256, ge=1, le=65_536, description="most (attempt, route) rows per forward")
     batch_max_queue_delay_us: int = Field(
         0, ge=0, le=100_000, description="how long the batcher waits for more requests, microseconds"
@@ -44,7 +47,9 @@ class ServerSettings(BaseSettings):
         50, ge=1, le=10_000, description="budget when the request and its deadline give none"
     )
     exploration_rate: float = Field(0.02, ge=0.0, le=0.5, description="epsilon-greedy share of decisions")
-    max_message_bytes: int = Field(65_536, ge=1024, le=4 * 1024 * 1024, description="largest request accepted")
+    max_message_bytes: int = Field(
+        65_536, ge=1024, le=4 * 1024 * 1024, description="largest request accepted"
+    )
     max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are refused")
     max_candidates: int = Field(16, ge=1, le=256, description="most candidate routes per request")
     routes: tuple[RouteConfig, ...] = Field((), description="routes used when a request names none (JSON)")

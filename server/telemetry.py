@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -15,7 +16,7 @@ tracer = trace.get_tracer("authopt.server")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-def extract_trace_context(metadata: Sequence[tuple[str, str | bytes]] | None) -> Context | None:
+def extract_trace_context(metadata: Iterable[Any] | None) -> Context | None:
     """The caller's W3C trace context from gRPC metadata (`traceparent`/`tracestate`), if any."""
     if not metadata:
         return None
@@ -36,12 +37,18 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.rpc_latency = Histogram(
-            "authopt_rpc_latency_seconds", "server-side time per RPC", ["method"], buckets=_LATENCY_BUCKETS,
+            "authopt_rpc_latency_seconds",
+            "server-side time per RPC",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.decisions = Counter("authopt_decisions_total", "decisions by source", ["source"], registry=r)
         self.batch_rows = Histogram(
-            "authopt_batch_rows", "(attempt, route) rows per model forward", buckets=_BATCH_BUCKETS, registry=r
+            "authopt_batch_rows",
+            "(attempt, route) rows per model forward",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.batch_requests = Histogram(
             "authopt_batch_requests", "requests merged per model forward", buckets=_BATCH_BUCKETS, registry=r

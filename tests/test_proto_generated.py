@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_generated_code_is_current(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--out", str(tmp_path)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     fresh = sorted(p.relative_to(tmp_path) for p in (tmp_path / "authopt" / "v1").iterdir())
     committed = ROOT / "authopt" / "v1"

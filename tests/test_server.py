@@ -24,7 +24,9 @@ async def _health(channel: grpc.aio.Channel, service: str = "") -> int:
     return int(resp.status)
 
 
-async def test_model_decision_is_ranked_by_expected_value(start_server: ServerFactory, model_dir: Path) -> None:
+async def test_model_decision_is_ranked_by_expected_value(
+    start_server: ServerFactory, model_dir: Path
+) -> None:
     srv = await start_server(model_dir=model_dir)
     resp = await srv.stub.Recommend(make_request(), timeout=5)
     assert resp.decision_source == Source.DECISION_SOURCE_MODEL
@@ -116,7 +118,9 @@ async def test_budget_below_measured_inference_latency_falls_back(
     assert (await srv.stub.Recommend(roomy, timeout=5)).decision_source == Source.DECISION_SOURCE_MODEL
 
 
-async def test_grpc_deadline_shorter_than_budget_is_honoured(start_server: ServerFactory, model_dir: Path) -> None:
+async def test_grpc_deadline_shorter_than_budget_is_honoured(
+    start_server: ServerFactory, model_dir: Path
+) -> None:
     srv = await start_server(model_dir=model_dir)
     model = srv.server.registry.current
     assert model is not None
@@ -172,7 +176,9 @@ async def test_same_request_id_returns_same_decision(start_server: ServerFactory
     first = await srv.stub.Recommend(make_request("idem"), timeout=5)
     again = [await srv.stub.Recommend(make_request("idem"), timeout=5) for _ in range(10)]
     assert all(a == first for a in again)
-    concurrent = await asyncio.gather(*(srv.stub.Recommend(make_request("idem-c"), timeout=5) for _ in range(10)))
+    concurrent = await asyncio.gather(
+        *(srv.stub.Recommend(make_request("idem-c"), timeout=5) for _ in range(10))
+    )
     assert all(c == concurrent[0] for c in concurrent)
     changed = make_request("idem")
     changed.attempt.amount_minor = 999
@@ -185,8 +191,14 @@ async def test_same_request_id_returns_same_decision(start_server: ServerFactory
 
 async def test_concurrent_requests_are_batched(start_server: ServerFactory, model_dir: Path) -> None:
     srv = await start_server(model_dir=model_dir, batch_max_queue_delay_us=2000)
-    resps = await asyncio.gather(*(srv.stub.Recommend(make_request(f"c-{i}"), timeout=10) for i in range(64)))
-    assert all(r.decision_source == Source.DECISION_SOURCE_MODEL for r in resps)
+    # A roomy budget: this test is about batching, and a full GC of the test process's heap can
+    # pause it for ~200 ms on a busy 2-core machine (the served process freezes its heap instead).
+    reqs = [make_request(f"c-{i}") for i in range(64)]
+    for r in reqs:
+        r.latency_budget_ms = 5000
+    resps = await asyncio.gather(*(srv.stub.Recommend(r, timeout=10) for r in reqs))
+    sources = [Source.Name(r.decision_source) for r in resps]
+    assert set(sources) == {"DECISION_SOURCE_MODEL"}, sources
     reg = srv.server.metrics.registry
     forwards = reg.get_sample_value("authopt_batch_requests_count")
     merged = reg.get_sample_value("authopt_batch_requests_sum")
@@ -210,6 +222,7 @@ async def test_overload_sheds_to_fallback(start_server: ServerFactory, model_dir
 async def test_graceful_drain_finishes_in_flight(start_server: ServerFactory, model_dir: Path) -> None:
     # A 300 ms batching delay keeps requests in flight while the drain starts.
     srv = await start_server(model_dir=model_dir, batch_max_queue_delay_us=100_000)
+
     async def call(i: int) -> optimizer_pb2.RecommendResponse:
         resp: optimizer_pb2.RecommendResponse = await srv.stub.Recommend(make_request(f"d-{i}"), timeout=10)
         return resp

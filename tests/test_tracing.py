@@ -24,7 +24,9 @@ async def test_span_tree_continues_the_callers_trace(
     root = rpc[0]
     assert format(root.context.trace_id, "032x") == TRACE_ID
     assert root.parent is not None and format(root.parent.span_id, "016x") == PARENT_ID
-    children = {s.name: s for s in finished if s.parent is not None and s.parent.span_id == root.context.span_id}
+    children = {
+        s.name: s for s in finished if s.parent is not None and s.parent.span_id == root.context.span_id
+    }
     assert {"features", "queue_wait", "inference", "policy"} <= set(children)
     for child in children.values():
         assert child.context.trace_id == root.context.trace_id
