@@ -98,10 +98,25 @@ def _check_decision(port: int) -> str:
     return optimizer_pb2.DecisionSource.Name(resp.decision_source)
 
 
+def _scrape(metrics_port: int) -> dict[str, float]:
+    """Decisions by source and the mean requests per forward, from the server's Prometheus page."""
+    from urllib.request import urlopen
+
+    text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("authopt_decisions_total{"):
+            source = line.split('source="')[1].split('"')[0].removeprefix("DECISION_SOURCE_")
+            out[source] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("authopt_batch_requests_sum ", "authopt_batch_requests_count ")):
+            out[line.split(" ")[0]] = float(line.split(" ")[1])
+    return out
+
+
 def _h2load(port: int, body: Path, inflight: int, duration: float, log: Path) -> dict[str, float]:
     log.unlink(missing_ok=True)  # h2load appends to an existing log
     cmd = [
-        "h2load", "-c", "1", "-t", "1", "-m", str(inflight), "-D", str(duration), "--warm-up-time", "1",
+        "h2load", "-c", "1", "-t", "1", "-m", str(inflight), "-D", f"{duration:g}", "--warm-up-time", "1",
         "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body),
         "--log-file", str(log), f"http://127.0.0.1:{port}/authopt.v1.AuthorizationOptimizerService/Recommend",
     ]  # fmt: skip
@@ -152,6 +167,9 @@ def main() -> None:
             "echo (bare grpc.aio)": ("echo", []),
         }
         for name, (mode, extra) in servers.items():
+            metrics_port = _free_port()
+            if mode == "recommend":
+                extra = [*extra, "--metrics-port", str(metrics_port)]
             proc, port = _start(mode, tmpdir / "models", extra)
             try:
                 if mode == "recommend":
@@ -172,6 +190,13 @@ def main() -> None:
                         f"(non-2xx: {sum(int(x['not_ok']) for x in runs)})",
                         flush=True,
                     )
+                if mode == "recommend":
+                    m = _scrape(metrics_port)
+                    forwards = m.pop("authopt_batch_requests_count", 0.0)
+                    merged = m.pop("authopt_batch_requests_sum", 0.0)
+                    total = sum(m.values()) or 1.0
+                    shares = ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(m.items()))
+                    print(f"  decisions: {shares}; mean requests per forward {merged / max(forwards, 1):.1f}")
             finally:
                 proc.terminate()
                 proc.wait(10)

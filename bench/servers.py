@@ -36,7 +36,7 @@ class _DiscardExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-async def _recommend(port: int, model_dir: Path, batching: bool) -> None:
+async def _recommend(port: int, model_dir: Path, batching: bool, metrics_port: int) -> None:
     from server import InMemoryFeatureStore, ServerSettings, create_server
     from server.app import configure_process, freeze_heap
     from streams import Entity
@@ -55,6 +55,7 @@ async def _recommend(port: int, model_dir: Path, batching: bool) -> None:
         batch_max_rows=256 if batching else 1,
         idempotency_ttl_s=0,  # h2load replays one body: a cache hit would measure the cache, not a decision
         feature_max_age_s=1e9,
+        metrics_port=metrics_port,
     )
     configure_process(settings)  # as `authopt serve` does
     server, _ = await create_server(settings, features=store)
@@ -86,12 +87,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--no-batching", action="store_true")
+    parser.add_argument("--metrics-port", type=int, default=-1)
     args = parser.parse_args()
     time.sleep(0)  # keep imports above out of the measured window; nothing else to do here
     if args.mode == "echo":
         asyncio.run(_echo(args.port))
     else:
-        asyncio.run(_recommend(args.port, args.model_dir, not args.no_batching))
+        asyncio.run(_recommend(args.port, args.model_dir, not args.no_batching, args.metrics_port))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from model.layout import (
     LAYOUT_VERSION,
     AttemptContext,
     decline_class,
+    encode_flat,
     encode_rows,
 )
 from model.net import ApprovalNet
@@ -29,6 +30,7 @@ __all__ = [
     "AttemptContext",
     "Manifest",
     "decline_class",
+    "encode_flat",
     "encode_rows",
     "export_model",
     "make_tiny_artifact",

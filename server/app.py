@@ -104,10 +104,12 @@ async def create_server(
 ) -> tuple[AuthoptServer, int]:
     """Build (not start) the server and bind its port; returns it and the bound port."""
     metrics = Metrics()
+    device = resolve_device(settings.device)
     registry = ModelRegistry(
-        settings.model_dir,
-        device=resolve_device(settings.device),
-        poll_interval_s=settings.model_poll_interval_s,
+        settings.model_dir, device=device, poll_interval_s=settings.model_poll_interval_s
+    )
+    inline = settings.inference_executor == "inline" or (
+        settings.inference_executor == "auto" and device.type == "cpu"
     )
 
     def infer(x):  # type: ignore[no-untyped-def]
@@ -128,6 +130,7 @@ async def create_server(
             max_batch_rows=settings.batch_max_rows,
             max_queue_delay_us=settings.batch_max_queue_delay_us,
             queue_size=settings.batch_queue_size,
+            inline=inline,
         ),
         on_batch=on_batch,
     )

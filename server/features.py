@@ -14,7 +14,7 @@ from typing import Protocol
 
 from authopt.v1 import attempt_pb2, events_pb2
 from model.layout import AttemptContext, Rows
-from streams.contract import Entity, entity_key
+from streams.contract import Entity
 
 __all__ = [
     "FeatureLookup",
@@ -81,35 +81,42 @@ class FeatureLookup:
 def lookup_features(
     store: FeatureStore, attempt: attempt_pb2.Attempt, route_ids: Sequence[str]
 ) -> FeatureLookup:
-    """Read every entity row a decision over `route_ids` needs."""
+    """Read every entity row a decision over `route_ids` needs (keys as `streams.entity_key` builds)."""
     card, merchant = attempt.card, attempt.merchant
-    keys = {
-        "bin_": card.bin,
-        "issuer_country": card.issuer_country,
-        "merchant": merchant.id,
-        "fingerprint": card.fingerprint,
-        "amount_minor": attempt.amount_minor,
-        "currency": attempt.currency,
-    }
+    fp_merchant = f"{card.fingerprint}|{merchant.id}"
+    bin6, bin8, country = card.bin[:6], card.bin[:8], card.issuer_country
+    get = store.get
     oldest: float | None = None
-
-    def read(entity: Entity, route: str = "") -> Mapping[str, float] | None:
-        nonlocal oldest
-        row = store.get(entity, entity_key(entity, route=route, **keys))  # type: ignore[arg-type]
+    attempt_rows: dict[Entity, Mapping[str, float] | None] = {}
+    for entity, key in (
+        (Entity.ISSUER, f"{country}|{bin6}"),
+        (Entity.MERCHANT, merchant.id),
+        (Entity.CARD_MERCHANT, fp_merchant),
+        (Entity.CARD_MERCHANT_AMOUNT, f"{fp_merchant}|{attempt.amount_minor}{attempt.currency}"),
+    ):
+        row = get(entity, key)
         if row is None:
-            return None
+            attempt_rows[entity] = None
+            continue
+        attempt_rows[entity] = row.values
         if oldest is None or row.as_of < oldest:
             oldest = row.as_of
-        return row.values
-
-    attempt_rows: dict[Entity, Mapping[str, float] | None] = {
-        e: read(e)
-        for e in (Entity.ISSUER, Entity.MERCHANT, Entity.CARD_MERCHANT, Entity.CARD_MERCHANT_AMOUNT)
-    }
     route_rows: list[Rows] = []
     known = 0
     for rid in route_ids:
-        rows = {e: read(e, rid) for e in (Entity.ROUTE, Entity.ROUTE_ISSUER, Entity.ROUTE_BIN)}
+        rows: dict[Entity, Mapping[str, float] | None] = {}
+        for entity, key in (
+            (Entity.ROUTE, rid),
+            (Entity.ROUTE_ISSUER, f"{rid}|{country}|{bin6}"),
+            (Entity.ROUTE_BIN, f"{rid}|{bin8}"),
+        ):
+            row = get(entity, key)
+            if row is None:
+                rows[entity] = None
+                continue
+            rows[entity] = row.values
+            if oldest is None or row.as_of < oldest:
+                oldest = row.as_of
         known += rows[Entity.ROUTE] is not None
         route_rows.append(rows)
     return FeatureLookup(attempt_rows, route_rows, oldest, known)

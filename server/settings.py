@@ -38,6 +38,10 @@ class ServerSettings(BaseSettings):
     torch_threads: int = Field(
         1, ge=0, le=256, description="CPU intra-op threads for inference; 0 keeps torch's default"
     )
+    inference_executor: Literal["auto", "inline", "thread"] = Field(
+        "auto",
+        description="where forwards run (event loop or a thread); auto: inline on CPU, a thread on CUDA",
+    )
     batch_max_rows: int = Field(256, ge=1, le=65_536, description="most (attempt, route) rows per forward")
     batch_max_queue_delay_us: int = Field(
         0, ge=0, le=100_000, description="how long the batcher waits for more requests, microseconds"

@@ -212,3 +212,17 @@ def test_export_checks_module_against_manifest(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bad model version"):
         export_model(tiny_model(), tmp_path, "a/b")
     assert not tmp_path.exists() or os.listdir(tmp_path) == []
+
+
+def test_encode_flat_matches_encode_rows() -> None:
+    from model.layout import INPUT_LAYOUT, AttemptContext, encode_flat, encode_rows
+    from streams import Entity
+
+    ctx = AttemptContext(12_500, 1, 2, 1, 2, True, False, True, 2, 1, "51", "r1")
+    routes = [("r1", 150, {Entity.ROUTE: {"approval_rate_1h": 0.7}}), ("r2", 90, {})]
+    attempt_rows = {Entity.MERCHANT: {"approval_rate_24h": 0.91}}
+    rows = encode_rows(ctx, routes, attempt_rows)
+    flat = encode_flat(ctx, routes, attempt_rows)
+    assert len(flat) == 2 * len(INPUT_LAYOUT)
+    expected = torch.tensor(rows, dtype=torch.float32).flatten().tolist()
+    assert list(flat) == expected

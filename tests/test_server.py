@@ -237,3 +237,33 @@ async def test_graceful_drain_finishes_in_flight(start_server: ServerFactory, mo
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await srv.stub.Recommend(make_request("late"), timeout=1)
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_lookup_keys_match_the_contracts_entity_keys() -> None:
+    """The hot path builds keys inline; they must be exactly what streams.entity_key publishes."""
+    from server.features import InMemoryFeatureStore, lookup_features
+    from streams import Entity, entity_key
+
+    attempt = make_request().attempt
+    store = InMemoryFeatureStore()
+    parts = {
+        "route": "acq-a",
+        "bin_": attempt.card.bin,
+        "issuer_country": attempt.card.issuer_country,
+        "merchant": attempt.merchant.id,
+        "fingerprint": attempt.card.fingerprint,
+        "amount_minor": attempt.amount_minor,
+        "currency": attempt.currency,
+    }
+    for i, entity in enumerate(Entity):
+        store.put(entity, entity_key(entity, **parts), {"marker": float(i)}, as_of=1000.0 + i)  # type: ignore[arg-type]
+    found = lookup_features(store, attempt, ["acq-a"])
+    for i, entity in enumerate(Entity):
+        rows = (
+            found.route_rows[0]
+            if entity in (Entity.ROUTE, Entity.ROUTE_ISSUER, Entity.ROUTE_BIN)
+            else found.attempt_rows
+        )
+        row = rows[entity]
+        assert row is not None and row["marker"] == float(i), entity
+    assert found.oldest_as_of == 1000.0 and found.routes_known == 1
