@@ -9,6 +9,7 @@ import logging
 import random
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import torch
@@ -48,13 +49,13 @@ class AuthoptServer:
     publisher: OutcomePublisher
     features: FeatureStore
     metrics: Metrics
+    metrics_http: Any = None  # the Prometheus HTTP server, when enabled
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
         """Load the model (if any), start the batcher and the model watcher, then serve."""
         await self.registry.refresh()
-        self.metrics.model_loaded.set(1 if self.registry.current else 0)
         await self.batcher.start()
         self._tasks.append(asyncio.create_task(self.registry.run(), name="model-watcher"))
         await self.grpc_server.start()
@@ -79,8 +80,16 @@ class AuthoptServer:
                 await task
         await self.batcher.stop()
         await self.publisher.close()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
         self._stopped.set()
         log.info("stopped")
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound Prometheus port, or None when metrics are off."""
+        return None if self.metrics_http is None else int(self.metrics_http.server_address[1])
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
@@ -180,9 +189,17 @@ async def create_server(
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    metrics.queue_depth.set_function(lambda: batcher.queue_depth)
+    metrics.model_loaded.set_function(lambda: 1.0 if registry.current is not None else 0.0)
+    metrics_http = None
     if settings.metrics_port >= 0:
-        start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
-    return AuthoptServer(server, settings, health_servicer, registry, batcher, pub, store, metrics), port
+        metrics_http, _ = start_http_server(
+            settings.metrics_port, addr=settings.host, registry=metrics.registry
+        )
+    built = AuthoptServer(
+        server, settings, health_servicer, registry, batcher, pub, store, metrics, metrics_http
+    )
+    return built, port
 
 
 def configure_process(settings: ServerSettings) -> None:
