@@ -65,7 +65,9 @@ def _free_port() -> int:
     return free_port()
 
 
-def _start(mode: str, model_dir: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+def _start(
+    mode: str, model_dir: Path, extra: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
     cmd = [
         sys.executable,
@@ -78,7 +80,7 @@ def _start(mode: str, model_dir: Path, extra: list[str]) -> tuple[subprocess.Pop
         str(model_dir),
         *extra,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if b"ready" not in line:
@@ -161,16 +163,20 @@ def main() -> None:
             f"{args.repeats} x {args.duration:g}s per point, medians",
             flush=True,
         )
-        servers = {
-            "authopt (batching)": ("recommend", []),
-            "authopt (no batching)": ("recommend", ["--no-batching"]),
-            "echo (bare grpc.aio)": ("echo", []),
+        # Every span sampled unless said otherwise; the SDK reads OTEL_TRACES_SAMPLER itself.
+        all_spans = {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+        one_percent = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
+        servers: dict[str, tuple[str, list[str], dict[str, str]]] = {
+            "authopt (batching)": ("recommend", [], all_spans),
+            "authopt (no batching)": ("recommend", ["--no-batching"], all_spans),
+            "authopt (batching, 1% traced)": ("recommend", [], one_percent),
+            "echo (bare grpc.aio)": ("echo", [], {}),
         }
-        for name, (mode, extra) in servers.items():
+        for name, (mode, extra, env) in servers.items():
             metrics_port = _free_port()
             if mode == "recommend":
                 extra = [*extra, "--metrics-port", str(metrics_port)]
-            proc, port = _start(mode, tmpdir / "models", extra)
+            proc, port = _start(mode, tmpdir / "models", extra, env)
             try:
                 if mode == "recommend":
                     print(f"{name}: decision_source of a probe request = {_check_decision(port)}", flush=True)
@@ -185,7 +191,7 @@ def main() -> None:
                     }
                     r = results[name][level]
                     print(
-                        f"  {name:24s} in-flight {level:3d}: {r['qps']:8.0f} req/s  "
+                        f"  {name:30s} in-flight {level:3d}: {r['qps']:8.0f} req/s  "
                         f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                         f"(non-2xx: {sum(int(x['not_ok']) for x in runs)})",
                         flush=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -101,7 +102,15 @@ class DecisionEngine:
         tracer.start_span("features", start_time=t0).end()
         scores = await self._score(req, cands, feats, deadline, now)
         t0 = time.time_ns()
-        resp = self._apply_policy(req, cands, feats, scores, now)
+        try:
+            resp = self._apply_policy(req, cands, feats, scores, now)
+        except Exception:
+            if scores.source != Source.DECISION_SOURCE_MODEL:
+                raise
+            # E.g. a non-finite model output from a corrupt feature value: never the payment's problem.
+            log.exception("policy over model scores failed; answering from the fallback policy")
+            scores = self._fallback(Source.DECISION_SOURCE_FALLBACK_ERROR, req, cands, feats)
+            resp = self._apply_policy(req, cands, feats, scores, now)
         tracer.start_span(
             "policy",
             start_time=t0,
@@ -180,9 +189,9 @@ class DecisionEngine:
         rates: list[tuple[float, float] | None] = []
         for rows in feats.route_rows:
             row = rows.get(Entity.ROUTE)
-            rates.append(
-                None if row is None else (row.get("approval_rate_1h", 0.0), row.get("attempts_1h", 0.0))
-            )
+            rate = None if row is None else (row.get("approval_rate_1h", 0.0), row.get("attempts_1h", 0.0))
+            # A corrupt (non-finite) value counts as no data rather than poisoning the ranking.
+            rates.append(rate if rate is not None and all(map(math.isfinite, rate)) else None)
         p = policy.success_rate_scores(cands, rates)
         p_retry: list[list[float]] = []
         if req.prior_attempts:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authopt.v1 import optimizer_pb2
+from authopt.v1 import attempt_pb2, optimizer_pb2
 from model import make_tiny_artifact
 from server.errors import error_info
 from tests.conftest import ROUTES, ServerFactory, make_request
@@ -267,3 +267,33 @@ def test_lookup_keys_match_the_contracts_entity_keys() -> None:
         row = rows[entity]
         assert row is not None and row["marker"] == float(i), entity
     assert found.oldest_as_of == 1000.0 and found.routes_known == 1
+
+
+async def test_non_finite_model_output_degrades_to_fallback(
+    start_server: ServerFactory, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from streams import Entity
+
+    srv = await start_server(model_dir=model_dir)
+    for route, _, _ in ROUTES:  # a corrupt feature value makes the model's output NaN
+        srv.features.put(Entity.ROUTE, route, {"approval_rate_1h": float("nan"), "attempts_1h": 10.0})
+    resp = await srv.stub.Recommend(make_request("nan"), timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_ERROR
+    assert len(resp.routes) == len(ROUTES)
+    assert all(0.0 <= r.approval_probability <= 1.0 for r in resp.routes)
+    assert "fallback policy" in caplog.text
+
+
+async def test_async_client_generates_idempotency_keys(start_server: ServerFactory, model_dir: Path) -> None:
+    from authopt.client import AsyncClient
+
+    srv = await start_server(model_dir=model_dir)
+    async with AsyncClient(f"127.0.0.1:{srv.port}") as client:
+        req = make_request("")
+        resp = await client.recommend(req)
+        assert req.request_id and resp.request_id == req.request_id  # generated, sent, echoed
+        again = await client.recommend(req)  # a retried call is the same decision
+        assert again == resp
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await client.report_outcome(attempt_pb2.AttemptOutcome())
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
