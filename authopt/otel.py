@@ -14,7 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-__all__ = ["configure_tracing"]
+__all__ = ["configure_tracing", "exporter_from_env"]
 
 
 def _exporter(name: str) -> SpanExporter | None:
@@ -29,13 +29,17 @@ def _exporter(name: str) -> SpanExporter | None:
     raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not supported: use otlp, console or none")
 
 
+def exporter_from_env() -> SpanExporter | None:
+    """The span exporter OTEL_TRACES_EXPORTER (and OTEL_EXPORTER_OTLP_ENDPOINT) asks for."""
+    default = "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "none"
+    return _exporter(os.environ.get("OTEL_TRACES_EXPORTER", default).strip().lower())
+
+
 def configure_tracing(service_name: str = "authopt") -> TracerProvider:
     """Install the SDK TracerProvider with the exporter the environment asks for."""
-    default = "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "none"
-    name = os.environ.get("OTEL_TRACES_EXPORTER", default).strip().lower()
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
-    exporter = _exporter(name)
+    exporter = exporter_from_env()
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=8192))
     trace.set_tracer_provider(provider)

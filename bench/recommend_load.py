@@ -22,8 +22,9 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,6 +139,89 @@ def _h2load(port: int, body: Path, inflight: int, duration: float, log: Path) ->
     }
 
 
+Results = dict[str, dict[int, dict[str, float]]]
+Server = tuple[str, list[str], dict[str, str], str]  # mode, extra args, env, model folder
+
+
+def _servers(levels: list[int], large_hidden: int) -> dict[str, tuple[Server, list[int]]]:
+    # Every span sampled unless said otherwise; the SDK reads OTEL_TRACES_SAMPLER itself.
+    all_spans = {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    one_percent = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
+    servers: dict[str, tuple[Server, list[int]]] = {
+        "authopt (batching)": (("recommend", [], all_spans, "models"), levels),
+        "authopt (no batching)": (("recommend", ["--no-batching"], all_spans, "models"), levels),
+        "authopt (batching, 1% traced)": (("recommend", [], one_percent, "models"), levels),
+        "echo (bare grpc.aio)": (("echo", [], {}, "models"), levels),
+    }
+    if large_hidden:
+        top = [max(levels)]
+        servers[f"authopt hidden {large_hidden} (batching)"] = (("recommend", [], all_spans, "large"), top)
+        servers[f"authopt hidden {large_hidden} (no batching)"] = (
+            ("recommend", ["--no-batching"], all_spans, "large"), top,
+        )  # fmt: skip
+    return servers
+
+
+def _measure(
+    name: str, server: Server, levels: list[int], tmpdir: Path, args: argparse.Namespace
+) -> dict[int, dict[str, float]]:
+    mode, extra, env, folder = server
+    metrics_port = _free_port()
+    if mode == "recommend":
+        extra = [*extra, "--metrics-port", str(metrics_port)]
+    proc, port = _start(mode, tmpdir / folder, extra, env)
+    out: dict[int, dict[str, float]] = {}
+    try:
+        if mode == "recommend":
+            print(f"{name}: decision_source of a probe request = {_check_decision(port)}", flush=True)
+        for level in levels:
+            runs = [
+                _h2load(port, tmpdir / "body.bin", level, args.duration, tmpdir / "log.tsv")
+                for _ in range(args.repeats)
+            ]
+            r = out[level] = {k: statistics.median(x[k] for x in runs) for k in ("qps", "p50_ms", "p99_ms")}
+            print(
+                f"  {name:34s} in-flight {level:3d}: {r['qps']:8.0f} req/s  "
+                f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                f"(non-2xx: {sum(int(x['not_ok']) for x in runs)})",
+                flush=True,
+            )
+        if mode == "recommend":
+            m = _scrape(metrics_port)
+            forwards = m.pop("authopt_batch_requests_count", 0.0)
+            merged = m.pop("authopt_batch_requests_sum", 0.0)
+            total = sum(m.values()) or 1.0
+            shares = ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(m.items()))
+            print(f"  decisions: {shares}; mean requests per forward {merged / max(forwards, 1):.1f}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return out
+
+
+def _report(results: Results, levels: list[int], large_hidden: int) -> None:
+    echo = results["echo (bare grpc.aio)"]
+    print("\n| server | in flight | QPS | p50 ms | p99 ms | QPS / echo |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, by_level in results.items():
+        for level, r in by_level.items():
+            ratio = r["qps"] / echo[level]["qps"]
+            print(
+                f"| {name} | {level} | {r['qps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f} |"
+            )
+    top = max(levels)
+    pairs = [("tiny model", "authopt (batching)", "authopt (no batching)")]
+    if large_hidden:
+        h = large_hidden
+        pairs.append(
+            (f"hidden-{h} model", f"authopt hidden {h} (batching)", f"authopt hidden {h} (no batching)")
+        )
+    print()
+    for label, on, off in pairs:
+        b, nb = results[on][top]["qps"], results[off][top]["qps"]
+        print(f"batching gain at {top} in flight, {label}: {b / nb:.2f}x ({b:.0f} vs {nb:.0f} req/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,81 +230,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inflight", default="1,16,64")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--large-hidden", type=int, default=512,
+        help="also compare batching on a model this wide at the highest in-flight level (0: skip)",
+    )  # fmt: skip
     args = parser.parse_args()
     if shutil.which("h2load") is None:
         sys.exit("h2load not found: apt-get install nghttp2-client")
     levels = [int(x) for x in args.inflight.split(",")]
-    from model import make_tiny_artifact
+    from model import DELAY_BUCKETS_S, INPUT_LAYOUT, ApprovalNet, export_model, make_tiny_artifact
 
-    results: dict[str, dict[int, dict[str, float]]] = {}
+    results: Results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         make_tiny_artifact(tmpdir / "models", "bench-1")
-        body = tmpdir / "body.bin"
-        body.write_bytes(_request_body())
+        if args.large_hidden:
+            torch.manual_seed(0)
+            wide = ApprovalNet(len(INPUT_LAYOUT), len(DELAY_BUCKETS_S), hidden=args.large_hidden).eval()
+            export_model(wide, tmpdir / "large", "bench-large")
+        (tmpdir / "body.bin").write_bytes(_request_body())
         print(
-            f"request: {body.stat().st_size} bytes framed; {os.cpu_count()} CPUs; "
+            f"request: {(tmpdir / 'body.bin').stat().st_size} bytes framed; {os.cpu_count()} CPUs; "
             f"{args.repeats} x {args.duration:g}s per point, medians",
             flush=True,
         )
-        # Every span sampled unless said otherwise; the SDK reads OTEL_TRACES_SAMPLER itself.
-        all_spans = {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
-        one_percent = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
-        servers: dict[str, tuple[str, list[str], dict[str, str]]] = {
-            "authopt (batching)": ("recommend", [], all_spans),
-            "authopt (no batching)": ("recommend", ["--no-batching"], all_spans),
-            "authopt (batching, 1% traced)": ("recommend", [], one_percent),
-            "echo (bare grpc.aio)": ("echo", [], {}),
-        }
-        for name, (mode, extra, env) in servers.items():
-            metrics_port = _free_port()
-            if mode == "recommend":
-                extra = [*extra, "--metrics-port", str(metrics_port)]
-            proc, port = _start(mode, tmpdir / "models", extra, env)
-            try:
-                if mode == "recommend":
-                    print(f"{name}: decision_source of a probe request = {_check_decision(port)}", flush=True)
-                results[name] = {}
-                for level in levels:
-                    runs = [
-                        _h2load(port, body, level, args.duration, tmpdir / "log.tsv")
-                        for _ in range(args.repeats)
-                    ]
-                    results[name][level] = {
-                        k: statistics.median(r[k] for r in runs) for k in ("qps", "p50_ms", "p99_ms")
-                    }
-                    r = results[name][level]
-                    print(
-                        f"  {name:30s} in-flight {level:3d}: {r['qps']:8.0f} req/s  "
-                        f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-                        f"(non-2xx: {sum(int(x['not_ok']) for x in runs)})",
-                        flush=True,
-                    )
-                if mode == "recommend":
-                    m = _scrape(metrics_port)
-                    forwards = m.pop("authopt_batch_requests_count", 0.0)
-                    merged = m.pop("authopt_batch_requests_sum", 0.0)
-                    total = sum(m.values()) or 1.0
-                    shares = ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(m.items()))
-                    print(f"  decisions: {shares}; mean requests per forward {merged / max(forwards, 1):.1f}")
-            finally:
-                proc.terminate()
-                proc.wait(10)
-    echo = results["echo (bare grpc.aio)"]
-    print("\n| server | in flight | QPS | p50 ms | p99 ms | QPS / echo |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, by_level in results.items():
-        for level, r in by_level.items():
-            ratio = r["qps"] / echo[level]["qps"] if echo[level]["qps"] else float("nan")
-            print(
-                f"| {name} | {level} | {r['qps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f} |"
-            )
-    if 64 in levels:
-        b, nb = results["authopt (batching)"][64]["qps"], results["authopt (no batching)"][64]["qps"]
-        print(f"\nbatching gain at 64 in flight: {b / nb:.2f}x ({b:.0f} vs {nb:.0f} req/s)")
+        for name, (server, server_levels) in _servers(levels, args.large_hidden).items():
+            results[name] = _measure(name, server, server_levels, tmpdir, args)
+    _report(results, levels, args.large_hidden)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    time.sleep(0)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class _DiscardExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-async def _recommend(port: int, model_dir: Path, batching: bool, metrics_port: int) -> None:
+async def _recommend(port: int, model_dir: Path, batching: bool, metrics_port: int, delay_us: int) -> None:
     from server import InMemoryFeatureStore, ServerSettings, create_server
     from server.app import configure_process, freeze_heap
     from streams import Entity
@@ -53,6 +53,7 @@ async def _recommend(port: int, model_dir: Path, batching: bool, metrics_port: i
         model_dir=model_dir,
         device="cpu",
         batch_max_rows=256 if batching else 1,
+        batch_max_queue_delay_us=delay_us if batching else 0,
         idempotency_ttl_s=0,  # h2load replays one body: a cache hit would measure the cache, not a decision
         feature_max_age_s=1e9,
         metrics_port=metrics_port,
@@ -88,12 +89,17 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--no-batching", action="store_true")
     parser.add_argument("--metrics-port", type=int, default=-1)
+    parser.add_argument("--queue-delay-us", type=int, default=0)
     args = parser.parse_args()
     time.sleep(0)  # keep imports above out of the measured window; nothing else to do here
     if args.mode == "echo":
         asyncio.run(_echo(args.port))
     else:
-        asyncio.run(_recommend(args.port, args.model_dir, not args.no_batching, args.metrics_port))
+        asyncio.run(
+            _recommend(
+                args.port, args.model_dir, not args.no_batching, args.metrics_port, args.queue_delay_us
+            )
+        )
 
 
 if __name__ == "__main__":

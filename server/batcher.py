@@ -135,9 +135,17 @@ class MicroBatcher:
     """Merges concurrent `submit` calls into batched ``infer`` calls; see the module docstring."""
 
     def __init__(
-        self, infer: Infer, config: BatcherConfig | None = None, *, on_batch: OnBatch | None = None
+        self,
+        infer: Infer,
+        config: BatcherConfig | None = None,
+        *,
+        on_batch: OnBatch | None = None,
+        inline_when: Callable[[], bool] | None = None,
     ) -> None:
+        """`inline_when`, if given, decides per batch instead of ``config.inline`` (e.g. by the
+        current model's device and measured latency, which change on hot reload)."""
         self._infer = infer
+        self._inline_when = inline_when
         self.config = config or BatcherConfig()
         self._on_batch = on_batch
         self._pending: collections.deque[_Request] = collections.deque()
@@ -259,8 +267,8 @@ class MicroBatcher:
                     await self._wait(remaining)
             batch = self._take()
             if batch:
-                await self._execute(batch)
-                if self.config.inline:
+                inline = await self._execute(batch)
+                if inline:
                     await asyncio.sleep(0)  # let callers resume and new requests queue up
 
     def _take(self) -> list[_Request]:
@@ -292,13 +300,18 @@ class MicroBatcher:
             width = req.x.shape[1]
         return batch
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    def _inline(self) -> bool:
+        return self._inline_when() if self._inline_when is not None else self.config.inline
+
+    async def _execute(self, batch: list[_Request]) -> bool:
+        """Run one batch; returns whether it ran inline on the event loop."""
         assert self._loop is not None
+        inline = self._inline()
         xs = [r.x for r in batch]
         sizes = [r.rows for r in batch]
         started_ns = time.time_ns()
         try:
-            if self.config.inline:
+            if inline:
                 parts, seconds = _run_batch(self._infer, xs, sizes)
             else:
                 parts, seconds = await self._loop.run_in_executor(
@@ -309,7 +322,7 @@ class MicroBatcher:
             raise
         except Exception as exc:
             _fail(batch, exc)
-            return
+            return inline
         total = sum(sizes)
         finished_ns = time.time_ns()
         for r, part in zip(batch, parts, strict=True):
@@ -324,3 +337,4 @@ class MicroBatcher:
                 self._on_batch(total, len(batch), seconds)
             except Exception:
                 _log.exception("micro-batcher on_batch callback failed")
+        return inline

@@ -40,7 +40,7 @@ class ServerSettings(BaseSettings):
     )
     inference_executor: Literal["auto", "inline", "thread"] = Field(
         "auto",
-        description="where forwards run (event loop or a thread); auto: inline on CPU, a thread on CUDA",
+        description="where forwards run: event loop or a thread; auto: inline for small CPU models",
     )
     batch_max_rows: int = Field(256, ge=1, le=65_536, description="most (attempt, route) rows per forward")
     batch_max_queue_delay_us: int = Field(
