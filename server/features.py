@@ -87,38 +87,36 @@ def lookup_features(
     bin6, bin8, country = card.bin[:6], card.bin[:8], card.issuer_country
     get = store.get
     oldest: float | None = None
-    attempt_rows: dict[Entity, Mapping[str, float] | None] = {}
-    for entity, key in (
-        (Entity.ISSUER, f"{country}|{bin6}"),
-        (Entity.MERCHANT, merchant.id),
-        (Entity.CARD_MERCHANT, fp_merchant),
-        (Entity.CARD_MERCHANT_AMOUNT, f"{fp_merchant}|{attempt.amount_minor}{attempt.currency}"),
-    ):
-        row = get(entity, key)
-        if row is None:
-            attempt_rows[entity] = None
-            continue
-        attempt_rows[entity] = row.values
-        if oldest is None or row.as_of < oldest:
-            oldest = row.as_of
-    route_rows: list[Rows] = []
-    known = 0
-    for rid in route_ids:
+
+    def read(keys: tuple[tuple[Entity, str], ...]) -> dict[Entity, Mapping[str, float] | None]:
+        nonlocal oldest
         rows: dict[Entity, Mapping[str, float] | None] = {}
-        for entity, key in (
-            (Entity.ROUTE, rid),
-            (Entity.ROUTE_ISSUER, f"{rid}|{country}|{bin6}"),
-            (Entity.ROUTE_BIN, f"{rid}|{bin8}"),
-        ):
+        for entity, key in keys:
             row = get(entity, key)
-            if row is None:
-                rows[entity] = None
-                continue
-            rows[entity] = row.values
-            if oldest is None or row.as_of < oldest:
+            rows[entity] = None if row is None else row.values
+            if row is not None and (oldest is None or row.as_of < oldest):
                 oldest = row.as_of
-        known += rows[Entity.ROUTE] is not None
-        route_rows.append(rows)
+        return rows
+
+    attempt_rows = read(
+        (
+            (Entity.ISSUER, f"{country}|{bin6}"),
+            (Entity.MERCHANT, merchant.id),
+            (Entity.CARD_MERCHANT, fp_merchant),
+            (Entity.CARD_MERCHANT_AMOUNT, f"{fp_merchant}|{attempt.amount_minor}{attempt.currency}"),
+        )
+    )
+    route_rows: list[Rows] = [
+        read(
+            (
+                (Entity.ROUTE, rid),
+                (Entity.ROUTE_ISSUER, f"{rid}|{country}|{bin6}"),
+                (Entity.ROUTE_BIN, f"{rid}|{bin8}"),
+            )
+        )
+        for rid in route_ids
+    ]
+    known = sum(rows[Entity.ROUTE] is not None for rows in route_rows)
     return FeatureLookup(attempt_rows, route_rows, oldest, known)
 
 

@@ -434,6 +434,18 @@ def _validate_candidates(
             )
 
 
+def _check_decline_details(
+    msg: attempt_pb2.PriorAttempt | attempt_pb2.AttemptOutcome, limits: Limits, now: float, p: str
+) -> None:
+    """The fields a prior attempt and a reported outcome share: MAC, Visa category, attempt time."""
+    _check_mac(msg.mastercard_mac, p, "mastercard_mac")
+    _check_enum(msg.visa_category, _VISA_CATEGORIES, p, "visa_category", "VisaDeclineCategory")
+    if not msg.HasField("attempted_at"):
+        _fail("MISSING_FIELD", f"{p}attempted_at", f"{p}attempted_at is required")
+    at = msg.attempted_at
+    _check_time(at.seconds, at.nanos, f"{p}attempted_at", limits, now)
+
+
 def _validate_prior_attempt(prior: attempt_pb2.PriorAttempt, limits: Limits, now: float, p: str) -> None:
     _check_id(prior.route_id, p, "route_id", _MAX_ROUTE_ID)
     if not _response_code_ok(prior.response_code):
@@ -443,12 +455,7 @@ def _validate_prior_attempt(prior: attempt_pb2.PriorAttempt, limits: Limits, now
             f"{p}response_code is required: an ISO 8583 response code of exactly 2 upper-case letters or "
             f'digits (e.g. "05", "N7"), got {_show(prior.response_code)}',
         )
-    _check_mac(prior.mastercard_mac, p, "mastercard_mac")
-    _check_enum(prior.visa_category, _VISA_CATEGORIES, p, "visa_category", "VisaDeclineCategory")
-    if not prior.HasField("attempted_at"):
-        _fail("MISSING_FIELD", f"{p}attempted_at", f"{p}attempted_at is required")
-    at = prior.attempted_at
-    _check_time(at.seconds, at.nanos, f"{p}attempted_at", limits, now)
+    _check_decline_details(prior, limits, now, p)
 
 
 def _pan_detected(path: str) -> NoReturn:
@@ -520,12 +527,7 @@ def _validate_outcome_fields(outcome: attempt_pb2.AttemptOutcome, limits: Limits
             f"{p}response_code must be an ISO 8583 response code of exactly 2 upper-case letters or digits "
             f'(e.g. "05"; required when DECLINED), got {_show(code)}',
         )
-    _check_mac(outcome.mastercard_mac, p, "mastercard_mac")
-    _check_enum(outcome.visa_category, _VISA_CATEGORIES, p, "visa_category", "VisaDeclineCategory")
-    if not outcome.HasField("attempted_at"):
-        _fail("MISSING_FIELD", f"{p}attempted_at", f"{p}attempted_at is required")
-    at = outcome.attempted_at
-    _check_time(at.seconds, at.nanos, f"{p}attempted_at", limits, now)
+    _check_decline_details(outcome, limits, now, p)
 
 
 def validate_outcome(
