@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from server import rules
 
 __all__ = [
+    "DAILY_DISCOUNT",
     "DELAY_BUCKETS_S",
     "Candidate",
     "Exploration",
@@ -180,6 +181,10 @@ def retry_options(
     return options
 
 
+# Value lost per day a retry waits, as a share of its expected value (see advise_retry).
+DAILY_DISCOUNT = 0.02
+
+
 def advise_retry(
     amount_minor: int,
     candidates: Sequence[Candidate],
@@ -189,13 +194,17 @@ def advise_retry(
     now: float,
     *,
     min_value_minor: float = 0.0,
+    daily_discount: float = DAILY_DISCOUNT,
 ) -> RetryDecision:
     """Advise whether, when and where to retry a decline.
 
     ``p_retry[i][b]`` is P(approve) when retrying on ``candidates[i]`` after ``buckets_s[b]`` seconds.
-    The best option of :func:`retry_options` wins (ties: sooner, then higher P, then candidate
-    order); no time discount. If the rules forbid a retry, or the best value is ``≤ min_value_minor``,
-    the advice is not to retry. ``rule_id`` is always the constraint's, so a wait shows which rule set it.
+    Options of :func:`retry_options` are compared by expected value discounted by ``daily_discount``
+    per day of waiting (money later is worth less: the customer may churn, the merchant waits), so a
+    retry days later must recover clearly more to beat a sooner one; ties: sooner, then higher P,
+    then candidate order. If the rules forbid a retry, or the best (undiscounted) value is
+    ``≤ min_value_minor``, the advice is not to retry. ``rule_id`` is always the constraint's, so a
+    wait shows which rule set it.
     """
     if not constraint.allowed:
         return RetryDecision(DO_NOT_RETRY, "", now, 0.0, 0.0, constraint.rule_id, constraint.reason)
@@ -204,8 +213,12 @@ def advise_retry(
         return RetryDecision(
             DO_NOT_RETRY, "", now, 0.0, 0.0, constraint.rule_id, "no candidate routes to retry on"
         )
+
     # max() keeps the first of equal keys: options are in candidate order, buckets ascending.
-    best = max(options, key=lambda o: (o.expected_value_minor, -o.delay_s, o.p_recover))
+    def discounted(o: RetryOption) -> float:
+        return float(o.expected_value_minor * (1.0 - daily_discount) ** (o.delay_s / 86_400))
+
+    best = max(options, key=lambda o: (discounted(o), -o.delay_s, o.p_recover))
     if best.expected_value_minor <= min_value_minor:
         return RetryDecision(
             DO_NOT_RETRY, "", now, 0.0, 0.0, constraint.rule_id, "expected recovery value below cost"

@@ -242,3 +242,21 @@ def test_heuristic_shapes_by_cause() -> None:
 def test_heuristic_validates() -> None:
     with pytest.raises(ValueError, match="last_route_index"):
         policy.heuristic_retry_probabilities("05", 2, 2, BUCKETS)
+
+
+def test_advise_retry_discounts_waiting() -> None:
+    from server.policy import Candidate, advise_retry
+    from server.rules import RetryConstraint
+
+    cands = [Candidate("r1", 0, 0)]
+    free = RetryConstraint(allowed=True, earliest_at=1000.0, rule_id="", reason="")
+    buckets = [0, 86_400, 10 * 86_400]
+    # 10 days later recovers only a little more: not worth the wait at 2 % per day.
+    slightly = advise_retry(10_000, cands, [[0.30, 0.303, 0.33]], buckets, free, 1000.0)
+    assert slightly.action == "retry_now" and slightly.p_recover == 0.30
+    # After payday the recovery is far higher: worth waiting a day.
+    much = advise_retry(10_000, cands, [[0.05, 0.40, 0.41]], buckets, free, 1000.0)
+    assert much.action == "retry_at" and much.retry_at == 1000.0 + 86_400
+    # Without a discount the highest value wins however late.
+    flat = advise_retry(10_000, cands, [[0.30, 0.303, 0.33]], buckets, free, 1000.0, daily_discount=0.0)
+    assert flat.retry_at == 1000.0 + 10 * 86_400
