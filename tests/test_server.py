@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authopt.v1 import attempt_pb2, optimizer_pb2
 from model import make_tiny_artifact
 from server.errors import error_info
-from tests.conftest import ROUTES, ServerFactory, make_request
+from tests.conftest import ROUTES, Running, ServerFactory, make_request
 
 Source = optimizer_pb2.DecisionSource
 
@@ -98,14 +98,19 @@ async def test_stale_route_features_fall_back(start_server: ServerFactory, model
     assert resp.feature_age_ms >= 600_000
 
 
+def _teach_forward_latency(srv: Running, seconds: float) -> None:
+    """Make the live latency estimate (an EWMA of observed forwards) believe a forward takes `seconds`."""
+    model = srv.server.registry.current
+    assert model is not None
+    for _ in range(200):
+        model.latency.observe(len(ROUTES), seconds)
+
+
 async def test_budget_below_measured_inference_latency_falls_back(
     start_server: ServerFactory, model_dir: Path
 ) -> None:
     srv = await start_server(model_dir=model_dir)
-    model = srv.server.registry.current
-    assert model is not None
-    for _ in range(200):  # the live EWMA learns that a forward now takes 20 ms
-        model.latency.observe(len(ROUTES), 0.020)
+    _teach_forward_latency(srv, 0.020)
     req = make_request(request_id="tight")
     req.latency_budget_ms = 5
     t0 = time.perf_counter()
@@ -122,10 +127,7 @@ async def test_grpc_deadline_shorter_than_budget_is_honoured(
     start_server: ServerFactory, model_dir: Path
 ) -> None:
     srv = await start_server(model_dir=model_dir)
-    model = srv.server.registry.current
-    assert model is not None
-    for _ in range(200):
-        model.latency.observe(len(ROUTES), 0.800)
+    _teach_forward_latency(srv, 0.800)
     req = make_request()
     req.latency_budget_ms = 5000
     resp = await srv.stub.Recommend(req, timeout=0.5)  # the deadline wins over the request's budget
