@@ -16,7 +16,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from streams.contract import BY_QUALIFIED_NAME, FEATURES, Entity
+from streams.contract import (
+    BY_QUALIFIED_NAME,
+    DECLINE_CLASSES,
+    FEATURES,
+    SMOOTHING_PSEUDO_ATTEMPTS,
+    Entity,
+    Feature,
+    decline_class,
+)
 
 LAYOUT_VERSION = "1"
 
@@ -30,8 +38,18 @@ Rows = Mapping[Entity, Mapping[str, float] | None]
 _ROUTE_ENTITIES = (Entity.ROUTE, Entity.ROUTE_ISSUER, Entity.ROUTE_BIN)
 _ATTEMPT_ENTITIES = (Entity.ISSUER, Entity.MERCHANT, Entity.CARD_MERCHANT, Entity.CARD_MERCHANT_AMOUNT)
 
+
+def _input_names(feature: Feature) -> tuple[str, ...]:
+    """The layout inputs one contract feature becomes: categories one-hot, times as ages."""
+    if feature.dtype == "category":
+        return tuple(f"{feature.qualified}.{c}" for c in feature.categories)
+    if feature.dtype == "epoch_s":
+        return (f"{feature.qualified.removesuffix('_at')}_age_s",)
+    return (feature.qualified,)
+
+
 ROUTE_FEATURES: tuple[str, ...] = (
-    *(f.qualified for f in FEATURES if f.entity in _ROUTE_ENTITIES),
+    *(n for f in FEATURES if f.entity in _ROUTE_ENTITIES for n in _input_names(f)),
     "route.cost_bps",
     "route.is_last_declined_route",
 )
@@ -41,10 +59,7 @@ _NETWORKS = ("visa", "mastercard", "amex", "discover", "jcb", "unionpay", "other
 _FUNDINGS = ("credit", "debit", "prepaid")
 _CHANNELS = ("ecommerce", "recurring", "moto")
 _INITIATORS = ("customer", "merchant")
-# Decline classes of the last declined attempt (none when this is the first attempt).
-DECLINE_CLASSES = ("insufficient_funds", "do_not_honor", "issuer_unavailable", "hard", "data", "other")
-_HARD = frozenset(["03", "04", "07", "12", "15", "41", "43", "46", "57", "62", "78", "93", "R0", "R1", "R3"])
-_DATA = frozenset(["14", "54", "55", "N7", "82", "1A"])
+
 
 ATTEMPT_FEATURES: tuple[str, ...] = (
     "attempt.log_amount",
@@ -58,27 +73,10 @@ ATTEMPT_FEATURES: tuple[str, ...] = (
     "attempt.number",
     "attempt.prior_declines",
     *(f"attempt.last_decline.{c}" for c in DECLINE_CLASSES),
-    *(f.qualified for f in FEATURES if f.entity in _ATTEMPT_ENTITIES),
+    *(n for f in FEATURES if f.entity in _ATTEMPT_ENTITIES for n in _input_names(f)),
 )
 
 INPUT_LAYOUT: tuple[str, ...] = ROUTE_FEATURES + ATTEMPT_FEATURES
-
-
-def decline_class(response_code: str) -> str:
-    """The decline class of an ISO 8583 response code ("" for none)."""
-    if not response_code:
-        return ""
-    if response_code == "51":
-        return "insufficient_funds"
-    if response_code == "05":
-        return "do_not_honor"
-    if response_code in ("91", "96", "19"):
-        return "issuer_unavailable"
-    if response_code in _HARD:
-        return "hard"
-    if response_code in _DATA:
-        return "data"
-    return "other"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +95,7 @@ class AttemptContext:
     prior_declines: int
     last_decline_code: str = ""
     last_route_id: str = ""
+    at: float = 0.0  # decision time, epoch seconds: turns feature times into ages
 
 
 def _one_hot(value: int, size: int) -> list[float]:
@@ -106,19 +105,37 @@ def _one_hot(value: int, size: int) -> list[float]:
     return out
 
 
-# Per entity, its features' (name, default) pairs in contract order, computed once: encoding runs
-# on every request.
-_ENTITY_FIELDS: dict[Entity, tuple[tuple[str, float], ...]] = {
-    e: tuple((f.name, f.default) for f in FEATURES if f.entity is e) for e in Entity
+# Per entity, how each of its features becomes inputs, computed once: encoding runs on every request.
+_ENTITY_FEATURES: dict[Entity, tuple[Feature, ...]] = {
+    e: tuple(f for f in FEATURES if f.entity is e) for e in Entity
 }
-_ENTITY_DEFAULTS: dict[Entity, list[float]] = {e: [d for _, d in fs] for e, fs in _ENTITY_FIELDS.items()}
+_SMOOTHING: dict[tuple[Entity, str], tuple[str, str]] = {
+    (f.entity, f.name): (f.smoothed_toward.split(".", 1)[1], "attempts_" + f.name.rsplit("_", 1)[1])
+    for f in FEATURES
+    if f.smoothed_toward
+}
 
 
-def _entity_values(entity: Entity, row: Mapping[str, float] | None) -> list[float]:
-    if row is None:
-        return _ENTITY_DEFAULTS[entity].copy()
-    get = row.get
-    return [float(get(name, default)) for name, default in _ENTITY_FIELDS[entity]]
+def _entity_values(
+    entity: Entity, row: Mapping[str, float] | None, at: float, route: Mapping[str, float] | None = None
+) -> list[float]:
+    out: list[float] = []
+    get = (row or {}).get
+    for f in _ENTITY_FEATURES[entity]:
+        value = float(get(f.name, f.default))
+        if f.dtype == "category":
+            out += [1.0 if value == i else 0.0 for i in range(len(f.categories))]
+        elif f.dtype == "epoch_s":
+            out.append(-1.0 if value < 0 else max(at - value, 0.0))
+        elif f.smoothed_toward:
+            prior_name, count_name = _SMOOTHING[(entity, f.name)]
+            prior = float((route or {}).get(prior_name, f.default))
+            n = float(get(count_name, 0.0))
+            approved = value * n if row is not None else 0.0
+            out.append((approved + SMOOTHING_PSEUDO_ATTEMPTS * prior) / (n + SMOOTHING_PSEUDO_ATTEMPTS))
+        else:
+            out.append(value)
+    return out
 
 
 def attempt_vector(ctx: AttemptContext, rows: Rows) -> list[float]:
@@ -138,15 +155,16 @@ def attempt_vector(ctx: AttemptContext, rows: Rows) -> list[float]:
     ]
     out += [1.0 if cls == c else 0.0 for c in DECLINE_CLASSES]
     for entity in _ATTEMPT_ENTITIES:
-        out += _entity_values(entity, rows.get(entity))
+        out += _entity_values(entity, rows.get(entity), ctx.at)
     return out
 
 
 def route_vector(route_id: str, cost_bps: int, ctx: AttemptContext, rows: Rows) -> list[float]:
     """The route part of a row, from the route's rolling features (`rows`, keyed by entity)."""
     out: list[float] = []
+    route = rows.get(Entity.ROUTE)
     for entity in _ROUTE_ENTITIES:
-        out += _entity_values(entity, rows.get(entity))
+        out += _entity_values(entity, rows.get(entity), ctx.at, route)
     out += [float(cost_bps), 1.0 if ctx.last_route_id and route_id == ctx.last_route_id else 0.0]
     return out
 
@@ -177,7 +195,10 @@ def encode_flat(
 
 def layout_features(name: str) -> bool:
     """True when `name` is a layout input backed by the feature contract."""
-    return name in BY_QUALIFIED_NAME
+    return name in _CONTRACT_INPUTS
+
+
+_CONTRACT_INPUTS = frozenset(n for f in BY_QUALIFIED_NAME.values() for n in _input_names(f))
 
 
 assert len(set(INPUT_LAYOUT)) == len(INPUT_LAYOUT), "duplicate names in INPUT_LAYOUT"

@@ -1,7 +1,7 @@
 """The server's view of rolling features: a FeatureStore read on the hot path, never the network.
 
-The streams replica (authopt.features.v1 consumer) fills an InMemoryFeatureStore; tests fill one
-directly. A missing entity is normal (a new card, a new issuer): the contract defaults apply. What
+The streams replica (streams.replica, the authopt.features.v1 consumer) fills an
+InMemoryFeatureStore; tests fill one directly. A missing entity is normal (a new card, a new issuer): the contract defaults apply. What
 makes a decision fall back is missing or stale *route* features, the signal the model depends on.
 """
 
@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from authopt.v1 import attempt_pb2, events_pb2
+from authopt.v1 import attempt_pb2
 from model.layout import AttemptContext, Rows
 from streams.contract import Entity
+from streams.store import FeatureRow, FeatureStore, InMemoryFeatureStore
 
 __all__ = [
     "FeatureLookup",
@@ -24,44 +25,6 @@ __all__ = [
     "attempt_context",
     "lookup_features",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class FeatureRow:
-    """Current feature values of one entity and the event time they are as of (epoch seconds)."""
-
-    values: Mapping[str, float]
-    as_of: float
-
-
-class FeatureStore(Protocol):
-    """Read access to the latest feature values by (entity, key)."""
-
-    def get(self, entity: Entity, key: str) -> FeatureRow | None: ...
-
-
-class InMemoryFeatureStore:
-    """A dict of the latest FeatureRow per (entity, key); what the replica materializes into."""
-
-    def __init__(self) -> None:
-        self._rows: dict[tuple[Entity, str], FeatureRow] = {}
-
-    def get(self, entity: Entity, key: str) -> FeatureRow | None:
-        return self._rows.get((entity, key))
-
-    def put(self, entity: Entity, key: str, values: Mapping[str, float], as_of: float | None = None) -> None:
-        self._rows[(entity, key)] = FeatureRow(dict(values), time.time() if as_of is None else as_of)
-
-    def apply(self, snapshot: events_pb2.FeatureSnapshot) -> None:
-        """Store one FeatureSnapshot from authopt.features.v1 (a newer one replaces an older one)."""
-        entity = Entity(snapshot.entity)
-        as_of = snapshot.as_of.seconds + snapshot.as_of.nanos / 1e9
-        current = self._rows.get((entity, snapshot.key))
-        if current is None or current.as_of <= as_of:
-            self._rows[(entity, snapshot.key)] = FeatureRow(dict(snapshot.values), as_of)
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +84,9 @@ def lookup_features(
 
 
 def attempt_context(
-    attempt: attempt_pb2.Attempt, prior: Sequence[attempt_pb2.PriorAttempt]
+    attempt: attempt_pb2.Attempt, prior: Sequence[attempt_pb2.PriorAttempt], at: float | None = None
 ) -> AttemptContext:
-    """The request-level model inputs of an attempt and its payment's prior attempts."""
+    """The request-level model inputs of an attempt and its payment's prior attempts at time `at`."""
     last = prior[-1] if prior else None
     return AttemptContext(
         amount_minor=attempt.amount_minor,
@@ -138,4 +101,5 @@ def attempt_context(
         prior_declines=len(prior),
         last_decline_code=last.response_code if last else "",
         last_route_id=last.route_id if last else "",
+        at=time.time() if at is None else at,
     )

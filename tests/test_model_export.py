@@ -44,7 +44,7 @@ def test_net_output_shape_and_range() -> None:
     y = net(_inputs(5))
     assert y.shape == (5, 1 + B) and y.dtype == torch.float32
     assert bool(((y > 0) & (y < 1)).all())
-    with pytest.raises(ValueError, match=r"expects input \[N, 58\]"):
+    with pytest.raises(ValueError, match=rf"expects input \[N, {D}\]"):
         net(torch.zeros(2, D - 1))
 
 

@@ -56,7 +56,7 @@ def test_load_ok_matches_eager_and_warms_up(tmp_path: Path) -> None:
     assert y.shape == (5, OUT) and y.dtype == torch.float32 and y.device.type == "cpu"
     with torch.no_grad():
         torch.testing.assert_close(y, tiny_model(4)(x), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match=r"expects input \[N, 58\]"):
+    with pytest.raises(ValueError, match=rf"expects input \[N, {D}\]"):
         m.infer(torch.zeros(2, D + 1))
 
 

@@ -56,14 +56,18 @@ Global___AttemptEvent: _TypeAlias = AttemptEvent  # noqa: Y015
 
 @_typing.final
 class FeatureSnapshot(_message.Message):
-    """The record on compacted topic `authopt.features.v1`, keyed by "<entity>:<key>": the current
-    feature values of one entity.
+    """The record on compacted topic `authopt.features.v1`, keyed "<entity>:<key>#<source_partition>":
+    the feature state that a streams worker holds for one entity, from the events of one partition of
+    `authopt.attempts.v1`. The state is made of sufficient statistics (decayed sums, recent card
+    attempts), so a consumer merges the states of every source partition and evaluates the entity's
+    feature values from the merge (streams.features). Card entities live in one partition, because
+    attempt events are keyed by card fingerprint.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
-    class ValuesEntry(_message.Message):
+    class SumsEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -84,36 +88,96 @@ class FeatureSnapshot(_message.Message):
 
     ENTITY_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
-    VALUES_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
     CONTRACT_HASH_FIELD_NUMBER: _builtins.int
+    SOURCE_PARTITION_FIELD_NUMBER: _builtins.int
+    SUMS_FIELD_NUMBER: _builtins.int
+    RECENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     entity: _builtins.str
     """Entity kind from the feature contract (e.g. "route", "route_issuer", "card_merchant")."""
     key: _builtins.str
     """Entity key (e.g. a route id, or "<route>|<issuer country>|<bin6>")."""
     contract_hash: _builtins.str
-    """Hash of the feature contract these values were computed under."""
-    @_builtins.property
-    def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Feature values by feature name, as declared by the feature contract."""
-
+    """Hash of the feature contract this state was computed under."""
+    source_partition: _builtins.int
+    """Partition of `authopt.attempts.v1` whose events this state covers."""
+    events: _builtins.int
+    """Events applied to this state since it was created (not decayed, not windowed)."""
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp:
-        """Event time of the newest attempt these values include (UTC)."""
+        """Event time of the newest attempt this state includes (UTC); every decayed sum is as of it."""
+
+    @_builtins.property
+    def sums(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Exponentially decayed sums at `as_of`, by accumulator name (e.g. "approved_1h", "attempts_1h");
+        each decays with the half-life streams.features declares for it.
+        """
+
+    @_builtins.property
+    def recent(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecentAttempt]:
+        """card_merchant only: this card's attempts at this merchant within the last 30 days, oldest first
+        (at most 64); the exact per-card windows and event-id deduplication are computed from them.
+        """
 
     def __init__(
         self,
         *,
         entity: _builtins.str = ...,
         key: _builtins.str = ...,
-        values: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
         contract_hash: _builtins.str = ...,
+        source_partition: _builtins.int = ...,
+        sums: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        recent: _abc.Iterable[Global___RecentAttempt] | None = ...,
+        events: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "contract_hash", b"contract_hash", "entity", b"entity", "key", b"key", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "contract_hash", b"contract_hash", "entity", b"entity", "events", b"events", "key", b"key", "recent", b"recent", "source_partition", b"source_partition", "sums", b"sums"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FeatureSnapshot: _TypeAlias = FeatureSnapshot  # noqa: Y015
+
+@_typing.final
+class RecentAttempt(_message.Message):
+    """One attempt of a card at a merchant, as kept in a card_merchant FeatureSnapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPTED_AT_US_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    RESPONSE_CODE_FIELD_NUMBER: _builtins.int
+    DECLINED_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The attempt's event id (AttemptOutcome.event_id)."""
+    attempted_at_us: _builtins.int
+    """When the attempt was made, UTC microseconds since the Unix epoch."""
+    amount_minor: _builtins.int
+    """Amount in minor units of `currency`."""
+    currency: _builtins.str
+    """ISO 4217 currency code."""
+    response_code: _builtins.str
+    """ISO 8583 response code of a decline; empty when approved or a route error."""
+    declined: _builtins.bool
+    """The attempt was declined by the issuer or network."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        attempted_at_us: _builtins.int = ...,
+        amount_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        response_code: _builtins.str = ...,
+        declined: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "attempted_at_us", b"attempted_at_us", "currency", b"currency", "declined", b"declined", "event_id", b"event_id", "response_code", b"response_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecentAttempt: _TypeAlias = RecentAttempt  # noqa: Y015

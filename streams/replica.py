@@ -1,0 +1,212 @@
+"""The server-side replica: `authopt.features.v1` materialized into the process's FeatureStore.
+
+`Materializer` merges the per-partition states of each entity (streams.features.merge) and writes
+the entity's feature values into an InMemoryFeatureStore; the offline replay uses it too, which is
+what makes served and replayed features the same numbers.
+
+`FeatureReplica` runs it from Kafka: it reads every partition of the compacted topic from the
+beginning without a consumer group (every replica needs every key), reports ready only once it has
+caught up to the end offsets it saw at start, then follows the topic. When the broker goes away the
+store keeps its last values (the server keeps deciding from them; feature age grows) and the replica
+reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from authopt.v1 import events_pb2
+from streams.contract import CONTRACT_HASH, Entity
+from streams.features import EntityState, card_amount_rows, evaluate, from_snapshot, merge
+from streams.kafka import FEATURES_TOPIC, KafkaSettings
+from streams.store import InMemoryFeatureStore
+
+__all__ = ["FeatureReplica", "Materializer"]
+
+log = logging.getLogger(__name__)
+
+
+class Materializer:
+    """Applies FeatureSnapshots to a store: merge an entity's partitions, evaluate, put the row."""
+
+    def __init__(self, store: InMemoryFeatureStore) -> None:
+        self.store = store
+        self._partials: dict[tuple[Entity, str], dict[int, EntityState]] = {}
+        self._amount_keys: dict[str, set[str]] = {}
+        self.applied = 0
+        self.refused_contract = 0
+
+    def apply_bytes(self, raw: bytes) -> None:
+        snap = events_pb2.FeatureSnapshot()
+        snap.ParseFromString(raw)
+        self.apply(snap)
+
+    def apply(self, snap: events_pb2.FeatureSnapshot) -> None:
+        if snap.contract_hash != CONTRACT_HASH:
+            # A worker on another contract version: its numbers mean something else. Skipped and
+            # counted (a rolling upgrade passes through this briefly; a steady count is an alarm).
+            self.refused_contract += 1
+            return
+        try:
+            entity = Entity(snap.entity)
+        except ValueError:
+            self.refused_contract += 1
+            return
+        parts = self._partials.setdefault((entity, snap.key), {})
+        parts[snap.source_partition] = from_snapshot(snap)
+        merged = merge(entity, parts.values())
+        self.applied += 1
+        store = self.store
+        store.put(entity, snap.key, evaluate(entity, merged), merged.as_of)
+        if entity is Entity.CARD_MERCHANT:
+            rows = card_amount_rows(merged)
+            previous = self._amount_keys.get(snap.key, set())
+            for amount, values in rows.items():
+                store.put(Entity.CARD_MERCHANT_AMOUNT, f"{snap.key}|{amount}", values, merged.as_of)
+            for gone in previous - rows.keys():
+                store.delete(Entity.CARD_MERCHANT_AMOUNT, f"{snap.key}|{gone}")
+            self._amount_keys[snap.key] = set(rows)
+
+
+class FeatureReplica:
+    """Follows `authopt.features.v1` into `store`; `ready` is set once caught up at start."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        store: InMemoryFeatureStore,
+        *,
+        topic: str = FEATURES_TOPIC,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self._kafka = kafka
+        self._topic = topic
+        self.materializer = Materializer(store)
+        self.store = store
+        self.ready = asyncio.Event()
+        self.connected = False
+        self.last_applied_at: float | None = None  # wall clock of the last snapshot applied
+        self._max_backoff_s = max_backoff_s
+        self._task: asyncio.Task[None] | None = None
+        self._positions: dict[int, int] = {}
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="feature-replica")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def status(self) -> Mapping[str, Any]:
+        return {
+            "ready": self.ready.is_set(),
+            "connected": self.connected,
+            "snapshots_applied": self.materializer.applied,
+            "refused_contract": self.materializer.refused_contract,
+            "rows": len(self.store),
+        }
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker gone or unreachable: keep the values, retry
+                self.connected = False
+                log.warning(
+                    "feature replica: %s unreachable (%s); serving the last values, retrying in %.1fs",
+                    self._kafka.bootstrap,
+                    exc,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff_s)
+            else:
+                backoff = 0.2
+
+    async def _follow(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._kafka.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+            client_id="authopt-feature-replica",
+            **self._kafka.client_options(),
+        )
+        await consumer.start()
+        try:
+            partitions = await self._partitions(consumer)
+            tps = [TopicPartition(self._topic, p) for p in partitions]
+            consumer.assign(tps)
+            positions = {tp: self._positions.get(tp.partition, 0) for tp in tps}
+            for tp, offset in positions.items():
+                consumer.seek(tp, offset)
+            self.connected = True
+            if not self.ready.is_set():
+                ends = await consumer.end_offsets(tps)
+                targets = {tp: end for tp, end in ends.items() if end > positions[tp]}
+                log.info("feature replica: catching up on %d partition(s) of %s", len(tps), self._topic)
+            else:
+                targets = {}
+            if not targets:
+                self._mark_ready()
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+                apply = self.materializer.apply_bytes
+                for tp, records in batches.items():
+                    for record in records:
+                        if record.value is not None:
+                            apply(record.value)
+                    self._positions[tp.partition] = records[-1].offset + 1
+                if batches:
+                    self.last_applied_at = time.time()
+                if targets:
+                    for tp in list(targets):
+                        if await consumer.position(tp) >= targets[tp]:
+                            del targets[tp]
+                    if not targets:
+                        self._mark_ready()
+        finally:
+            self.connected = False
+            await consumer.stop()
+
+    async def _partitions(self, consumer: Any) -> list[int]:
+        for _ in range(20):
+            parts = consumer.partitions_for_topic(self._topic)
+            if parts:
+                return sorted(parts)
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public refresh
+            await asyncio.sleep(0.1)
+        # No worker has created the topic yet: there is nothing to catch up on, so the server may
+        # serve (from the fallback) while we keep looking.
+        self._mark_ready()
+        raise RuntimeError(f"topic {self._topic} does not exist yet (is a streams worker running?)")
+
+    def _mark_ready(self) -> None:
+        if not self.ready.is_set():
+            log.info(
+                "feature replica: caught up (%d snapshots, %d rows)", self.materializer.applied, len(self.store)
+            )
+            self.ready.set()
