@@ -474,10 +474,10 @@ def test_pan_is_checked_before_anything_else() -> None:
 
 
 def test_find_card_number_walks_maps_and_nested_messages() -> None:
-    snapshot = events_pb2.FeatureSnapshot(entity="route", key="acq-a", values={"approval_rate": 0.9})
+    snapshot = events_pb2.FeatureSnapshot(entity="route", key="acq-a", sums={"approved_1h": 0.9})
     assert find_card_number(snapshot) is None
-    snapshot.values[PAN] = 1.0
-    assert find_card_number(snapshot) == "values[<key>]"
+    snapshot.sums[PAN] = 1.0
+    assert find_card_number(snapshot) == "sums[<key>]"
     event = events_pb2.AttemptEvent(outcome=make_outcome(), producer="replica-1")
     assert find_card_number(event) is None
     event.outcome.attempt.card.fingerprint = PAN
