@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic_settings import BaseSettings
 
 from server.settings import ServerSettings
+from streams.kafka import KafkaSettings
+from streams.worker import WorkerSettings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
@@ -26,13 +28,19 @@ def table(cls: type[BaseSettings]) -> str:
         alias = field.validation_alias
         env = getattr(alias, "choices", [None])[0] if alias is not None else f"{prefix}{name.upper()}"
         default = field.default
+        if hasattr(default, "get_secret_value"):
+            default = default.get_secret_value()
         shown = "—" if default in (None, "", ()) else f"`{default}`"
         rows.append(f"| `{env}` | {shown} | {field.description or ''} |")
     return "\n".join(rows)
 
 
 def render() -> str:
-    return f"{BEGIN}\n### `authopt serve`\n\n{table(ServerSettings)}\n{END}"
+    return (
+        f"{BEGIN}\n### `authopt serve`\n\n{table(ServerSettings)}\n\n"
+        f"### `authopt worker`\n\n{table(WorkerSettings)}\n\n"
+        f"### Kafka (every process)\n\n{table(KafkaSettings)}\n{END}"
+    )
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ from server import policy, validation
 from server.batcher import BatcherConfig, MicroBatcher
 from server.decision import DecisionEngine, EngineConfig
 from server.features import FeatureStore, InMemoryFeatureStore
+from streams.kafka import KafkaSettings
+from streams.replica import FeatureReplica
 from server.idempotency import IdempotencyCache, make_cache
 from server.models import ModelRegistry, resolve_device
 from server.publisher import OutcomePublisher, make_publisher
@@ -50,8 +52,10 @@ class AuthoptServer:
     features: FeatureStore
     metrics: Metrics
     metrics_http: Any = None  # the Prometheus HTTP server, when enabled
+    replica: FeatureReplica | None = None  # follows authopt.features.v1 into `features`
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _draining: bool = False
 
     async def start(self) -> None:
         """Load the model (if any), start the batcher and the model watcher, then serve."""
@@ -59,7 +63,19 @@ class AuthoptServer:
         await self.batcher.start()
         self._tasks.append(asyncio.create_task(self.registry.run(), name="model-watcher"))
         await self.grpc_server.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.replica is None:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        else:
+            # Answer from the start (fallbacks say why), but report ready only once the replica has
+            # caught up with the features that exist, so a rollout never routes traffic to a cold pod.
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.replica.start()
+            self._tasks.append(asyncio.create_task(self._serving_when_caught_up(self.replica), name="readiness"))
+
+    async def _serving_when_caught_up(self, replica: FeatureReplica) -> None:
+        await replica.ready.wait()
+        if not self._draining:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -70,9 +86,12 @@ class AuthoptServer:
         if self._stopped.is_set():
             return
         grace = self.settings.grace_period_s if grace is None else grace
+        self._draining = True
         log.info("draining: health NOT_SERVING, finishing in-flight RPCs within %.1fs", grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.stop(grace)
+        if self.replica is not None:
+            await self.replica.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -159,7 +178,14 @@ async def create_server(
         on_batch=on_batch,
         inline_when=(lambda: _inline_auto(registry)) if settings.inference_executor == "auto" else None,
     )
-    store = features if features is not None else InMemoryFeatureStore()
+    replica: FeatureReplica | None = None
+    if features is not None:
+        store: FeatureStore = features
+    else:
+        memory = InMemoryFeatureStore()
+        store = memory
+        if settings.kafka_bootstrap and settings.feature_replica:
+            replica = FeatureReplica(KafkaSettings(bootstrap=settings.kafka_bootstrap), memory)
     routes = tuple(policy.Candidate(r.id, r.cost_bps, r.fixed_fee_minor) for r in settings.routes)
     engine = DecisionEngine(
         EngineConfig(settings.exploration_rate, settings.feature_max_age_s, routes),
@@ -213,7 +239,7 @@ async def create_server(
             settings.metrics_port, addr=settings.host, registry=metrics.registry
         )
     built = AuthoptServer(
-        server, settings, health_servicer, registry, batcher, pub, store, metrics, metrics_http
+        server, settings, health_servicer, registry, batcher, pub, store, metrics, metrics_http, replica
     )
     return built, port
 

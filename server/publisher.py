@@ -16,10 +16,10 @@ from opentelemetry.propagate import inject
 
 from authopt.v1 import events_pb2
 from server.errors import Unavailable
+from streams.kafka import ATTEMPTS_TOPIC, KafkaSettings
 
 __all__ = ["ATTEMPTS_TOPIC", "KafkaPublisher", "OutcomePublisher", "UnconfiguredPublisher", "make_publisher"]
 
-ATTEMPTS_TOPIC = "authopt.attempts.v1"
 log = logging.getLogger(__name__)
 
 
@@ -48,8 +48,16 @@ class UnconfiguredPublisher:
 class KafkaPublisher:
     """aiokafka producer with acks=all; records keyed by card fingerprint, trace context in headers."""
 
-    def __init__(self, bootstrap: str, *, topic: str = ATTEMPTS_TOPIC, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        topic: str = ATTEMPTS_TOPIC,
+        timeout_s: float = 5.0,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         self._bootstrap = bootstrap
+        self._client_options = client_options or {}
         self._topic = topic
         self._timeout_s = timeout_s
         self._producer: Any = None
@@ -65,6 +73,7 @@ class KafkaPublisher:
                     acks="all",
                     request_timeout_ms=int(self._timeout_s * 1000),
                     client_id="authopt-server",
+                    **self._client_options,
                 )
                 try:
                     await producer.start()
@@ -115,4 +124,7 @@ class KafkaPublisher:
 
 def make_publisher(bootstrap: str, timeout_s: float) -> OutcomePublisher:
     """KafkaPublisher when a bootstrap is configured, else the refusing UnconfiguredPublisher."""
-    return KafkaPublisher(bootstrap, timeout_s=timeout_s) if bootstrap else UnconfiguredPublisher()
+    if not bootstrap:
+        return UnconfiguredPublisher()
+    options = KafkaSettings(bootstrap=bootstrap).client_options()
+    return KafkaPublisher(bootstrap, timeout_s=timeout_s, client_options=options)

@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from importlib import resources
 from pathlib import Path
 from typing import IO
 
-__all__ = ["LocalBroker", "broker_binary", "free_port", "start_broker"]
+__all__ = [
+    "LocalBroker",
+    "LocalWorker",
+    "broker_binary",
+    "free_port",
+    "start_broker",
+    "start_worker",
+    "stop_process",
+]
 
 
 class BrokerError(RuntimeError):
@@ -62,16 +71,14 @@ class LocalBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout_s`."""
         try:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout_s)
+            stop_process(self.process, timeout_s)
         finally:
             if self.log is not None:
                 self.log.close()
@@ -81,6 +88,71 @@ class LocalBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 5.0) -> int:
+    """Stop a child by its PID: SIGTERM, SIGKILL after `timeout_s`; returns its exit status.
+
+    A Faust worker whose broker is gone, or that is stopped mid-rebalance, can ignore SIGTERM
+    (see the local-kafka note), hence the SIGKILL. Never call this from a signal handler.
+    """
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout_s)
+    return int(process.returncode)
+
+
+@dataclass
+class LocalWorker:
+    """A running `authopt worker` process (stop it before its broker)."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        return stop_process(self.process, timeout_s)
+
+    def __enter__(self) -> LocalWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_worker(
+    bootstrap: str,
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    local_broker: bool = True,
+) -> LocalWorker:
+    """Start `authopt worker` against `bootstrap` in a new process; its output goes to `log_path`."""
+    full_env = {
+        **os.environ,
+        "AUTHOPT_KAFKA_BOOTSTRAP": bootstrap,
+        "AUTHOPT_WORKER_LOCAL_BROKER": "true" if local_broker else "false",
+        **(env or {}),
+    }
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "authopt.cli", "worker"],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return LocalWorker(proc, log_path)
 
 
 def _accepting(host: str, port: int) -> bool:

@@ -30,6 +30,10 @@ __all__ = ["FeatureReplica", "Materializer"]
 log = logging.getLogger(__name__)
 
 
+class _TopicMissing(Exception):
+    """The features topic does not exist yet (no worker has run)."""
+
+
 class Materializer:
     """Applies FeatureSnapshots to a store: merge an entity's partitions, evaluate, put the row."""
 
@@ -130,6 +134,8 @@ class FeatureReplica:
                 await self._follow()
             except asyncio.CancelledError:
                 raise
+            except _TopicMissing:
+                await asyncio.sleep(0.5)
             except Exception as exc:  # broker gone or unreachable: keep the values, retry
                 self.connected = False
                 log.warning(
@@ -201,8 +207,10 @@ class FeatureReplica:
             await asyncio.sleep(0.1)
         # No worker has created the topic yet: there is nothing to catch up on, so the server may
         # serve (from the fallback) while we keep looking.
+        if not self.ready.is_set():
+            log.info("feature replica: %s does not exist yet; ready with no features, still looking", self._topic)
         self._mark_ready()
-        raise RuntimeError(f"topic {self._topic} does not exist yet (is a streams worker running?)")
+        raise _TopicMissing(self._topic)
 
     def _mark_ready(self) -> None:
         if not self.ready.is_set():

@@ -1,0 +1,270 @@
+"""`authopt worker`: the Faust app that turns attempt outcomes into feature snapshots.
+
+One agent consumes `authopt.attempts.v1` in batches (`stream.take_events`), groups each batch by
+partition and folds it into entity states with streams.processor. The states live in a Faust table
+whose changelog *is* the compacted topic `authopt.features.v1`: one write per changed entity per
+batch is at once the worker's recovery log and the snapshot the server replicas read. A batch
+closes after `publish_interval_s` (or `batch_max` events), so each entity is published at most once
+per batch. Its events are acknowledged (and later committed) only after its snapshots and dead
+letters have been handed to the producer; events replayed after a crash or rebalance are recognised
+by event id and change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.kafka import ATTEMPTS_TOPIC, DLQ_TOPIC, FEATURES_TOPIC, KafkaSettings
+from streams.processor import DEFAULT_LATENESS_S, DEFAULT_MAX_FUTURE_S, FeatureProcessor
+
+__all__ = ["WorkerSettings", "WorkerStats", "make_app", "run_worker"]
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("authopt.streams")
+_MAX_LINKS = 128  # OpenTelemetry's default span link limit
+
+
+class WorkerSettings(BaseSettings):
+    """Settings of `authopt worker`. Environment: `AUTHOPT_WORKER_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTHOPT_WORKER_", frozen=True, extra="forbid")
+
+    app_id: str = Field("authopt-features", description="Faust app id: the consumer group")
+    partitions: int = Field(
+        4, ge=1, le=1024, description="partitions of the attempts and features topics (created if missing)"
+    )
+    replication_factor: int = Field(1, ge=1, le=16, description="replication of the topics the worker creates")
+    store: Literal["memory://", "rocksdb://"] = Field(
+        "memory://", description="table store: memory (rebuilt from the topic) or RocksDB on disk"
+    )
+    data_dir: Path = Field(Path("/tmp/authopt-worker"), description="Faust data directory (RocksDB files)")
+    batch_max: int = Field(5000, ge=1, le=100_000, description="most events folded per batch")
+    publish_interval_s: float = Field(
+        0.25, gt=0, le=60, description="a batch closes after this long: at most one snapshot per entity per batch"
+    )
+    lateness_s: float = Field(
+        DEFAULT_LATENESS_S, gt=0, description="events older than this before their receipt go to the DLQ"
+    )
+    max_future_s: float = Field(
+        DEFAULT_MAX_FUTURE_S, ge=0, description="events newer than this after their receipt go to the DLQ"
+    )
+    stats_interval_s: float = Field(10.0, gt=0, description="how often the worker logs its counters")
+    local_broker: bool = Field(
+        False, description="apply the local Tansu broker accommodations (streams.local_kafka)"
+    )
+
+
+@dataclass
+class WorkerStats:
+    """Counters since start (logged every stats_interval_s)."""
+
+    applied: int = 0
+    duplicates: int = 0
+    snapshots: int = 0
+    batches: int = 0
+    dead: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        rate = self.applied / max(time.monotonic() - self.started, 1e-9)
+        dead = ", ".join(f"{k}={v}" for k, v in sorted(self.dead.items())) or "none"
+        return (
+            f"worker: {self.applied} events applied ({rate:.0f}/s since start), "
+            f"{self.duplicates} duplicates ignored, {self.snapshots} snapshots in {self.batches} batches, "
+            f"dead-lettered: {dead}"
+        )
+
+
+def _links(events: Sequence[Any]) -> list[trace.Link]:
+    links: list[trace.Link] = []
+    propagator = TraceContextTextMapPropagator()
+    for event in events:
+        headers = event.headers
+        if not headers:
+            continue
+        items = headers.items() if hasattr(headers, "items") else headers
+        carrier = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in items}
+        if "traceparent" not in carrier:
+            continue
+        ctx = trace.get_current_span(propagator.extract(carrier)).get_span_context()
+        if ctx.is_valid:
+            links.append(trace.Link(ctx))
+            if len(links) >= _MAX_LINKS:
+                break
+    return links
+
+
+def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, WorkerStats]:
+    """Build the Faust app (not started); returns it and its live counters."""
+    import faust
+    from faust.streams import _current_event
+
+    if not kafka.bootstrap:
+        raise ValueError("AUTHOPT_KAFKA_BOOTSTRAP is empty: the worker needs a Kafka to consume from")
+    extra: dict[str, Any] = {}
+    if settings.local_broker:
+        from streams.local_kafka import FAUST_SETTINGS, apply_client_patches
+
+        apply_client_patches()
+        extra.update(FAUST_SETTINGS)
+    credentials: Any = None
+    if kafka.security_protocol.startswith("SASL"):
+        credentials = faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value(),
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=kafka.ssl_context(),
+        )
+    elif kafka.security_protocol == "SSL":
+        credentials = faust.SSLCredentials(kafka.ssl_context())
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{host.strip()}" for host in kafka.bootstrap.split(",")],
+        broker_credentials=credentials,
+        store=settings.store,
+        datadir=str(settings.data_dir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        autodiscover=False,
+        **extra,
+    )
+    attempts = app.topic(
+        ATTEMPTS_TOPIC,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        internal=True,  # created with our partition count when missing
+    )
+    features = app.topic(
+        FEATURES_TOPIC,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        compacting=True,
+        internal=True,
+    )
+    dlq = app.topic(
+        DLQ_TOPIC,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        internal=True,
+    )
+    states = app.Table(
+        "feature-state",
+        partitions=settings.partitions,
+        changelog_topic=features,
+        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+    )
+    processor = FeatureProcessor(states, lateness_s=settings.lateness_s, max_future_s=settings.max_future_s)
+    stats = WorkerStats()
+
+    def write(key: bytes, value: bytes) -> None:
+        states[key] = value
+
+    async def handle(events: Sequence[Any]) -> None:
+        by_partition: dict[int, list[Any]] = {}
+        for event in events:
+            by_partition.setdefault(event.message.partition, []).append(event)
+        deliveries = []
+        for partition, part in by_partition.items():
+            # Table writes go to the changelog partition of Faust's "current event"; a batch mixes
+            # partitions, so make one of this partition's events current while writing its states.
+            token = _current_event.set(weakref.ref(part[-1]))
+            try:
+                with tracer.start_as_current_span(
+                    "authopt.features.update",
+                    links=_links(part),
+                    attributes={"messaging.kafka.partition": partition, "authopt.events": len(part)},
+                ) as span:
+                    result = processor.process(partition, [e.value for e in part], write)
+                    span.set_attribute("authopt.snapshots", len(result.snapshots))
+                    span.set_attribute("authopt.dead_letters", len(result.dead))
+            finally:
+                _current_event.reset(token)
+            stats.applied += len(result.applied)
+            stats.duplicates += result.duplicates
+            stats.snapshots += len(result.snapshots)
+            for dead in result.dead:
+                event = part[dead.index]
+                stats.dead[dead.reason.value] += 1
+                log.warning(
+                    "dead letter %s at %s/%d/%d: %s",
+                    dead.reason.value,
+                    ATTEMPTS_TOPIC,
+                    partition,
+                    event.message.offset,
+                    dead.detail,
+                )
+                deliveries.append(
+                    await dlq.send(
+                        key=event.key,
+                        value=event.value,
+                        headers=[
+                            ("authopt-dlq-reason", dead.reason.value.encode()),
+                            ("authopt-dlq-detail", dead.detail.encode()),
+                            (
+                                "authopt-dlq-source",
+                                f"{ATTEMPTS_TOPIC}/{partition}/{event.message.offset}".encode(),
+                            ),
+                        ],
+                    )
+                )
+        stats.batches += 1
+        if deliveries:  # a dead letter is never dropped: its event is acked only once it is stored
+            await asyncio.gather(*deliveries)
+
+    @app.agent(attempts, name="update-features", concurrency=1)
+    async def update_features(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.publish_interval_s):
+            await handle(events)
+
+    @app.timer(settings.stats_interval_s)
+    async def log_stats() -> None:
+        log.info("%s", stats.line())
+
+    return app, stats
+
+
+def run_worker(settings: WorkerSettings, kafka: KafkaSettings, *, loglevel: str = "info") -> None:
+    """Run the worker until SIGTERM/SIGINT (blocking)."""
+    from faust.worker import Worker
+
+    app, stats = make_app(settings, kafka)
+    log.info(
+        "authopt worker: %s -> %s (%d partitions, store %s, batch <= %d events / %.2fs)%s",
+        ATTEMPTS_TOPIC,
+        FEATURES_TOPIC,
+        settings.partitions,
+        settings.store,
+        settings.batch_max,
+        settings.publish_interval_s,
+        ", local broker accommodations on" if settings.local_broker else "",
+    )
+    worker = Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        log.info("%s", stats.line())
