@@ -44,6 +44,10 @@ class Materializer:
         self.applied = 0
         self.refused_contract = 0
 
+    def events_for(self, entity: Entity, key: str) -> int:
+        """Events behind an entity's values, over every source partition (0 when unknown)."""
+        return sum(s.events for s in self._partials.get((entity, key), {}).values())
+
     def apply_bytes(self, raw: bytes) -> None:
         snap = events_pb2.FeatureSnapshot()
         snap.ParseFromString(raw)
@@ -86,6 +90,7 @@ class FeatureReplica:
         *,
         topic: str = FEATURES_TOPIC,
         max_backoff_s: float = 10.0,
+        probe_after_s: float = 2.0,
     ) -> None:
         self._kafka = kafka
         self._topic = topic
@@ -95,6 +100,7 @@ class FeatureReplica:
         self.connected = False
         self.last_applied_at: float | None = None  # wall clock of the last snapshot applied
         self._max_backoff_s = max_backoff_s
+        self._probe_after_s = probe_after_s
         self._task: asyncio.Task[None] | None = None
         self._positions: dict[int, int] = {}
 
@@ -178,8 +184,16 @@ class FeatureReplica:
                 targets = {}
             if not targets:
                 self._mark_ready()
+            quiet_since = time.monotonic()
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+                if not batches and time.monotonic() - quiet_since > self._probe_after_s:
+                    # aiokafka retries a lost broker forever without raising: probe it, so that
+                    # `connected` tells the truth and the loop reconnects with backoff.
+                    await self._probe(consumer)
+                    quiet_since = time.monotonic()
+                elif batches:
+                    quiet_since = time.monotonic()
                 apply = self.materializer.apply_bytes
                 for tp, records in batches.items():
                     for record in records:
@@ -197,6 +211,14 @@ class FeatureReplica:
         finally:
             self.connected = False
             await consumer.stop()
+
+    async def _probe(self, consumer: Any) -> None:
+        try:
+            ok = await asyncio.wait_for(consumer._client.force_metadata_update(), self._probe_after_s)  # noqa: SLF001
+        except TimeoutError:
+            ok = False
+        if not ok:
+            raise ConnectionError("no metadata answer from the broker")
 
     async def _partitions(self, consumer: Any) -> list[int]:
         for _ in range(20):

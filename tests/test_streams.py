@@ -1,0 +1,210 @@
+"""Streams through the real local broker: worker process + replica vs the offline replay.
+
+Each test starts its own Tansu broker (in memory, 127.0.0.1, a free port) and `authopt worker`
+processes, and stops them worker first, broker last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
+from server import ServerSettings, create_server
+from streams.broker import LocalBroker, LocalWorker, start_broker, start_worker
+from streams.contract import Entity
+from streams.kafka import ATTEMPTS_TOPIC, DLQ_TOPIC, KafkaSettings
+from streams.replay import replay_final
+from streams.replica import FeatureReplica
+from streams.store import InMemoryFeatureStore
+from tests.conftest import make_request
+from tests.events import T0, event, random_events
+
+pytestmark = pytest.mark.timeout(240)
+
+WorkerFactory = Callable[..., LocalWorker]
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalBroker]:
+    with start_broker() as b:
+        yield b
+
+
+@pytest.fixture
+def workers(broker: LocalBroker, tmp_path: Path) -> Iterator[WorkerFactory]:
+    started: list[LocalWorker] = []
+
+    def factory(**env: str) -> LocalWorker:
+        w = start_worker(
+            broker.bootstrap,
+            tmp_path / f"worker-{len(started)}.log",
+            env={"AUTHOPT_WORKER_PUBLISH_INTERVAL_S": "0.1", "AUTHOPT_WORKER_STATS_INTERVAL_S": "1", **env},
+        )
+        started.append(w)
+        return w
+
+    yield factory
+    for w in started:  # workers before the broker (the broker fixture is torn down after this one)
+        w.stop(timeout_s=10)
+
+
+async def produce(bootstrap: str, records: list[bytes], headers: list[tuple[str, bytes]] | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for raw in records:
+            try:
+                key = events_pb2.AttemptEvent.FromString(raw).outcome.attempt.card.fingerprint.encode()
+            except Exception:
+                key = b"garbage"
+            await producer.send(ATTEMPTS_TOPIC, raw, key=key, headers=headers or [])
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def _route_events(replica: FeatureReplica) -> int:
+    return sum(replica.materializer.events_for(Entity.ROUTE, r) for r in ("acq-a", "acq-b", "acq-c"))
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def assert_same_rows(online: InMemoryFeatureStore, offline: InMemoryFeatureStore) -> None:
+    a, b = online.rows(), offline.rows()
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
+    for key, row in b.items():
+        assert a[key].as_of == pytest.approx(row.as_of, abs=1e-6), key
+        assert dict(a[key].values) == pytest.approx(dict(row.values), rel=1e-9, abs=1e-9), key
+
+
+async def test_parity_dead_letters_and_duplicates(broker: LocalBroker, workers: WorkerFactory) -> None:
+    evs = random_events(600, seed=11)
+    records = [e.SerializeToString() for e in evs]
+    records += records[100:130]  # a caller reporting 30 outcomes twice
+    bad = [
+        b"\x0a\xff\xff\xff",  # undecodable
+        event("neg", T0, amount_minor=-1).SerializeToString(),
+        event("late", T0 - 7200, received_at=T0).SerializeToString(),
+        event("future", T0 + 7200, received_at=T0).SerializeToString(),
+    ]
+    records[200:200] = bad
+    worker = workers()
+    await produce(broker.bootstrap, records)
+
+    store = InMemoryFeatureStore()
+    replica = FeatureReplica(KafkaSettings(bootstrap=broker.bootstrap), store)
+    replica.start()
+    try:
+        await wait_for(lambda: _route_events(replica) >= 600, 90, "600 events in the replica")
+        await asyncio.sleep(1.0)  # anything more (double counting) would arrive by now
+        assert _route_events(replica) == 600  # 600 distinct valid events; duplicates and bad ones add nothing
+        assert_same_rows(store, replay_final(records))
+    finally:
+        await replica.stop()
+
+    dead = await consume(broker.bootstrap, DLQ_TOPIC, 4)
+    reasons = sorted(dict(h)["authopt-dlq-reason"].decode() for _, h in dead)
+    assert reasons == ["EVENT_IN_FUTURE", "EVENT_TOO_LATE", "NEGATIVE_AMOUNT", "UNDECODABLE"]
+    assert sorted(v for v, _ in dead) == sorted(bad)  # the original bytes, untouched
+    await wait_for(lambda: "duplicates ignored" in worker.log_text(), 10, "a stats line")
+    assert worker.process.poll() is None  # bad input never crashed it
+
+
+async def consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    out: list[tuple[bytes, list[tuple[str, bytes]]]] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(out) < n:
+                for recs in (await consumer.getmany(timeout_ms=300)).values():
+                    out += [(r.value, list(r.headers)) for r in recs]
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_restart_after_a_crash_does_not_double_count(broker: LocalBroker, workers: WorkerFactory) -> None:
+    first = [e.SerializeToString() for e in random_events(300, seed=21)]
+    second = [e.SerializeToString() for e in random_events(200, seed=22, start=T0 + 7200)]
+    w1 = workers()
+    await produce(broker.bootstrap, first)
+    store = InMemoryFeatureStore()
+    replica = FeatureReplica(KafkaSettings(bootstrap=broker.bootstrap), store)
+    replica.start()
+    try:
+        await wait_for(lambda: _route_events(replica) >= 300, 90, "the first 300 events")
+        w1.process.kill()  # a crash: whatever it had not committed is processed again by the next one
+        w1.process.wait(10)
+        workers()
+        await produce(broker.bootstrap, second + first[:50])  # and a caller re-sending 50 old reports
+        await wait_for(lambda: _route_events(replica) >= 500, 120, "all 500 events after the restart")
+        await asyncio.sleep(1.5)
+        assert _route_events(replica) == 500
+        assert_same_rows(store, replay_final(first + second))
+    finally:
+        await replica.stop()
+
+
+async def test_server_ready_only_after_the_replica_caught_up(
+    broker: LocalBroker, workers: WorkerFactory, model_dir: Path
+) -> None:
+    records = [e.SerializeToString() for e in random_events(400, seed=31, start=time.time() - 600, span_s=540)]
+    w = workers()
+    await produce(broker.bootstrap, records)
+    probe = InMemoryFeatureStore()
+    follower = FeatureReplica(KafkaSettings(bootstrap=broker.bootstrap), probe)
+    follower.start()
+    await wait_for(lambda: _route_events(follower) >= 400, 90, "the worker to publish")
+    await follower.stop()
+    w.stop()
+
+    settings = ServerSettings(
+        port=0, host="127.0.0.1", kafka_bootstrap=broker.bootstrap, exploration_rate=0.0, model_dir=model_dir
+    )
+    server, port = await create_server(settings)
+    assert server.replica is not None
+    statuses: list[int] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        await server.start()
+        try:
+            # Not ready before the replica has read the topic (the server answers, from fallbacks).
+            first = await server.health.Check(health_pb2.HealthCheckRequest(), None)  # type: ignore[arg-type]
+            assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            while True:
+                status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
+                statuses.append(status)
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.02)
+            # SERVING means caught up: every row the topic holds is already in memory.
+            assert_same_rows(server.replica.store, replay_final(records))
+            stub = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(channel)
+            resp = await stub.Recommend(make_request(), timeout=5)
+            # the replica's route features are fresh enough for the model to decide
+            assert resp.feature_age_ms > 0 and resp.decision_source == optimizer_pb2.DECISION_SOURCE_MODEL
+
+            # Broker gone: the replica keeps the last values and the server keeps answering from them.
+            rows = len(server.replica.store)
+            broker.stop()
+            await wait_for(lambda: not server.replica.connected, 20, "the replica to notice the broker is gone")
+            assert len(server.replica.store) == rows
+            again = await stub.Recommend(make_request("req-2"), timeout=5)
+            assert again.feature_age_ms >= resp.feature_age_ms
+        finally:
+            await server.stop(grace=0.5)
