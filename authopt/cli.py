@@ -92,10 +92,11 @@ def recommend(request_json: str | None, target: str, timeout_s: float) -> None:
     click.echo(json_format.MessageToJson(resp, preserving_proto_field_name=True))
 
 
-
 @main.command()
 @click.option("--bootstrap", help="Kafka bootstrap servers [env AUTHOPT_KAFKA_BOOTSTRAP].")
-@click.option("--partitions", type=int, help="Topic partitions to create [env AUTHOPT_WORKER_PARTITIONS, default 4].")
+@click.option(
+    "--partitions", type=int, help="Topic partitions to create [env AUTHOPT_WORKER_PARTITIONS, default 4]."
+)
 @click.option(
     "--store",
     type=click.Choice(["memory://", "rocksdb://"]),
@@ -106,7 +107,9 @@ def recommend(request_json: str | None, target: str, timeout_s: float) -> None:
     default=None,
     help="Apply the local Tansu broker accommodations [env AUTHOPT_WORKER_LOCAL_BROKER, default off].",
 )
-def worker(bootstrap: str | None, partitions: int | None, store: str | None, local_broker: bool | None) -> None:
+def worker(
+    bootstrap: str | None, partitions: int | None, store: str | None, local_broker: bool | None
+) -> None:
     """Run the streams worker: attempt outcomes in, feature snapshots out, until SIGTERM/SIGINT.
 
     Consumes authopt.attempts.v1 and publishes authopt.features.v1 (compacted); bad records go to
@@ -118,12 +121,16 @@ def worker(bootstrap: str | None, partitions: int | None, store: str | None, loc
     from streams.worker import WorkerSettings, run_worker
 
     overrides = {
-        k: v for k, v in {"partitions": partitions, "store": store, "local_broker": local_broker}.items() if v is not None
+        k: v
+        for k, v in {"partitions": partitions, "store": store, "local_broker": local_broker}.items()
+        if v is not None
     }
     settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
     kafka = KafkaSettings(**({"bootstrap": bootstrap} if bootstrap else {}))  # type: ignore[arg-type]
     if not kafka.bootstrap:
-        raise click.UsageError("no Kafka: pass --bootstrap or set AUTHOPT_KAFKA_BOOTSTRAP (see `authopt broker`)")
+        raise click.UsageError(
+            "no Kafka: pass --bootstrap or set AUTHOPT_KAFKA_BOOTSTRAP (see `authopt broker`)"
+        )
     provider = configure_tracing("authopt-worker")
     try:
         run_worker(settings, kafka)

@@ -26,6 +26,23 @@ from streams.contract import (
     decline_class,
 )
 
+__all__ = [
+    "ATTEMPT_FEATURES",
+    "DECLINE_CLASSES",
+    "DELAY_BUCKETS_S",
+    "INPUT_LAYOUT",
+    "LAYOUT_VERSION",
+    "ROUTE_FEATURES",
+    "AttemptContext",
+    "Rows",
+    "attempt_vector",
+    "decline_class",
+    "encode_flat",
+    "encode_rows",
+    "layout_features",
+    "route_vector",
+]
+
 LAYOUT_VERSION = "1"
 
 # Retry delay buckets (seconds) of the model's retry head: output column 1 + b is P(approve) if the

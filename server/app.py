@@ -23,14 +23,14 @@ from server import policy, validation
 from server.batcher import BatcherConfig, MicroBatcher
 from server.decision import DecisionEngine, EngineConfig
 from server.features import FeatureStore, InMemoryFeatureStore
-from streams.kafka import KafkaSettings
-from streams.replica import FeatureReplica
 from server.idempotency import IdempotencyCache, make_cache
 from server.models import ModelRegistry, resolve_device
 from server.publisher import OutcomePublisher, make_publisher
 from server.service import OptimizerService
 from server.settings import ServerSettings
 from server.telemetry import Metrics
+from streams.kafka import KafkaSettings
+from streams.replica import FeatureReplica
 
 __all__ = ["AuthoptServer", "configure_process", "create_server", "freeze_heap", "serve"]
 
@@ -70,7 +70,9 @@ class AuthoptServer:
             # caught up with the features that exist, so a rollout never routes traffic to a cold pod.
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             self.replica.start()
-            self._tasks.append(asyncio.create_task(self._serving_when_caught_up(self.replica), name="readiness"))
+            self._tasks.append(
+                asyncio.create_task(self._serving_when_caught_up(self.replica), name="readiness")
+            )
 
     async def _serving_when_caught_up(self, replica: FeatureReplica) -> None:
         await replica.ready.wait()
@@ -185,7 +187,7 @@ async def create_server(
         memory = InMemoryFeatureStore()
         store = memory
         if settings.kafka_bootstrap and settings.feature_replica:
-            replica = FeatureReplica(KafkaSettings(bootstrap=settings.kafka_bootstrap), memory)
+            replica = FeatureReplica(KafkaSettings.for_bootstrap(settings.kafka_bootstrap), memory)
     routes = tuple(policy.Candidate(r.id, r.cost_bps, r.fixed_fee_minor) for r in settings.routes)
     engine = DecisionEngine(
         EngineConfig(settings.exploration_rate, settings.feature_max_age_s, routes),

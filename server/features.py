@@ -1,8 +1,9 @@
 """The server's view of rolling features: a FeatureStore read on the hot path, never the network.
 
 The streams replica (streams.replica, the authopt.features.v1 consumer) fills an
-InMemoryFeatureStore; tests fill one directly. A missing entity is normal (a new card, a new issuer): the contract defaults apply. What
-makes a decision fall back is missing or stale *route* features, the signal the model depends on.
+InMemoryFeatureStore; tests fill one directly. A missing entity is normal (a new card, a new
+issuer): the contract defaults apply. What makes a decision fall back is missing or stale *route*
+features, the signal the model depends on.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from authopt.v1 import attempt_pb2
 from model.layout import AttemptContext, Rows

@@ -126,5 +126,5 @@ def make_publisher(bootstrap: str, timeout_s: float) -> OutcomePublisher:
     """KafkaPublisher when a bootstrap is configured, else the refusing UnconfiguredPublisher."""
     if not bootstrap:
         return UnconfiguredPublisher()
-    options = KafkaSettings(bootstrap=bootstrap).client_options()
+    options = KafkaSettings.for_bootstrap(bootstrap).client_options()
     return KafkaPublisher(bootstrap, timeout_s=timeout_s, client_options=options)

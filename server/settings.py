@@ -67,12 +67,12 @@ class ServerSettings(BaseSettings):
     kafka_bootstrap: str = Field(
         "",
         validation_alias=AliasChoices("AUTHOPT_KAFKA_BOOTSTRAP", "AUTHOPT_SERVER_KAFKA_BOOTSTRAP"),
-        description="Kafka bootstrap servers (outcomes out, features in); empty: ReportOutcome answers UNAVAILABLE",
+        description="Kafka bootstrap (outcomes out, features in); empty: ReportOutcome answers UNAVAILABLE",
     )
     kafka_publish_timeout_s: float = Field(5.0, gt=0, description="how long ReportOutcome waits for acks")
     feature_replica: bool = Field(
         True,
-        description="with a Kafka bootstrap: follow authopt.features.v1 into memory; NOT_SERVING until caught up",
+        description="with Kafka: follow authopt.features.v1 into memory; NOT_SERVING until caught up",
     )
     grace_period_s: float = Field(10.0, ge=0, description="drain time on SIGTERM; below the pod's grace")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus port; -1 off, 0 a free one")

@@ -45,13 +45,13 @@ __all__ = [
     "Recent",
     "aggregate_updates",
     "amount_key",
-    "epoch_s",
-    "recent_entry",
     "card_amount_rows",
+    "epoch_s",
     "evaluate",
-    "merge",
-    "to_snapshot",
     "from_snapshot",
+    "merge",
+    "recent_entry",
+    "to_snapshot",
 ]
 
 _MIN, _HOUR, _DAY = 60, 3600, 86400
@@ -61,11 +61,31 @@ MAX_RECENT = 64  # per card x merchant; the strictest network limit counts 15 re
 
 # Upper edges (ms) of the route latency histogram buckets; the last bucket is open-ended.
 LATENCY_EDGES_MS: tuple[float, ...] = (
-    25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000,
+    25,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    400,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+    3000,
+    5000,
+    10000,
 )
-_LATENCY_NAMES = tuple(f"latency_le_{int(e)}" for e in LATENCY_EDGES_MS) + ("latency_inf",)
+_LATENCY_NAMES = (*(f"latency_le_{int(e)}" for e in LATENCY_EDGES_MS), "latency_inf")
 
-_ISSUER_SHARES = {"51": "declined_51_1h", "05": "declined_05_1h", "91": "declined_91_96_1h", "96": "declined_91_96_1h"}
+_ISSUER_SHARES = {
+    "51": "declined_51_1h",
+    "05": "declined_05_1h",
+    "91": "declined_91_96_1h",
+    "96": "declined_91_96_1h",
+}
 
 
 def _rate_accumulators(*tags: str) -> dict[str, float]:
@@ -310,7 +330,9 @@ def evaluate(entity: Entity, state: EntityState) -> dict[str, float]:
                     tag = name.removeprefix("attempts_")
                     n = s.get(name, 0.0)
                     out[name] = n
-                    out[f"approval_rate_{tag}"] = _ratio(s.get(f"approved_{tag}", 0.0), n, DEFAULT_APPROVAL_RATE)
+                    out[f"approval_rate_{tag}"] = _ratio(
+                        s.get(f"approved_{tag}", 0.0), n, DEFAULT_APPROVAL_RATE
+                    )
             if entity is Entity.ROUTE:
                 out["error_rate_5m"] = _ratio(s.get("errors_5m", 0.0), s.get("attempts_5m", 0.0), 0.0)
                 out["latency_p95_ms_5m"] = _latency_p95(s)
@@ -333,7 +355,9 @@ def evaluate(entity: Entity, state: EntityState) -> dict[str, float]:
                 "reattempts_30d": float(_reattempts(recent, now - 30 * _DAY)),
                 "last_decline_at": last.at if last else -1.0,
                 "last_decline_class": (
-                    float(DECLINE_CLASSES.index(decline_class(last.response_code) or "other")) if last else -1.0
+                    float(DECLINE_CLASSES.index(decline_class(last.response_code) or "other"))
+                    if last
+                    else -1.0
                 ),
             }
         case Entity.CARD_MERCHANT_AMOUNT:
@@ -378,7 +402,9 @@ def from_snapshot(snap: events_pb2.FeatureSnapshot) -> EntityState:
         epoch_s(snap.as_of),
         dict(snap.sums),
         [
-            Recent(r.attempted_at_us / 1e6, r.event_id, r.amount_minor, r.currency, r.response_code, r.declined)
+            Recent(
+                r.attempted_at_us / 1e6, r.event_id, r.amount_minor, r.currency, r.response_code, r.declined
+            )
             for r in snap.recent
         ],
         snap.events,

@@ -38,6 +38,11 @@ class KafkaSettings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
     ssl_keyfile: Path | None = Field(None, description="PEM client key (mutual TLS)")
 
+    @classmethod
+    def for_bootstrap(cls, bootstrap: str) -> KafkaSettings:
+        """These settings from the environment, with `bootstrap` overriding AUTHOPT_KAFKA_BOOTSTRAP."""
+        return cls(bootstrap=bootstrap)  # type: ignore[call-arg]
+
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.security_protocol not in ("SSL", "SASL_SSL"):
             return None

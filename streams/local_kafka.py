@@ -68,7 +68,7 @@ def _patch_fetch_wait() -> None:
     import aiokafka
     from faust.transport.drivers import aiokafka as driver
 
-    class _ShortFetchWaitConsumer(aiokafka.AIOKafkaConsumer):
+    class _ShortFetchWaitConsumer(aiokafka.AIOKafkaConsumer):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 100)), 100)
             super().__init__(*args, **kwargs)

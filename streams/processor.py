@@ -35,9 +35,9 @@ from streams.features import (
 )
 
 __all__ = [
+    "BatchResult",
     "DeadLetter",
     "DeadReason",
-    "BatchResult",
     "FeatureProcessor",
     "check_event",
     "table_key",
@@ -103,18 +103,23 @@ def check_event(
     if missing is not None:
         return DeadReason.MISSING_FIELD, f"{missing} is required"
     if event.outcome.attempt.amount_minor < 0:
-        return DeadReason.NEGATIVE_AMOUNT, f"outcome.attempt.amount_minor is {event.outcome.attempt.amount_minor}"
+        return (
+            DeadReason.NEGATIVE_AMOUNT,
+            f"outcome.attempt.amount_minor is {event.outcome.attempt.amount_minor}",
+        )
     attempt = Attempt.from_event(event)
     received = epoch_s(event.received_at)
     if attempt.at > received + max_future_s:
         return (
             DeadReason.EVENT_IN_FUTURE,
-            f"outcome.attempted_at is {attempt.at - received:.0f}s after received_at (limit {max_future_s:g}s)",
+            f"outcome.attempted_at is {attempt.at - received:.0f}s after received_at"
+            f" (limit {max_future_s:g}s)",
         )
     if attempt.at < received - lateness_s:
         return (
             DeadReason.EVENT_TOO_LATE,
-            f"outcome.attempted_at is {received - attempt.at:.0f}s before received_at (limit {lateness_s:g}s)",
+            f"outcome.attempted_at is {received - attempt.at:.0f}s before received_at"
+            f" (limit {lateness_s:g}s)",
         )
     return attempt
 

@@ -18,7 +18,7 @@ from streams.processor import BatchResult, FeatureProcessor
 from streams.replica import Materializer
 from streams.store import InMemoryFeatureStore
 
-__all__ = ["read_log", "replay", "write_log", "ReplayStats"]
+__all__ = ["ReplayStats", "read_log", "replay", "write_log"]
 
 
 def _write_varint(out: BinaryIO, value: int) -> None:

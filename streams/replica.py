@@ -14,6 +14,7 @@ reconnects with backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -112,10 +113,8 @@ class FeatureReplica:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
     async def wait_ready(self, timeout_s: float) -> bool:
         try:
@@ -176,32 +175,18 @@ class FeatureReplica:
             for tp, offset in positions.items():
                 consumer.seek(tp, offset)
             self.connected = True
-            if not self.ready.is_set():
-                ends = await consumer.end_offsets(tps)
-                targets = {tp: end for tp, end in ends.items() if end > positions[tp]}
-                log.info("feature replica: catching up on %d partition(s) of %s", len(tps), self._topic)
-            else:
-                targets = {}
-            if not targets:
-                self._mark_ready()
+            targets = await self._catch_up_targets(consumer, positions)
             quiet_since = time.monotonic()
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=5000)
-                if not batches and time.monotonic() - quiet_since > self._probe_after_s:
+                if batches:
+                    self._apply(batches)
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > self._probe_after_s:
                     # aiokafka retries a lost broker forever without raising: probe it, so that
                     # `connected` tells the truth and the loop reconnects with backoff.
                     await self._probe(consumer)
                     quiet_since = time.monotonic()
-                elif batches:
-                    quiet_since = time.monotonic()
-                apply = self.materializer.apply_bytes
-                for tp, records in batches.items():
-                    for record in records:
-                        if record.value is not None:
-                            apply(record.value)
-                    self._positions[tp.partition] = records[-1].offset + 1
-                if batches:
-                    self.last_applied_at = time.time()
                 if targets:
                     for tp in list(targets):
                         if await consumer.position(tp) >= targets[tp]:
@@ -212,9 +197,29 @@ class FeatureReplica:
             self.connected = False
             await consumer.stop()
 
+    async def _catch_up_targets(self, consumer: Any, positions: dict[Any, int]) -> dict[Any, int]:
+        """End offsets to reach before the first `ready` (none once ready: a reconnect resumes)."""
+        if self.ready.is_set():
+            return {}
+        ends = await consumer.end_offsets(list(positions))
+        targets = {tp: end for tp, end in ends.items() if end > positions[tp]}
+        log.info("feature replica: catching up on %d partition(s) of %s", len(positions), self._topic)
+        if not targets:
+            self._mark_ready()
+        return targets
+
+    def _apply(self, batches: Mapping[Any, Any]) -> None:
+        apply = self.materializer.apply_bytes
+        for tp, records in batches.items():
+            for record in records:
+                if record.value is not None:  # a tombstone: nothing to apply
+                    apply(record.value)
+            self._positions[tp.partition] = records[-1].offset + 1
+        self.last_applied_at = time.time()
+
     async def _probe(self, consumer: Any) -> None:
         try:
-            ok = await asyncio.wait_for(consumer._client.force_metadata_update(), self._probe_after_s)  # noqa: SLF001
+            ok = await asyncio.wait_for(consumer._client.force_metadata_update(), self._probe_after_s)
         except TimeoutError:
             ok = False
         if not ok:
@@ -225,18 +230,22 @@ class FeatureReplica:
             parts = consumer.partitions_for_topic(self._topic)
             if parts:
                 return sorted(parts)
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public refresh
+            await consumer._client.force_metadata_update()
             await asyncio.sleep(0.1)
         # No worker has created the topic yet: there is nothing to catch up on, so the server may
         # serve (from the fallback) while we keep looking.
         if not self.ready.is_set():
-            log.info("feature replica: %s does not exist yet; ready with no features, still looking", self._topic)
+            log.info(
+                "feature replica: %s does not exist yet; ready with no features, still looking", self._topic
+            )
         self._mark_ready()
         raise _TopicMissing(self._topic)
 
     def _mark_ready(self) -> None:
         if not self.ready.is_set():
             log.info(
-                "feature replica: caught up (%d snapshots, %d rows)", self.materializer.applied, len(self.store)
+                "feature replica: caught up (%d snapshots, %d rows)",
+                self.materializer.applied,
+                len(self.store),
             )
             self.ready.set()

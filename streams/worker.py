@@ -46,14 +46,19 @@ class WorkerSettings(BaseSettings):
     partitions: int = Field(
         4, ge=1, le=1024, description="partitions of the attempts and features topics (created if missing)"
     )
-    replication_factor: int = Field(1, ge=1, le=16, description="replication of the topics the worker creates")
+    replication_factor: int = Field(
+        1, ge=1, le=16, description="replication of the topics the worker creates"
+    )
     store: Literal["memory://", "rocksdb://"] = Field(
         "memory://", description="table store: memory (rebuilt from the topic) or RocksDB on disk"
     )
     data_dir: Path = Field(Path("/tmp/authopt-worker"), description="Faust data directory (RocksDB files)")
     batch_max: int = Field(5000, ge=1, le=100_000, description="most events folded per batch")
     publish_interval_s: float = Field(
-        0.25, gt=0, le=60, description="a batch closes after this long: at most one snapshot per entity per batch"
+        0.25,
+        gt=0,
+        le=60,
+        description="a batch closes after this long: at most one snapshot per entity per batch",
     )
     lateness_s: float = Field(
         DEFAULT_LATENESS_S, gt=0, description="events older than this before their receipt go to the DLQ"
@@ -107,6 +112,21 @@ def _links(events: Sequence[Any]) -> list[trace.Link]:
     return links
 
 
+def _credentials(kafka: KafkaSettings) -> Any:
+    import faust
+
+    if kafka.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value(),
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=kafka.ssl_context(),
+        )
+    if kafka.security_protocol == "SSL":
+        return faust.SSLCredentials(kafka.ssl_context())
+    return None
+
+
 def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, WorkerStats]:
     """Build the Faust app (not started); returns it and its live counters."""
     import faust
@@ -120,16 +140,7 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
 
         apply_client_patches()
         extra.update(FAUST_SETTINGS)
-    credentials: Any = None
-    if kafka.security_protocol.startswith("SASL"):
-        credentials = faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password.get_secret_value(),
-            mechanism=kafka.sasl_mechanism,
-            ssl_context=kafka.ssl_context(),
-        )
-    elif kafka.security_protocol == "SSL":
-        credentials = faust.SSLCredentials(kafka.ssl_context())
+    credentials = _credentials(kafka)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{host.strip()}" for host in kafka.bootstrap.split(",")],
@@ -241,17 +252,51 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
         async for events in stream.take_events(settings.batch_max, within=settings.publish_interval_s):
             await handle(events)
 
-    @app.timer(settings.stats_interval_s)
+    @app.timer(settings.stats_interval_s)  # type: ignore[untyped-decorator]
     async def log_stats() -> None:
         log.info("%s", stats.line())
 
     return app, stats
 
 
+async def _kafka_answers(kafka: KafkaSettings) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap, request_timeout_ms=5000, **kafka.client_options()
+    )
+    try:
+        await admin.start()
+    finally:
+        await admin.close()
+
+
+def wait_for_kafka(kafka: KafkaSettings, *, max_backoff_s: float = 10.0) -> None:
+    """Block until the bootstrap servers answer, retrying with exponential backoff and saying so."""
+    backoff, attempt = 0.5, 1
+    while True:
+        try:
+            asyncio.run(_kafka_answers(kafka))
+            if attempt > 1:
+                log.info("worker: Kafka at %s answers (after %d attempts)", kafka.bootstrap, attempt)
+            return
+        except Exception as exc:
+            log.warning(
+                "worker: Kafka at %s unreachable (attempt %d: %s); retrying in %.1fs",
+                kafka.bootstrap,
+                attempt,
+                exc or type(exc).__name__,
+                backoff,
+            )
+        time.sleep(backoff)
+        backoff, attempt = min(backoff * 2, max_backoff_s), attempt + 1
+
+
 def run_worker(settings: WorkerSettings, kafka: KafkaSettings, *, loglevel: str = "info") -> None:
-    """Run the worker until SIGTERM/SIGINT (blocking)."""
+    """Wait for Kafka, then run the worker until SIGTERM/SIGINT (blocking)."""
     from faust.worker import Worker
 
+    wait_for_kafka(kafka)
     app, stats = make_app(settings, kafka)
     log.info(
         "authopt worker: %s -> %s (%d partitions, store %s, batch <= %d events / %.2fs)%s",

@@ -51,7 +51,9 @@ def event(
     return ev
 
 
-def random_events(n: int, seed: int = 7, start: float = T0, span_s: float = 7200.0) -> list[events_pb2.AttemptEvent]:
+def random_events(
+    n: int, seed: int = 7, start: float = T0, span_s: float = 7200.0
+) -> list[events_pb2.AttemptEvent]:
     """`n` varied events over `span_s` seconds, a little out of order, some repeated cards."""
     rng = random.Random(seed)
     out = []

@@ -41,7 +41,9 @@ def _route_state(events: list[events_pb2.AttemptEvent]) -> EntityState:
 
 
 def test_decayed_rate_halves_per_half_life() -> None:
-    st = _route_state([event("a", T0, status="approved"), event("b", T0 + HOUR, status="declined", code="05")])
+    st = _route_state(
+        [event("a", T0, status="approved"), event("b", T0 + HOUR, status="declined", code="05")]
+    )
     v = evaluate(Entity.ROUTE, st)
     assert v["attempts_1h"] == pytest.approx(1.5)  # the older attempt weighs 1/2 an hour later
     assert v["approval_rate_1h"] == pytest.approx(0.5 / 1.5)
@@ -74,7 +76,10 @@ def test_order_does_not_matter_and_partitions_merge() -> None:
     shuffled = evs[:]
     random.Random(1).shuffle(shuffled)
     backward = _route_state(shuffled)
-    split = merge(Entity.ROUTE, [_route_state(shuffled[::3]), _route_state(shuffled[1::3]), _route_state(shuffled[2::3])])
+    split = merge(
+        Entity.ROUTE,
+        [_route_state(shuffled[::3]), _route_state(shuffled[1::3]), _route_state(shuffled[2::3])],
+    )
     for other in (backward, split):
         assert other.as_of == forward.as_of and other.events == forward.events
         for name, value in forward.sums.items():
@@ -113,9 +118,17 @@ def test_card_windows_count_reattempts_after_declines() -> None:
     assert v["reattempts_30d"] == 3 and v["reattempts_24h"] == 2
     assert v["last_decline_at"] == pytest.approx(T0 - 2 * HOUR)
     assert v["last_decline_class"] == DECLINE_CLASSES.index("do_not_honor")
-    assert card_amount_rows(_card(evs)) == {"1000EUR": {"attempts_30d": 3.0}, "2000EUR": {"attempts_30d": 1.0}}
+    assert card_amount_rows(_card(evs)) == {
+        "1000EUR": {"attempts_30d": 3.0},
+        "2000EUR": {"attempts_30d": 1.0},
+    }
     fresh = evaluate(Entity.CARD_MERCHANT, _card([event("a", T0)]))
-    assert fresh == {"reattempts_24h": 0, "reattempts_30d": 0, "last_decline_at": -1.0, "last_decline_class": -1.0}
+    assert fresh == {
+        "reattempts_24h": 0,
+        "reattempts_30d": 0,
+        "last_decline_at": -1.0,
+        "last_decline_class": -1.0,
+    }
 
 
 def test_card_state_forgets_after_30_days_and_is_bounded() -> None:
@@ -150,12 +163,16 @@ def test_processor_coalesces_one_snapshot_per_entity() -> None:
     # one route, route x issuer, route x BIN and merchant; two cards; no declines -> no issuer row
     assert kinds == ["card_merchant", "card_merchant", "merchant", "route", "route_bin", "route_issuer"]
     snap = events_pb2.FeatureSnapshot.FromString(states[table_key(Entity.ROUTE, "acq-a", 0)] or b"")
-    assert snap.events == 10 and snap.sums["attempts_24h"] == pytest.approx(sum(2 ** (-(9 - i) / DAY) for i in range(10)))
+    assert snap.events == 10 and snap.sums["attempts_24h"] == pytest.approx(
+        sum(2 ** (-(9 - i) / DAY) for i in range(10))
+    )
 
 
 def test_processor_ignores_replayed_event_ids() -> None:
     first, states = _process([event("e1").SerializeToString(), event("e2", T0 + 1).SerializeToString()])
-    again, _ = _process([event("e2", T0 + 1).SerializeToString(), event("e3", T0 + 2).SerializeToString()], states)
+    again, _ = _process(
+        [event("e2", T0 + 1).SerializeToString(), event("e3", T0 + 2).SerializeToString()], states
+    )
     assert len(first.applied) == 2 and again.duplicates == 1 and [a.event_id for a in again.applied] == ["e3"]
     route = events_pb2.FeatureSnapshot.FromString(states[table_key(Entity.ROUTE, "acq-a", 0)] or b"")
     assert route.events == 3
@@ -169,12 +186,20 @@ def test_processor_ignores_replayed_event_ids() -> None:
         (event("x", route="").SerializeToString(), DeadReason.MISSING_FIELD, "outcome.route_id"),
         (event("x", fingerprint="").SerializeToString(), DeadReason.MISSING_FIELD, "fingerprint"),
         (event("x", amount_minor=-5).SerializeToString(), DeadReason.NEGATIVE_AMOUNT, "-5"),
-        (event("x", T0 + 3600, received_at=T0).SerializeToString(), DeadReason.EVENT_IN_FUTURE, "3600s after"),
-        (event("x", T0 - 7200, received_at=T0).SerializeToString(), DeadReason.EVENT_TOO_LATE, "7200s before"),
+        (
+            event("x", T0 + 3600, received_at=T0).SerializeToString(),
+            DeadReason.EVENT_IN_FUTURE,
+            "3600s after",
+        ),
+        (
+            event("x", T0 - 7200, received_at=T0).SerializeToString(),
+            DeadReason.EVENT_TOO_LATE,
+            "7200s before",
+        ),
     ],
 )
 def test_processor_dead_letters(record: bytes, reason: DeadReason, field: str) -> None:
-    result, states = _process([event("ok").SerializeToString(), record])
+    result, _ = _process([event("ok").SerializeToString(), record])
     assert len(result.applied) == 1 and len(result.dead) == 1
     dead = result.dead[0]
     assert dead.index == 1 and dead.reason is reason and field in dead.detail
@@ -184,7 +209,9 @@ def test_out_of_order_within_lateness_is_applied_exactly() -> None:
     late = event("late", T0 - 1800, received_at=T0 + 10)
     result, states = _process([event("now", T0).SerializeToString(), late.SerializeToString()])
     assert len(result.applied) == 2
-    route = from_snapshot(events_pb2.FeatureSnapshot.FromString(states[table_key(Entity.ROUTE, "acq-a", 0)] or b""))
+    route = from_snapshot(
+        events_pb2.FeatureSnapshot.FromString(states[table_key(Entity.ROUTE, "acq-a", 0)] or b"")
+    )
     assert route.as_of == T0 and route.sums["attempts_1h"] == pytest.approx(1 + 2**-0.5)
 
 
@@ -204,7 +231,9 @@ def test_replay_is_point_in_time(tmp_path) -> None:  # type: ignore[no-untyped-d
             assert row is None
         else:
             assert row is not None and row.as_of == max(Attempt.from_event(e).at for e in before)
-        card = store.get(Entity.CARD_MERCHANT, f"{ev.outcome.attempt.card.fingerprint}|{ev.outcome.attempt.merchant.id}")
+        card = store.get(
+            Entity.CARD_MERCHANT, f"{ev.outcome.attempt.card.fingerprint}|{ev.outcome.attempt.merchant.id}"
+        )
         seen_counts.append(0 if card is None else 1)
         assert record == ev.SerializeToString()
     assert 0 < sum(seen_counts) < 200

@@ -7,6 +7,12 @@ processes, and stops them worker first, broker last.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server import ServerSettings, create_server
-from streams.broker import LocalBroker, LocalWorker, start_broker, start_worker
+from streams.broker import LocalBroker, LocalWorker, free_port, start_broker, start_worker
 from streams.contract import Entity
 from streams.kafka import ATTEMPTS_TOPIC, DLQ_TOPIC, KafkaSettings
 from streams.replay import replay_final
@@ -56,7 +62,9 @@ def workers(broker: LocalBroker, tmp_path: Path) -> Iterator[WorkerFactory]:
         w.stop(timeout_s=10)
 
 
-async def produce(bootstrap: str, records: list[bytes], headers: list[tuple[str, bytes]] | None = None) -> None:
+async def produce(
+    bootstrap: str, records: list[bytes], headers: list[tuple[str, bytes]] | None = None
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
@@ -106,7 +114,7 @@ async def test_parity_dead_letters_and_duplicates(broker: LocalBroker, workers: 
     await produce(broker.bootstrap, records)
 
     store = InMemoryFeatureStore()
-    replica = FeatureReplica(KafkaSettings(bootstrap=broker.bootstrap), store)
+    replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), store)
     replica.start()
     try:
         await wait_for(lambda: _route_events(replica) >= 600, 90, "600 events in the replica")
@@ -124,8 +132,12 @@ async def test_parity_dead_letters_and_duplicates(broker: LocalBroker, workers: 
     assert worker.process.poll() is None  # bad input never crashed it
 
 
-async def consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+async def consume(
+    bootstrap: str, topic: str, n: int, timeout_s: float = 20
+) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     out: list[tuple[bytes, list[tuple[str, bytes]]]] = []
     try:
@@ -138,13 +150,15 @@ async def consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20) -> 
     return out
 
 
-async def test_restart_after_a_crash_does_not_double_count(broker: LocalBroker, workers: WorkerFactory) -> None:
+async def test_restart_after_a_crash_does_not_double_count(
+    broker: LocalBroker, workers: WorkerFactory
+) -> None:
     first = [e.SerializeToString() for e in random_events(300, seed=21)]
     second = [e.SerializeToString() for e in random_events(200, seed=22, start=T0 + 7200)]
     w1 = workers()
     await produce(broker.bootstrap, first)
     store = InMemoryFeatureStore()
-    replica = FeatureReplica(KafkaSettings(bootstrap=broker.bootstrap), store)
+    replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), store)
     replica.start()
     try:
         await wait_for(lambda: _route_events(replica) >= 300, 90, "the first 300 events")
@@ -163,11 +177,13 @@ async def test_restart_after_a_crash_does_not_double_count(broker: LocalBroker, 
 async def test_server_ready_only_after_the_replica_caught_up(
     broker: LocalBroker, workers: WorkerFactory, model_dir: Path
 ) -> None:
-    records = [e.SerializeToString() for e in random_events(400, seed=31, start=time.time() - 600, span_s=540)]
+    records = [
+        e.SerializeToString() for e in random_events(400, seed=31, start=time.time() - 600, span_s=540)
+    ]
     w = workers()
     await produce(broker.bootstrap, records)
     probe = InMemoryFeatureStore()
-    follower = FeatureReplica(KafkaSettings(bootstrap=broker.bootstrap), probe)
+    follower = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), probe)
     follower.start()
     await wait_for(lambda: _route_events(follower) >= 400, 90, "the worker to publish")
     await follower.stop()
@@ -202,9 +218,63 @@ async def test_server_ready_only_after_the_replica_caught_up(
             # Broker gone: the replica keeps the last values and the server keeps answering from them.
             rows = len(server.replica.store)
             broker.stop()
-            await wait_for(lambda: not server.replica.connected, 20, "the replica to notice the broker is gone")
+            await wait_for(
+                lambda: not server.replica.connected, 20, "the replica to notice the broker is gone"
+            )
             assert len(server.replica.store) == rows
             again = await stub.Recommend(make_request("req-2"), timeout=5)
             assert again.feature_age_ms >= resp.feature_age_ms
         finally:
             await server.stop(grace=0.5)
+
+
+async def test_worker_waits_for_an_unreachable_broker(tmp_path: Path) -> None:
+    port = free_port()
+    worker = start_worker(f"127.0.0.1:{port}", tmp_path / "worker.log")
+    try:
+        await wait_for(
+            lambda: "unreachable (attempt 2" in worker.log_text(), 30, "the worker's retry log line"
+        )
+        assert worker.process.poll() is None  # waiting, not crashed
+        with start_broker(port) as late_broker:
+            records = [e.SerializeToString() for e in random_events(100, seed=41)]
+            await produce(late_broker.bootstrap, records)
+            replica = FeatureReplica(
+                KafkaSettings.for_bootstrap(late_broker.bootstrap), InMemoryFeatureStore()
+            )
+            replica.start()
+            try:
+                await wait_for(
+                    lambda: _route_events(replica) == 100, 90, "the worker to catch up once the broker is up"
+                )
+            finally:
+                await replica.stop()
+            assert worker.stop() in (0, -15)  # stopped before its broker
+    finally:
+        worker.stop()
+
+
+def test_authopt_broker_command_runs_and_stops(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "authopt.cli", "broker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.match(r"broker pid (\d+) listening on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        pid, port = int(match[1]), int(match[2])
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+        assert "AUTHOPT_KAFKA_BOOTSTRAP=127.0.0.1:" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0 and "broker stopped" in out
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the broker went with it
+    finally:
+        if proc.poll() is None:
+            proc.kill()

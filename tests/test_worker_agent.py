@@ -1,0 +1,74 @@
+"""The Faust agent in `test_context()` (no broker): batching by partition, table writes, trace links."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from authopt.v1 import events_pb2
+from streams.contract import Entity
+from streams.kafka import KafkaSettings
+from streams.processor import table_key
+from streams.worker import WorkerSettings, WorkerStats, make_app
+from tests.events import T0, event
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[tuple[Any, WorkerStats]]:
+    # No broker is contacted: test_context() feeds the agent directly.
+    built = make_app(WorkerSettings(publish_interval_s=0.05), KafkaSettings.for_bootstrap("127.0.0.1:1"))
+    yield built
+    # The agent's stream built (but never started) Faust's consumer thread, which made its own
+    # event loop; close it so the suite stays free of ResourceWarnings.
+    thread = getattr(built[0].consumer, "_thread", None)
+    loop = getattr(thread, "thread_loop", None)
+    if loop is not None and not loop.is_closed():
+        loop.close()
+
+
+async def _until(predicate: Any, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_agent_folds_events_into_per_partition_states(
+    app: tuple[Any, WorkerStats], spans: InMemorySpanExporter
+) -> None:
+    app, stats = app
+    table = app.tables["feature-state"]
+    async with app.agents["update-features"].test_context() as agent:
+        for i in range(6):
+            headers = {"traceparent": f"00-{TRACE_ID}-b7ad6b716920333{i}-01".encode()} if i == 0 else None
+            await agent.put(
+                event(f"e{i}", T0 + i, fingerprint=f"fp-{i % 2}").SerializeToString(),
+                key=f"fp-{i % 2}".encode(),
+                partition=i % 2,
+                headers=headers,
+            )
+        await agent.put(
+            event("e0", T0, fingerprint="fp-0").SerializeToString(), key=b"fp-0", partition=0
+        )  # replayed
+        await _until(lambda: stats.applied + stats.duplicates == 7)
+    assert stats.applied == 6 and stats.duplicates == 1
+    # The route's events are split by source partition: 3 + 3, never one state for both.
+    for partition in (0, 1):
+        raw = table[table_key(Entity.ROUTE, "acq-a", partition)]
+        snap = events_pb2.FeatureSnapshot.FromString(raw)
+        assert snap.source_partition == partition and snap.events == 3
+    assert table.get(table_key(Entity.CARD_MERCHANT, "fp-1|m-1", 0)) is None
+    assert (
+        events_pb2.FeatureSnapshot.FromString(table[table_key(Entity.CARD_MERCHANT, "fp-1|m-1", 1)]).events
+        == 3
+    )
+    # The update's span links to the decision that reported the outcome.
+    updates = [s for s in spans.get_finished_spans() if s.name == "authopt.features.update"]
+    linked = {format(link.context.trace_id, "032x") for s in updates for link in s.links}
+    assert TRACE_ID in linked
+    assert sum(s.attributes["authopt.events"] for s in updates) == 7  # type: ignore[index,misc]
