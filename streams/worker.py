@@ -187,6 +187,8 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
         "feature-state",
         partitions=settings.partitions,
         changelog_topic=features,
+        key_type=bytes,  # "raw" for the store too (RocksDB would otherwise decode values as JSON)
+        value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     processor = FeatureProcessor(states, lateness_s=settings.lateness_s, max_future_s=settings.max_future_s)

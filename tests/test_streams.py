@@ -150,26 +150,28 @@ async def consume(
     return out
 
 
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
 async def test_restart_after_a_crash_does_not_double_count(
-    broker: LocalBroker, workers: WorkerFactory
+    broker: LocalBroker, workers: WorkerFactory, store: str, tmp_path: Path
 ) -> None:
     first = [e.SerializeToString() for e in random_events(300, seed=21)]
     second = [e.SerializeToString() for e in random_events(200, seed=22, start=T0 + 7200)]
-    w1 = workers()
+    env = {"AUTHOPT_WORKER_STORE": store, "AUTHOPT_WORKER_DATA_DIR": str(tmp_path / "data")}
+    w1 = workers(**env)
     await produce(broker.bootstrap, first)
-    store = InMemoryFeatureStore()
-    replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), store)
+    features = InMemoryFeatureStore()
+    replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), features)
     replica.start()
     try:
         await wait_for(lambda: _route_events(replica) >= 300, 90, "the first 300 events")
         w1.process.kill()  # a crash: whatever it had not committed is processed again by the next one
         w1.process.wait(10)
-        workers()
+        workers(**env)  # memory: state rebuilt from the features topic; RocksDB: from its files
         await produce(broker.bootstrap, second + first[:50])  # and a caller re-sending 50 old reports
         await wait_for(lambda: _route_events(replica) >= 500, 120, "all 500 events after the restart")
         await asyncio.sleep(1.5)
         assert _route_events(replica) == 500
-        assert_same_rows(store, replay_final(first + second))
+        assert_same_rows(features, replay_final(first + second))
     finally:
         await replica.stop()
 
