@@ -188,33 +188,72 @@ class Recent:
     declined: bool = False
 
 
+# Every accumulator name means the same thing (and decays alike) in every entity that has it.
+HALF_LIFE: dict[str, float] = {name: h for acc in ACCUMULATORS.values() for name, h in acc.items()}
+
+# Sums are kept scaled to a reference time (below) so that adding an event costs one power per
+# half-life, not a decay of every sum. The reference moves forward when the scale factor for the
+# shortest half-life would pass 2^512 (float64 holds up to 2^1023).
+_REBASE_AFTER_S = 512 * min(HALF_LIFE.values())
+
+
 @dataclass(slots=True)
 class EntityState:
-    """Sufficient statistics of one entity (from the events of one source partition, or merged)."""
+    """Sufficient statistics of one entity (from the events of one source partition, or merged).
+
+    `scaled[name]` is the decayed sum as of `ref`, i.e. sum of w * 2^((t_event - ref) / h); the sum
+    as of `as_of` (what snapshots carry and `sums` returns) is scaled * 2^(-(as_of - ref) / h).
+    """
 
     as_of: float = 0.0
-    sums: dict[str, float] = field(default_factory=dict)
+    scaled: dict[str, float] = field(default_factory=dict)
     recent: list[Recent] = field(default_factory=list)
     events: int = 0
+    ref: float = 0.0
 
-    def add(self, at: float, increments: Mapping[str, float], half_lives: Mapping[str, float]) -> None:
+    @classmethod
+    def at(cls, as_of: float, sums: Mapping[str, float], recent: list[Recent], events: int) -> EntityState:
+        """A state whose decayed sums are `sums` as of `as_of`."""
+        return cls(as_of, dict(sums), recent, events, as_of)
+
+    @property
+    def sums(self) -> dict[str, float]:
+        """The decayed sums as of `as_of`."""
+        dt = self.as_of - self.ref
+        if not dt:
+            return dict(self.scaled)
+        factors: dict[float, float] = {}
+        out = {}
+        for name, value in self.scaled.items():
+            h = HALF_LIFE[name]
+            f = factors.get(h)
+            if f is None:
+                f = factors[h] = 2.0 ** (-dt / h)
+            out[name] = value * f
+        return out
+
+    def add(self, at: float, increments: Mapping[str, float]) -> None:
         """Add one event's increments at event time `at` (any order: the result is the same)."""
-        sums = self.sums
         if self.events == 0:
-            self.as_of = at
+            self.as_of = self.ref = at
         elif at > self.as_of:
-            dt = at - self.as_of
-            for name, value in sums.items():
-                sums[name] = value * 2.0 ** (-dt / half_lives[name])
             self.as_of = at
-        if at == self.as_of:
-            for name, inc in increments.items():
-                sums[name] = sums.get(name, 0.0) + inc
-        else:
-            dt = self.as_of - at
-            for name, inc in increments.items():
-                sums[name] = sums.get(name, 0.0) + inc * 2.0 ** (-dt / half_lives[name])
+        x = at - self.ref
+        if x > _REBASE_AFTER_S:
+            self.scaled, self.ref, x = self.sums if self.as_of == at else self._rebased(at), at, 0.0
+        scaled = self.scaled
+        factors: dict[float, float] = {}
+        for name, inc in increments.items():
+            h = HALF_LIFE[name]
+            g = factors.get(h)
+            if g is None:
+                g = factors[h] = 2.0 ** (x / h) if x else 1.0
+            scaled[name] = scaled.get(name, 0.0) + inc * g
         self.events += 1
+
+    def _rebased(self, ref: float) -> dict[str, float]:
+        dt = ref - self.ref
+        return {name: v * 2.0 ** (-dt / HALF_LIFE[name]) for name, v in self.scaled.items()}
 
     def has_event(self, event_id: str) -> bool:
         return any(r.event_id == event_id for r in self.recent)
@@ -235,24 +274,33 @@ class EntityState:
         self.events += 1
 
 
+_ROUTE, _ROUTE_ISSUER, _ROUTE_BIN = Entity.ROUTE, Entity.ROUTE_ISSUER, Entity.ROUTE_BIN
+_MERCHANT, _ISSUER = Entity.MERCHANT, Entity.ISSUER
+_ROUTE_ATTEMPT = {f"attempts_{tag}": 1.0 for tag in RATE_HALF_LIVES}
+_ROUTE_APPROVED = {**_ROUTE_ATTEMPT, **{f"approved_{tag}": 1.0 for tag in RATE_HALF_LIVES}}
+_PAIR_ATTEMPT = {"attempts_1h": 1.0, "attempts_24h": 1.0}
+_PAIR_APPROVED = {**_PAIR_ATTEMPT, "approved_1h": 1.0, "approved_24h": 1.0}
+_MERCHANT_ATTEMPT = {"attempts_24h": 1.0}
+_MERCHANT_APPROVED = {**_MERCHANT_ATTEMPT, "approved_24h": 1.0}
+
+
 def aggregate_updates(a: Attempt) -> list[tuple[Entity, str, dict[str, float]]]:
     """(entity, key, increments) of every decayed-sum entity one attempt updates."""
-    ok = 1.0 if a.approved else 0.0
-    route: dict[str, float] = {}
-    for tag in RATE_HALF_LIVES:
-        route[f"attempts_{tag}"] = 1.0
-        route[f"approved_{tag}"] = ok
-    route["errors_5m"] = 1.0 if a.errored else 0.0
-    if not a.errored:
-        bucket = bisect.bisect_left(LATENCY_EDGES_MS, a.latency_ms)
-        route[_LATENCY_NAMES[bucket]] = 1.0
-    pair = {"attempts_1h": 1.0, "approved_1h": ok, "attempts_24h": 1.0, "approved_24h": ok}
+    # Zero increments are left out: a missing name adds nothing.
+    if a.approved:
+        route, pair, merchant = _ROUTE_APPROVED, _PAIR_APPROVED, _MERCHANT_APPROVED
+    else:
+        route, pair, merchant = _ROUTE_ATTEMPT, _PAIR_ATTEMPT, _MERCHANT_ATTEMPT
+    if a.errored:
+        route = {**route, "errors_5m": 1.0}
+    else:
+        route = {**route, _LATENCY_NAMES[bisect.bisect_left(LATENCY_EDGES_MS, a.latency_ms)]: 1.0}
     bin6, bin8 = a.bin[:6], a.bin[:8]
     updates = [
-        (Entity.ROUTE, a.route, route),
-        (Entity.ROUTE_ISSUER, f"{a.route}|{a.issuer_country}|{bin6}", pair),
-        (Entity.ROUTE_BIN, f"{a.route}|{bin8}", dict(pair)),
-        (Entity.MERCHANT, a.merchant, {"attempts_24h": 1.0, "approved_24h": ok}),
+        (_ROUTE, a.route, route),
+        (_ROUTE_ISSUER, f"{a.route}|{a.issuer_country}|{bin6}", pair),
+        (_ROUTE_BIN, f"{a.route}|{bin8}", pair),
+        (_MERCHANT, a.merchant, merchant),
     ]
     if a.declined:
         issuer = {"declined_1h": 1.0}
@@ -261,7 +309,7 @@ def aggregate_updates(a: Attempt) -> list[tuple[Entity, str, dict[str, float]]]:
             issuer[share] = 1.0
         if a.response_code in HARD_CODES:
             issuer["declined_hard_1h"] = 1.0
-        updates.append((Entity.ISSUER, f"{a.issuer_country}|{bin6}", issuer))
+        updates.append((_ISSUER, f"{a.issuer_country}|{bin6}", issuer))
     return updates
 
 
@@ -278,14 +326,13 @@ def merge(entity: Entity, states: Iterable[EntityState]) -> EntityState:
     if not parts:
         return out
     as_of = max(s.as_of for s in parts)
-    half_lives = ACCUMULATORS[entity]
     sums: dict[str, float] = {}
     for s in parts:
         dt = as_of - s.as_of
         for name, value in s.sums.items():
-            sums[name] = sums.get(name, 0.0) + (value * 2.0 ** (-dt / half_lives[name]) if dt else value)
+            sums[name] = sums.get(name, 0.0) + (value * 2.0 ** (-dt / HALF_LIFE[name]) if dt else value)
     recent = sorted(r for s in parts for r in s.recent)
-    return EntityState(as_of, sums, recent[-MAX_RECENT:], sum(s.events for s in parts))
+    return EntityState.at(as_of, sums, recent[-MAX_RECENT:], sum(s.events for s in parts))
 
 
 def _ratio(num: float, den: float, default: float) -> float:
@@ -376,31 +423,33 @@ def card_amount_rows(state: EntityState) -> dict[str, dict[str, float]]:
 
 
 def to_snapshot(entity: Entity, key: str, partition: int, state: EntityState) -> events_pb2.FeatureSnapshot:
-    snap = events_pb2.FeatureSnapshot(
+    us = round(state.as_of * 1e6)
+    return events_pb2.FeatureSnapshot(
         entity=entity.value,
         key=key,
+        as_of=timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000),
         contract_hash=CONTRACT_HASH,
         source_partition=partition,
+        sums=state.sums,
+        recent=[
+            events_pb2.RecentAttempt(
+                event_id=r.event_id,
+                attempted_at_us=round(r.at * 1e6),
+                amount_minor=r.amount_minor,
+                currency=r.currency,
+                response_code=r.response_code,
+                declined=r.declined,
+            )
+            for r in state.recent
+        ],
         events=state.events,
     )
-    snap.as_of.FromMicroseconds(round(state.as_of * 1e6))
-    snap.sums.update(state.sums)
-    for r in state.recent:
-        snap.recent.add(
-            event_id=r.event_id,
-            attempted_at_us=round(r.at * 1e6),
-            amount_minor=r.amount_minor,
-            currency=r.currency,
-            response_code=r.response_code,
-            declined=r.declined,
-        )
-    return snap
 
 
 def from_snapshot(snap: events_pb2.FeatureSnapshot) -> EntityState:
-    return EntityState(
+    return EntityState.at(
         epoch_s(snap.as_of),
-        dict(snap.sums),
+        snap.sums,
         [
             Recent(
                 r.attempted_at_us / 1e6, r.event_id, r.amount_minor, r.currency, r.response_code, r.declined

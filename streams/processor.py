@@ -24,7 +24,6 @@ from google.protobuf.message import DecodeError
 from authopt.v1 import attempt_pb2, events_pb2
 from streams.contract import Entity
 from streams.features import (
-    ACCUMULATORS,
     Attempt,
     EntityState,
     aggregate_updates,
@@ -126,7 +125,11 @@ def check_event(
 
 def table_key(entity: Entity, key: str, partition: int) -> bytes:
     """Key of an entity's state from one source partition: "<entity>:<key>#<partition>"."""
-    return f"{entity.value}:{key}#{partition}".encode()
+    return f"{_PREFIX[entity]}{key}#{partition}".encode()
+
+
+_PREFIX = {e: f"{e.value}:" for e in Entity}
+_CARD_MERCHANT = Entity.CARD_MERCHANT
 
 
 @dataclass(slots=True)
@@ -148,8 +151,14 @@ class FeatureProcessor:
         *,
         lateness_s: float = DEFAULT_LATENESS_S,
         max_future_s: float = DEFAULT_MAX_FUTURE_S,
+        decoded_max: int = 200_000,
     ) -> None:
         self._states = states
+        # The decoded state behind the latest value written for hot (non-card) keys. Reused only
+        # while the table still holds exactly that value, so a value recovered from another
+        # worker's writes is always decoded afresh.
+        self._decoded: dict[bytes, tuple[bytes, EntityState]] = {}
+        self._decoded_max = decoded_max
         self.lateness_s = lateness_s
         self.max_future_s = max_future_s
 
@@ -164,13 +173,17 @@ class FeatureProcessor:
         cache: dict[bytes, tuple[Entity, str, EntityState]] = {}
         dirty: set[bytes] = set()
         states = self._states
+        decoded = self._decoded
 
         def state(entity: Entity, key: str) -> tuple[bytes, EntityState]:
             tkey = table_key(entity, key, partition)
             hit = cache.get(tkey)
             if hit is None:
                 raw = states.get(tkey)
-                if raw:
+                known = decoded.get(tkey)
+                if known is not None and raw is not None and known[0] == raw:
+                    st = known[1]  # decoded from this very value before: skip the parse
+                elif raw:
                     snap = events_pb2.FeatureSnapshot()
                     snap.ParseFromString(raw)
                     st = from_snapshot(snap)
@@ -185,7 +198,7 @@ class FeatureProcessor:
                 result.dead.append(DeadLetter(index, *checked))
                 continue
             a = checked
-            ckey, card = state(Entity.CARD_MERCHANT, f"{a.fingerprint}|{a.merchant}")
+            ckey, card = state(_CARD_MERCHANT, f"{a.fingerprint}|{a.merchant}")
             if card.has_event(a.event_id):
                 result.duplicates += 1
                 continue
@@ -193,14 +206,18 @@ class FeatureProcessor:
             dirty.add(ckey)
             for entity, key, increments in aggregate_updates(a):
                 tkey, st = state(entity, key)
-                st.add(a.at, increments, ACCUMULATORS[entity])
+                st.add(a.at, increments)
                 dirty.add(tkey)
             result.applied.append(a)
 
+        if len(decoded) > self._decoded_max:
+            decoded.clear()
         for tkey in dirty:
             entity, key, st = cache[tkey]
             raw = to_snapshot(entity, key, partition, st).SerializeToString()
             result.snapshots[tkey] = raw
+            if entity is not _CARD_MERCHANT:  # cards are rarely seen twice in a row: not worth keeping
+                decoded[tkey] = (raw, st)
             if write is not None:
                 write(tkey, raw)
         return result

@@ -212,7 +212,7 @@ class FeatureReplica:
         apply = self.materializer.apply_bytes
         for tp, records in batches.items():
             for record in records:
-                if record.value is not None:  # a tombstone: nothing to apply
+                if record.value:  # None (a tombstone) or b"" (the worker's end marker): nothing
                     apply(record.value)
             self._positions[tp.partition] = records[-1].offset + 1
         self.last_applied_at = time.time()

@@ -11,7 +11,6 @@ from authopt.v1 import events_pb2
 from model.layout import INPUT_LAYOUT, AttemptContext, encode_rows
 from streams.contract import CONTRACT_HASH, DECLINE_CLASSES, SMOOTHING_PSEUDO_ATTEMPTS, Entity
 from streams.features import (
-    ACCUMULATORS,
     MAX_RECENT,
     Attempt,
     EntityState,
@@ -36,7 +35,7 @@ def _route_state(events: list[events_pb2.AttemptEvent]) -> EntityState:
         a = Attempt.from_event(ev)
         for entity, _, inc in aggregate_updates(a):
             if entity is Entity.ROUTE:
-                st.add(a.at, inc, ACCUMULATORS[Entity.ROUTE])
+                st.add(a.at, inc)
     return st
 
 
@@ -93,7 +92,7 @@ def test_issuer_decline_mix() -> None:
         a = Attempt.from_event(event(f"d{i}", T0, status="declined", code=code))
         for entity, _, inc in aggregate_updates(a):
             if entity is Entity.ISSUER:
-                st.add(a.at, inc, ACCUMULATORS[entity])
+                st.add(a.at, inc)
     v = evaluate(Entity.ISSUER, st)
     assert v["declines_1h"] == 7
     assert v["share_51_1h"] == pytest.approx(2 / 7) and v["share_05_1h"] == pytest.approx(1 / 7)

@@ -23,6 +23,17 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 async def app() -> AsyncIterator[tuple[Any, WorkerStats]]:
     # No broker is contacted: test_context() feeds the agent directly.
     built = make_app(WorkerSettings(publish_interval_s=0.05), KafkaSettings.for_bootstrap("127.0.0.1:1"))
+    sent: list[tuple[str, bytes, bytes, int]] = []
+
+    async def send(topic: str, key: bytes, value: bytes, partition: int, *_: Any) -> asyncio.Future[None]:
+        # No producer runs in test_context(): record what would go to Kafka, delivered at once.
+        sent.append((topic, key, value, partition))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    built[0].producer.send = send
+    built[0].sent = sent
     yield built
     # The agent's stream built (but never started) Faust's consumer thread, which made its own
     # event loop; close it so the suite stays free of ResourceWarnings.
@@ -72,3 +83,9 @@ async def test_agent_folds_events_into_per_partition_states(
     linked = {format(link.context.trace_id, "032x") for s in updates for link in s.links}
     assert TRACE_ID in linked
     assert sum(s.attributes["authopt.events"] for s in updates) == 7  # type: ignore[index,misc]
+    # Every changed state went to the compacted features topic, in its source partition.
+    sent = app.sent
+    assert {(t, p) for t, _, _, p in sent} == {("authopt.features.v1", 0), ("authopt.features.v1", 1)}
+    latest = {key: (value, partition) for _, key, value, partition in sent}
+    for key, (value, partition) in latest.items():
+        assert key.endswith(b"#%d" % partition) and table[key] == value
