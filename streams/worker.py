@@ -199,10 +199,13 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
         value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
-    processor = FeatureProcessor(states, lateness_s=settings.lateness_s, max_future_s=settings.max_future_s)
+    # Read and write the table's store directly: the Table's mapping methods add a few Python
+    # layers per access, and the memory store is a plain dict underneath.
+    store: Any = states.data
+    if isinstance(getattr(store, "data", None), dict):
+        store = store.data
+    processor = FeatureProcessor(store, lateness_s=settings.lateness_s, max_future_s=settings.max_future_s)
     stats = WorkerStats()
-
-    store = states.data
 
     async def handle(events: Sequence[Any]) -> None:
         by_partition: dict[int, list[Any]] = {}
