@@ -106,17 +106,15 @@ async def full_worker_rate(
     first: dict[str, float] = {}
     replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), InMemoryFeatureStore())
     seen: dict[str, float] = {}
-    original = replica.materializer.apply
 
-    def apply(snap: events_pb2.FeatureSnapshot) -> None:
-        original(snap)
+    def on_apply(snap: events_pb2.FeatureSnapshot) -> None:
         if not first:
             first["t"] = time.perf_counter()
             first["n"] = _route_events(replica)
         if snap.entity == "card_merchant" and snap.key not in seen:
             seen[snap.key] = time.perf_counter()
 
-    replica.materializer.apply = apply  # type: ignore[method-assign]
+    replica.materializer._on_apply = on_apply  # the replica builds its materializer itself
     replica.start()
     worker = start_worker(
         broker.bootstrap, logdir / "worker.log", env={"AUTHOPT_WORKER_STATS_INTERVAL_S": "5"}
@@ -273,12 +271,10 @@ def main() -> None:
     print(f"  full worker (all features):  {med['full']:>8,.0f} attempts/s")
     print(f"  bare counting agent:         {med['bare']:>8,.0f} attempts/s")
     print(f"  ratio full / bare:           {med['ratio']:>8.2f}  (median of per-repeat ratios)")
-    print(
-        f"  freshness at {args.rate:g}/s:       p50 {med['fresh_p50_ms']:.0f} ms, p99 {med['fresh_p99_ms']:.0f} ms"
-    )
-    print(
-        f"  memory per 1M card x merchant keys: worker table {worker_mb:,.0f} MiB, replica {replica_mb:,.0f} MiB"
-    )
+    fresh = f"p50 {med['fresh_p50_ms']:.0f} ms, p99 {med['fresh_p99_ms']:.0f} ms"
+    print(f"  freshness at {args.rate:g}/s:       {fresh}")
+    memory = f"worker table {worker_mb:,.0f} MiB, replica {replica_mb:,.0f} MiB"
+    print(f"  memory per 1M card x merchant keys: {memory}")
     print(f"    (measured on {args.keys:,} keys with one attempt each, scaled linearly)")
     if args.json:
         args.json.write_text(

@@ -172,24 +172,13 @@ class FeatureProcessor:
         result = BatchResult()
         cache: dict[bytes, tuple[Entity, str, EntityState]] = {}
         dirty: set[bytes] = set()
-        states = self._states
-        decoded = self._decoded
+        load = self._load
 
         def state(entity: Entity, key: str) -> tuple[bytes, EntityState]:
             tkey = table_key(entity, key, partition)
             hit = cache.get(tkey)
             if hit is None:
-                raw = states.get(tkey)
-                known = decoded.get(tkey)
-                if known is not None and raw is not None and known[0] == raw:
-                    st = known[1]  # decoded from this very value before: skip the parse
-                elif raw:
-                    snap = events_pb2.FeatureSnapshot()
-                    snap.ParseFromString(raw)
-                    st = from_snapshot(snap)
-                else:
-                    st = EntityState()
-                hit = cache[tkey] = (entity, key, st)
+                hit = cache[tkey] = (entity, key, load(tkey))
             return tkey, hit[2]
 
         for index, value in enumerate(records):
@@ -210,6 +199,29 @@ class FeatureProcessor:
                 dirty.add(tkey)
             result.applied.append(a)
 
+        self._flush(partition, cache, dirty, result, write)
+        return result
+
+    def _load(self, tkey: bytes) -> EntityState:
+        raw = self._states.get(tkey)
+        known = self._decoded.get(tkey)
+        if known is not None and raw is not None and known[0] == raw:
+            return known[1]  # decoded from this very value before: skip the parse
+        if raw:
+            snap = events_pb2.FeatureSnapshot()
+            snap.ParseFromString(raw)
+            return from_snapshot(snap)
+        return EntityState()
+
+    def _flush(
+        self,
+        partition: int,
+        cache: Mapping[bytes, tuple[Entity, str, EntityState]],
+        dirty: set[bytes],
+        result: BatchResult,
+        write: Callable[[bytes, bytes], None] | None,
+    ) -> None:
+        decoded = self._decoded
         if len(decoded) > self._decoded_max:
             decoded.clear()
         for tkey in dirty:
@@ -220,4 +232,3 @@ class FeatureProcessor:
                 decoded[tkey] = (raw, st)
             if write is not None:
                 write(tkey, raw)
-        return result

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from authopt.v1 import events_pb2
-from streams.processor import BatchResult, FeatureProcessor
+from streams.processor import DEFAULT_LATENESS_S, DEFAULT_MAX_FUTURE_S, BatchResult, FeatureProcessor
 from streams.replica import Materializer
 from streams.store import InMemoryFeatureStore
 
@@ -95,12 +95,11 @@ def replay(
     """
     store = store if store is not None else InMemoryFeatureStore()
     states: dict[bytes, bytes | None] = {}
-    kwargs = {}
-    if lateness_s is not None:
-        kwargs["lateness_s"] = lateness_s
-    if max_future_s is not None:
-        kwargs["max_future_s"] = max_future_s
-    processor = FeatureProcessor(states, **kwargs)
+    processor = FeatureProcessor(
+        states,
+        lateness_s=DEFAULT_LATENESS_S if lateness_s is None else lateness_s,
+        max_future_s=DEFAULT_MAX_FUTURE_S if max_future_s is None else max_future_s,
+    )
     materializer = Materializer(store)
     for record in records:
         yield record, store
@@ -111,9 +110,11 @@ def replay(
             stats.add(result)
 
 
-def replay_final(records: Iterable[bytes], **kwargs: float) -> InMemoryFeatureStore:
+def replay_final(
+    records: Iterable[bytes], *, lateness_s: float | None = None, max_future_s: float | None = None
+) -> InMemoryFeatureStore:
     """The store after every record (what a caught-up replica holds)."""
     store = InMemoryFeatureStore()
-    for _ in replay(records, store=store, **kwargs):  # type: ignore[arg-type]
+    for _ in replay(records, store=store, lateness_s=lateness_s, max_future_s=max_future_s):
         pass
     return store

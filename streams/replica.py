@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from authopt.v1 import events_pb2
@@ -36,25 +36,41 @@ class _TopicMissing(Exception):
 
 
 class Materializer:
-    """Applies FeatureSnapshots to a store: merge an entity's partitions, evaluate, put the row."""
+    """Applies FeatureSnapshots to a store: merge an entity's partitions, evaluate, put the row.
 
-    def __init__(self, store: InMemoryFeatureStore) -> None:
+    Memory matters here (every server holds every card it has seen): card x merchant partials are
+    kept as their snapshot bytes, decoded only when the card changes again; the aggregate entities
+    (a few thousand keys, changing all the time) are kept decoded.
+    """
+
+    def __init__(
+        self,
+        store: InMemoryFeatureStore,
+        on_apply: Callable[[events_pb2.FeatureSnapshot], None] | None = None,
+    ) -> None:
         self.store = store
         self._partials: dict[tuple[Entity, str], dict[int, EntityState]] = {}
-        self._amount_keys: dict[str, set[str]] = {}
+        # card key -> its one partition's snapshot, or {partition: snapshot} when several
+        self._cards: dict[str, bytes | dict[int, bytes]] = {}
+        self._on_apply = on_apply
         self.applied = 0
         self.refused_contract = 0
 
     def events_for(self, entity: Entity, key: str) -> int:
         """Events behind an entity's values, over every source partition (0 when unknown)."""
+        if entity is Entity.CARD_MERCHANT:
+            return sum(s.events for s in self._card_states(self._cards.get(key)).values())
         return sum(s.events for s in self._partials.get((entity, key), {}).values())
 
     def apply_bytes(self, raw: bytes) -> None:
         snap = events_pb2.FeatureSnapshot()
         snap.ParseFromString(raw)
-        self.apply(snap)
+        self._apply(snap, raw)
 
     def apply(self, snap: events_pb2.FeatureSnapshot) -> None:
+        self._apply(snap, snap.SerializeToString())
+
+    def _apply(self, snap: events_pb2.FeatureSnapshot, raw: bytes) -> None:
         if snap.contract_hash != CONTRACT_HASH:
             # A worker on another contract version: its numbers mean something else. Skipped and
             # counted (a rolling upgrade passes through this briefly; a steady count is an alarm).
@@ -65,20 +81,46 @@ class Materializer:
         except ValueError:
             self.refused_contract += 1
             return
-        parts = self._partials.setdefault((entity, snap.key), {})
-        parts[snap.source_partition] = from_snapshot(snap)
-        merged = merge(entity, parts.values())
         self.applied += 1
-        store = self.store
-        store.put(entity, snap.key, evaluate(entity, merged), merged.as_of)
         if entity is Entity.CARD_MERCHANT:
-            rows = card_amount_rows(merged)
-            previous = self._amount_keys.get(snap.key, set())
-            for amount, values in rows.items():
-                store.put(Entity.CARD_MERCHANT_AMOUNT, f"{snap.key}|{amount}", values, merged.as_of)
-            for gone in previous - rows.keys():
-                store.delete(Entity.CARD_MERCHANT_AMOUNT, f"{snap.key}|{gone}")
-            self._amount_keys[snap.key] = set(rows)
+            self._apply_card(snap, raw)
+        else:
+            parts = self._partials.setdefault((entity, snap.key), {})
+            parts[snap.source_partition] = from_snapshot(snap)
+            merged = merge(entity, parts.values())
+            self.store.put(entity, snap.key, evaluate(entity, merged), merged.as_of)
+        if self._on_apply is not None:
+            self._on_apply(snap)
+
+    @staticmethod
+    def _card_states(held: bytes | dict[int, bytes] | None) -> dict[int, EntityState]:
+        if held is None:
+            return {}
+        raws = [held] if isinstance(held, bytes) else list(held.values())
+        snaps = [events_pb2.FeatureSnapshot.FromString(r) for r in raws]
+        return {s.source_partition: from_snapshot(s) for s in snaps}
+
+    def _apply_card(self, snap: events_pb2.FeatureSnapshot, raw: bytes) -> None:
+        key, store = snap.key, self.store
+        held = self._cards.get(key)
+        parts = self._card_states(held)
+        before = set(card_amount_rows(merge(Entity.CARD_MERCHANT, parts.values()))) if parts else set()
+        parts[snap.source_partition] = from_snapshot(snap)
+        if len(parts) == 1:
+            self._cards[key] = raw
+        else:
+            kept = {} if held is None or isinstance(held, bytes) else dict(held)
+            if isinstance(held, bytes):
+                kept[events_pb2.FeatureSnapshot.FromString(held).source_partition] = held
+            kept[snap.source_partition] = raw
+            self._cards[key] = kept
+        merged = merge(Entity.CARD_MERCHANT, parts.values())
+        store.put(Entity.CARD_MERCHANT, key, evaluate(Entity.CARD_MERCHANT, merged), merged.as_of)
+        rows = card_amount_rows(merged)
+        for amount, values in rows.items():
+            store.put(Entity.CARD_MERCHANT_AMOUNT, f"{key}|{amount}", values, merged.as_of)
+        for gone in before - rows.keys():
+            store.delete(Entity.CARD_MERCHANT_AMOUNT, f"{key}|{gone}")
 
 
 class FeatureReplica:

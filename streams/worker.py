@@ -133,13 +133,22 @@ def _credentials(kafka: KafkaSettings) -> Any:
     return None
 
 
-def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, WorkerStats]:
-    """Build the Faust app (not started); returns it and its live counters."""
-    import faust
-    from faust.streams import _current_event
+async def _dead_letter(dlq: Any, event: Any, partition: int, reason: str, detail: str) -> Any:
+    """Send the original record to the dead-letter topic with why; returns the delivery future."""
+    return await dlq.send(
+        key=event.key,
+        value=event.value,
+        headers=[
+            ("authopt-dlq-reason", reason.encode()),
+            ("authopt-dlq-detail", detail.encode()),
+            ("authopt-dlq-source", f"{ATTEMPTS_TOPIC}/{partition}/{event.message.offset}".encode()),
+        ],
+    )
 
-    if not kafka.bootstrap:
-        raise ValueError("AUTHOPT_KAFKA_BOOTSTRAP is empty: the worker needs a Kafka to consume from")
+
+def _faust_app(settings: WorkerSettings, kafka: KafkaSettings) -> Any:
+    import faust
+
     extra: dict[str, Any] = {}
     if settings.local_broker:
         from streams.local_kafka import FAUST_SETTINGS, FAUST_SETTINGS_SHARED, apply_client_patches
@@ -148,11 +157,10 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
         extra.update(FAUST_SETTINGS)
         if settings.local_broker_workers > 1:
             extra.update(FAUST_SETTINGS_SHARED)
-    credentials = _credentials(kafka)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{host.strip()}" for host in kafka.bootstrap.split(",")],
-        broker_credentials=credentials,
+        broker_credentials=_credentials(kafka),
         store=settings.store,
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,
@@ -163,6 +171,94 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
         autodiscover=False,
         **extra,
     )
+    return app
+
+
+class _BatchHandler:
+    """Folds one `take_events` batch into the table and sends its snapshots and dead letters."""
+
+    def __init__(
+        self,
+        app: Any,
+        store: Any,
+        processor: FeatureProcessor,
+        dlq: Any,
+        stats: WorkerStats,
+        *,
+        end_marker: bool,
+    ) -> None:
+        self.app, self.store, self.processor, self.dlq, self.stats = app, store, processor, dlq, stats
+        self.end_marker = end_marker
+
+    async def __call__(self, events: Sequence[Any]) -> None:
+        from faust.streams import _current_event
+
+        by_partition: dict[int, list[Any]] = {}
+        for event in events:
+            by_partition.setdefault(event.message.partition, []).append(event)
+        deliveries = []
+        for partition, part in by_partition.items():
+            # Table writes go to the changelog partition of Faust's "current event"; a batch mixes
+            # partitions, so make one of this partition's events current while writing its states.
+            token = _current_event.set(weakref.ref(part[-1]))
+            outbox: list[tuple[bytes, bytes]] = []
+
+            def write(key: bytes, value: bytes, outbox: list[tuple[bytes, bytes]] = outbox) -> None:
+                self.store[key] = value
+                outbox.append((key, value))
+
+            try:
+                with tracer.start_as_current_span(
+                    "authopt.features.update",
+                    links=_links(part),
+                    attributes={"messaging.kafka.partition": partition, "authopt.events": len(part)},
+                ) as span:
+                    result = self.processor.process(partition, [e.value for e in part], write)
+                    span.set_attribute("authopt.snapshots", len(result.snapshots))
+                    span.set_attribute("authopt.dead_letters", len(result.dead))
+            finally:
+                _current_event.reset(token)
+            # The changelog records, sent straight to the producer: Faust's own changelog path
+            # (Table.__setitem__ -> send_soon) hands records over one event-loop turn at a time,
+            # ~10x slower than the arithmetic here. The table is co-partitioned with the source.
+            send = self.app.producer.send
+            for key, value in outbox:
+                deliveries.append(await send(FEATURES_TOPIC, key, value, partition, None, None))
+            self.stats.applied += len(result.applied)
+            self.stats.duplicates += result.duplicates
+            self.stats.snapshots += len(result.snapshots)
+            for dead in result.dead:
+                event = part[dead.index]
+                self.stats.dead[dead.reason.value] += 1
+                log.warning(
+                    "dead letter %s at %s/%d/%d: %s",
+                    dead.reason.value,
+                    ATTEMPTS_TOPIC,
+                    partition,
+                    event.message.offset,
+                    dead.detail,
+                )
+                deliveries.append(
+                    await _dead_letter(self.dlq, event, partition, dead.reason.value, dead.detail)
+                )
+        self.stats.batches += 1
+        # The batch's events are acked (then committed) only once every snapshot and dead letter
+        # is on the broker: a crash before that replays them, and replays change nothing.
+        if deliveries:
+            await asyncio.gather(*deliveries)
+            if self.end_marker:
+                from streams.local_kafka import end_changelog_batches
+
+                await end_changelog_batches(self.app, by_partition)
+
+
+def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, WorkerStats]:
+    """Build the Faust app (not started); returns it and its live counters."""
+    import faust
+
+    if not kafka.bootstrap:
+        raise ValueError("AUTHOPT_KAFKA_BOOTSTRAP is empty: the worker needs a Kafka to consume from")
+    app = _faust_app(settings, kafka)
     attempts = app.topic(
         ATTEMPTS_TOPIC,
         key_type=bytes,
@@ -207,77 +303,9 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
     processor = FeatureProcessor(store, lateness_s=settings.lateness_s, max_future_s=settings.max_future_s)
     stats = WorkerStats()
 
-    async def handle(events: Sequence[Any]) -> None:
-        by_partition: dict[int, list[Any]] = {}
-        for event in events:
-            by_partition.setdefault(event.message.partition, []).append(event)
-        deliveries = []
-        for partition, part in by_partition.items():
-            # Table writes go to the changelog partition of Faust's "current event"; a batch mixes
-            # partitions, so make one of this partition's events current while writing its states.
-            token = _current_event.set(weakref.ref(part[-1]))
-            outbox: list[tuple[bytes, bytes]] = []
+    handle = _BatchHandler(app, store, processor, dlq, stats, end_marker=settings.local_broker)
 
-            def write(key: bytes, value: bytes, outbox: list[tuple[bytes, bytes]] = outbox) -> None:
-                store[key] = value
-                outbox.append((key, value))
-
-            try:
-                with tracer.start_as_current_span(
-                    "authopt.features.update",
-                    links=_links(part),
-                    attributes={"messaging.kafka.partition": partition, "authopt.events": len(part)},
-                ) as span:
-                    result = processor.process(partition, [e.value for e in part], write)
-                    span.set_attribute("authopt.snapshots", len(result.snapshots))
-                    span.set_attribute("authopt.dead_letters", len(result.dead))
-            finally:
-                _current_event.reset(token)
-            # The changelog records, sent straight to the producer: Faust's own changelog path
-            # (Table.__setitem__ -> send_soon) hands records over one event-loop turn at a time,
-            # ~10x slower than the arithmetic here. The table is co-partitioned with the source.
-            send = app.producer.send
-            for key, value in outbox:
-                deliveries.append(await send(FEATURES_TOPIC, key, value, partition, None, None))
-            stats.applied += len(result.applied)
-            stats.duplicates += result.duplicates
-            stats.snapshots += len(result.snapshots)
-            for dead in result.dead:
-                event = part[dead.index]
-                stats.dead[dead.reason.value] += 1
-                log.warning(
-                    "dead letter %s at %s/%d/%d: %s",
-                    dead.reason.value,
-                    ATTEMPTS_TOPIC,
-                    partition,
-                    event.message.offset,
-                    dead.detail,
-                )
-                deliveries.append(
-                    await dlq.send(
-                        key=event.key,
-                        value=event.value,
-                        headers=[
-                            ("authopt-dlq-reason", dead.reason.value.encode()),
-                            ("authopt-dlq-detail", dead.detail.encode()),
-                            (
-                                "authopt-dlq-source",
-                                f"{ATTEMPTS_TOPIC}/{partition}/{event.message.offset}".encode(),
-                            ),
-                        ],
-                    )
-                )
-        stats.batches += 1
-        # The batch's events are acked (then committed) only once every snapshot and dead letter
-        # is on the broker: a crash before that replays them, and replays change nothing.
-        if deliveries:
-            await asyncio.gather(*deliveries)
-            if settings.local_broker:
-                from streams.local_kafka import end_changelog_batches
-
-                await end_changelog_batches(app, by_partition)
-
-    @app.agent(attempts, name="update-features", concurrency=1)
+    @app.agent(attempts, name="update-features", concurrency=1)  # type: ignore[untyped-decorator]
     async def update_features(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.publish_interval_s):
             await handle(events)
