@@ -101,7 +101,7 @@ def _route_events(replica: FeatureReplica) -> int:
 
 
 async def full_worker_rate(
-    broker: LocalBroker, n: int, logdir: Path
+    broker: LocalBroker, n: int, logdir: Path, publish_interval_s: float = 0.1
 ) -> tuple[float, FeatureReplica, Any, dict[str, float]]:
     first: dict[str, float] = {}
     replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), InMemoryFeatureStore())
@@ -117,7 +117,12 @@ async def full_worker_rate(
     replica.materializer._on_apply = on_apply  # the replica builds its materializer itself
     replica.start()
     worker = start_worker(
-        broker.bootstrap, logdir / "worker.log", env={"AUTHOPT_WORKER_STATS_INTERVAL_S": "5"}
+        broker.bootstrap,
+        logdir / "worker.log",
+        env={
+            "AUTHOPT_WORKER_STATS_INTERVAL_S": "5",
+            "AUTHOPT_WORKER_PUBLISH_INTERVAL_S": str(publish_interval_s),
+        },
     )
     deadline = time.monotonic() + 600
     while _route_events(replica) < n:
@@ -230,7 +235,9 @@ async def one_repeat(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
         t = time.perf_counter()
         await produce_all(broker.bootstrap, events)
         print(f"  produced {args.events} events in {time.perf_counter() - t:.1f}s", flush=True)
-        rate, replica, worker, seen = await full_worker_rate(broker, args.events, logdir)
+        rate, replica, worker, seen = await full_worker_rate(
+            broker, args.events, logdir, args.publish_interval
+        )
         print(f"  full worker: {rate:,.0f} events/s", flush=True)
         try:
             lags = await freshness(broker, seen, args.rate, args.fresh_seconds, args.events)
@@ -253,6 +260,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s for the freshness run")
     parser.add_argument("--fresh-seconds", type=float, default=10.0)
     parser.add_argument(
+        "--publish-interval", type=float, default=0.1, help="the worker's AUTHOPT_WORKER_PUBLISH_INTERVAL_S"
+    )
+    parser.add_argument(
         "--keys", type=int, default=100_000, help="card x merchant keys for the memory figure"
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -267,7 +277,10 @@ def main() -> None:
     worker_mb, replica_mb = (b / 2**20 for b in memory_per_million(args.keys))
     med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
     print()
-    print(f"streams worker, {args.events:,} events, median of {args.repeats} (2-core shared machine)")
+    print(
+        f"streams worker, {args.events:,} events, publish interval {args.publish_interval:g}s,"
+        f" median of {args.repeats} (2-core shared machine)"
+    )
     print(f"  full worker (all features):  {med['full']:>8,.0f} attempts/s")
     print(f"  bare counting agent:         {med['bare']:>8,.0f} attempts/s")
     print(f"  ratio full / bare:           {med['ratio']:>8.2f}  (median of per-repeat ratios)")

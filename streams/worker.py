@@ -55,7 +55,7 @@ class WorkerSettings(BaseSettings):
     data_dir: Path = Field(Path("/tmp/authopt-worker"), description="Faust data directory (RocksDB files)")
     batch_max: int = Field(5000, ge=1, le=100_000, description="most events folded per batch")
     publish_interval_s: float = Field(
-        0.25,
+        0.1,
         gt=0,
         le=60,
         description="a batch closes after this long: at most one snapshot per entity per batch",
