@@ -245,6 +245,8 @@ def test_replay_final_matches_direct_arithmetic() -> None:
         row = store.get(Entity.ROUTE, route)
         direct = evaluate(Entity.ROUTE, _route_state([e for e in evs if e.outcome.route_id == route]))
         assert row is not None and dict(row.values) == pytest.approx(direct)
+        assert store.age_s(Entity.ROUTE, route, now=row.as_of + 5) == pytest.approx(5)
+    assert store.age_s(Entity.ROUTE, "never-seen") is None
 
 
 def _ctx(at: float = T0) -> AttemptContext:
