@@ -166,9 +166,15 @@ async def test_restart_after_a_crash_does_not_double_count(
         await wait_for(lambda: _route_events(replica) >= 300, 90, "the first 300 events")
         w1.process.kill()  # a crash: whatever it had not committed is processed again by the next one
         w1.process.wait(10)
-        workers(**env)  # memory: state rebuilt from the features topic; RocksDB: from its files
+        w2 = workers(**env)  # memory: state rebuilt from the features topic; RocksDB: from its files
         await produce(broker.bootstrap, second + first[:50])  # and a caller re-sending 50 old reports
-        await wait_for(lambda: _route_events(replica) >= 500, 120, "all 500 events after the restart")
+        try:
+            await wait_for(lambda: _route_events(replica) >= 500, 120, "all 500 events after the restart")
+        except AssertionError as exc:  # keep what the restarted worker said: this once hung in CI
+            tail = "\n".join(w2.log_text().splitlines()[-60:])
+            raise AssertionError(
+                f"{exc}; {_route_events(replica)} seen; restarted worker's log:\n{tail}"
+            ) from None
         await asyncio.sleep(1.5)
         assert _route_events(replica) == 500
         assert_same_rows(features, replay_final(first + second))
