@@ -13,7 +13,9 @@ by event id and change nothing.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
+import signal
 import time
 import weakref
 from collections import Counter
@@ -259,34 +261,22 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
     if not kafka.bootstrap:
         raise ValueError("AUTHOPT_KAFKA_BOOTSTRAP is empty: the worker needs a Kafka to consume from")
     app = _faust_app(settings, kafka)
-    attempts = app.topic(
-        ATTEMPTS_TOPIC,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-        internal=True,  # created with our partition count when missing
-    )
-    features = app.topic(
-        FEATURES_TOPIC,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-        compacting=True,
-        internal=True,
-    )
-    dlq = app.topic(
-        DLQ_TOPIC,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-        internal=True,
-    )
+
+    def raw_topic(name: str, **options: Any) -> Any:
+        # Bytes in, bytes out; created with our partition count when missing.
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+            internal=True,
+            **options,
+        )
+
+    attempts, dlq = raw_topic(ATTEMPTS_TOPIC), raw_topic(DLQ_TOPIC)
+    features = raw_topic(FEATURES_TOPIC, compacting=True)
     states = app.Table(
         "feature-state",
         partitions=settings.partitions,
@@ -354,6 +344,8 @@ def run_worker(settings: WorkerSettings, kafka: KafkaSettings, *, loglevel: str 
     """Wait for Kafka, then run the worker until SIGTERM/SIGINT (blocking)."""
     from faust.worker import Worker
 
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: where a worker that seems stuck is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     wait_for_kafka(kafka)
     app, stats = make_app(settings, kafka)
     log.info(

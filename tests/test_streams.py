@@ -7,6 +7,7 @@ processes, and stops them worker first, broker last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -83,6 +84,17 @@ def _route_events(replica: FeatureReplica) -> int:
     return sum(replica.materializer.events_for(Entity.ROUTE, r) for r in ("acq-a", "acq-b", "acq-c"))
 
 
+@contextlib.asynccontextmanager
+async def following(bootstrap: str) -> AsyncIterator[FeatureReplica]:
+    """A replica of the features topic in this process, stopped on exit."""
+    replica = FeatureReplica(KafkaSettings.for_bootstrap(bootstrap), InMemoryFeatureStore())
+    replica.start()
+    try:
+        yield replica
+    finally:
+        await replica.stop()
+
+
 async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -113,16 +125,11 @@ async def test_parity_dead_letters_and_duplicates(broker: LocalBroker, workers: 
     worker = workers()
     await produce(broker.bootstrap, records)
 
-    store = InMemoryFeatureStore()
-    replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), store)
-    replica.start()
-    try:
+    async with following(broker.bootstrap) as replica:
         await wait_for(lambda: _route_events(replica) >= 600, 90, "600 events in the replica")
         await asyncio.sleep(1.0)  # anything more (double counting) would arrive by now
         assert _route_events(replica) == 600  # 600 distinct valid events; duplicates and bad ones add nothing
-        assert_same_rows(store, replay_final(records))
-    finally:
-        await replica.stop()
+        assert_same_rows(replica.store, replay_final(records))
 
     dead = await consume(broker.bootstrap, DLQ_TOPIC, 4)
     reasons = sorted(dict(h)["authopt-dlq-reason"].decode() for _, h in dead)
@@ -159,10 +166,7 @@ async def test_restart_after_a_crash_does_not_double_count(
     env = {"AUTHOPT_WORKER_STORE": store, "AUTHOPT_WORKER_DATA_DIR": str(tmp_path / "data")}
     w1 = workers(**env)
     await produce(broker.bootstrap, first)
-    features = InMemoryFeatureStore()
-    replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), features)
-    replica.start()
-    try:
+    async with following(broker.bootstrap) as replica:
         await wait_for(lambda: _route_events(replica) >= 300, 90, "the first 300 events")
         w1.process.kill()  # a crash: whatever it had not committed is processed again by the next one
         w1.process.wait(10)
@@ -171,15 +175,15 @@ async def test_restart_after_a_crash_does_not_double_count(
         try:
             await wait_for(lambda: _route_events(replica) >= 500, 120, "all 500 events after the restart")
         except AssertionError as exc:  # keep what the restarted worker said: this once hung in CI
-            tail = "\n".join(w2.log_text().splitlines()[-60:])
+            w2.process.send_signal(signal.SIGUSR1)  # its threads' stacks, into its log
+            time.sleep(1)
+            tail = "\n".join(w2.log_text().splitlines()[-150:])
             raise AssertionError(
                 f"{exc}; {_route_events(replica)} seen; restarted worker's log:\n{tail}"
             ) from None
         await asyncio.sleep(1.5)
         assert _route_events(replica) == 500
-        assert_same_rows(features, replay_final(first + second))
-    finally:
-        await replica.stop()
+        assert_same_rows(replica.store, replay_final(first + second))
 
 
 async def test_server_ready_only_after_the_replica_caught_up(
@@ -190,11 +194,8 @@ async def test_server_ready_only_after_the_replica_caught_up(
     ]
     w = workers()
     await produce(broker.bootstrap, records)
-    probe = InMemoryFeatureStore()
-    follower = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), probe)
-    follower.start()
-    await wait_for(lambda: _route_events(follower) >= 400, 90, "the worker to publish")
-    await follower.stop()
+    async with following(broker.bootstrap) as follower:
+        await wait_for(lambda: _route_events(follower) >= 400, 90, "the worker to publish")
     w.stop()
 
     settings = ServerSettings(
@@ -247,16 +248,10 @@ async def test_worker_waits_for_an_unreachable_broker(tmp_path: Path) -> None:
         with start_broker(port) as late_broker:
             records = [e.SerializeToString() for e in random_events(100, seed=41)]
             await produce(late_broker.bootstrap, records)
-            replica = FeatureReplica(
-                KafkaSettings.for_bootstrap(late_broker.bootstrap), InMemoryFeatureStore()
-            )
-            replica.start()
-            try:
+            async with following(late_broker.bootstrap) as replica:
                 await wait_for(
                     lambda: _route_events(replica) == 100, 90, "the worker to catch up once the broker is up"
                 )
-            finally:
-                await replica.stop()
             assert worker.stop() in (0, -15)  # stopped before its broker
     finally:
         worker.stop()
