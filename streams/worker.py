@@ -13,9 +13,7 @@ by event id and change nothing.
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import logging
-import signal
 import time
 import weakref
 from collections import Counter
@@ -344,9 +342,14 @@ def run_worker(settings: WorkerSettings, kafka: KafkaSettings, *, loglevel: str 
     """Wait for Kafka, then run the worker until SIGTERM/SIGINT (blocking)."""
     from faust.worker import Worker
 
-    # `kill -USR1 <pid>` writes every thread's stack to stderr: where a worker that seems stuck is.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     wait_for_kafka(kafka)
+    if settings.local_broker:
+        from streams.local_kafka import seal_changelog
+
+        sealed = asyncio.run(seal_changelog(kafka.bootstrap))
+        log.info(
+            "worker: sealed %d partition(s) of %s before recovery (local broker)", sealed, FEATURES_TOPIC
+        )
     app, stats = make_app(settings, kafka)
     log.info(
         "authopt worker: %s -> %s (%d partitions, store %s, batch <= %d events / %.2fs)%s",

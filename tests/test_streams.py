@@ -175,7 +175,7 @@ async def test_restart_after_a_crash_does_not_double_count(
         try:
             await wait_for(lambda: _route_events(replica) >= 500, 120, "all 500 events after the restart")
         except AssertionError as exc:  # keep what the restarted worker said: this once hung in CI
-            w2.process.send_signal(signal.SIGUSR1)  # its threads' stacks, into its log
+            w2.process.send_signal(signal.SIGUSR1)  # Faust's worker logs every task's stack
             time.sleep(1)
             tail = "\n".join(w2.log_text().splitlines()[-150:])
             raise AssertionError(
