@@ -31,7 +31,8 @@ from streams.kafka import ATTEMPTS_TOPIC, DLQ_TOPIC, KafkaSettings
 from streams.replay import replay_final
 from streams.replica import FeatureReplica
 from streams.store import InMemoryFeatureStore
-from tests.conftest import make_request
+from tests.conftest import ServerFactory, make_request
+from tests.test_outcomes import make_outcome
 from tests.events import T0, event, random_events
 
 pytestmark = pytest.mark.timeout(240)
@@ -281,3 +282,24 @@ def test_authopt_broker_command_runs_and_stops(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_feature_update_span_links_to_the_reported_outcome(
+    broker: LocalBroker, workers: WorkerFactory, start_server: ServerFactory
+) -> None:
+    # The whole chain, across processes: a caller's trace -> ReportOutcome (server) -> record
+    # headers -> the worker's update span, exported by the worker through OTEL_TRACES_EXPORTER.
+    worker = workers(OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="authopt-worker-test")
+    srv = await start_server(kafka_bootstrap=broker.bootstrap)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    await srv.stub.ReportOutcome(
+        optimizer_pb2.ReportOutcomeRequest(outcome=make_outcome("ev-traced")),
+        timeout=15,
+        metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
+    )
+    await wait_for(lambda: "1 events applied" in worker.log_text(), 60, "the worker to apply the outcome")
+    assert worker.stop() in (0, -15)  # a clean stop flushes the spans
+    log = worker.log_text()
+    spans = [s for s in log.split('"name": "')[1:] if s.startswith("authopt.features.update")]
+    assert spans, "no authopt.features.update span exported"
+    assert any(f'"trace_id": "0x{trace_id}"' in s.split('"resource"')[0] for s in spans)
