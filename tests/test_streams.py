@@ -32,8 +32,8 @@ from streams.replay import replay_final
 from streams.replica import FeatureReplica
 from streams.store import InMemoryFeatureStore
 from tests.conftest import ServerFactory, make_request
-from tests.test_outcomes import make_outcome
 from tests.events import T0, event, random_events
+from tests.test_outcomes import make_outcome
 
 pytestmark = pytest.mark.timeout(240)
 
