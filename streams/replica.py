@@ -158,13 +158,6 @@ class FeatureReplica:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def wait_ready(self, timeout_s: float) -> bool:
-        try:
-            await asyncio.wait_for(self.ready.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
     def status(self) -> Mapping[str, Any]:
         return {
             "ready": self.ready.is_set(),
@@ -172,6 +165,7 @@ class FeatureReplica:
             "snapshots_applied": self.materializer.applied,
             "refused_contract": self.materializer.refused_contract,
             "rows": len(self.store),
+            "last_applied_at": self.last_applied_at,
         }
 
     async def _run(self) -> None:

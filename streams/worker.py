@@ -5,9 +5,9 @@ partition and folds it into entity states with streams.processor. The states liv
 whose changelog *is* the compacted topic `authopt.features.v1`: one write per changed entity per
 batch is at once the worker's recovery log and the snapshot the server replicas read. A batch
 closes after `publish_interval_s` (or `batch_max` events), so each entity is published at most once
-per batch. Its events are acknowledged (and later committed) only after its snapshots and dead
-letters have been handed to the producer; events replayed after a crash or rebalance are recognised
-by event id and change nothing.
+per batch. Its events are acknowledged (and later committed) only once its snapshots and dead
+letters are on the broker; events replayed after a crash or rebalance are recognised by event id
+and change nothing.
 """
 
 from __future__ import annotations

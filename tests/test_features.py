@@ -276,3 +276,17 @@ def test_layout_turns_decline_time_into_age_and_class_one_hot() -> None:
     none = encode_rows(_ctx(T0), [("acq-a", 0, {})], {})[0]
     assert none[INPUT_LAYOUT.index("card_merchant.last_decline_age_s")] == -1.0
     assert not any(math.isnan(v) for v in none)
+
+
+def test_sums_stay_exact_over_days_of_events_in_any_order() -> None:
+    # Long runs move the state's internal reference time (every ~8.5 h for the 1-minute rate).
+    times = [T0 + i * 1800.0 for i in range(150)]  # 3 days, one attempt every 30 minutes
+    for order in (times, times[::-1], times[::2] + times[1::2]):
+        st = EntityState()
+        for t in order:
+            st.add(t, {"attempts_1m": 1.0, "attempts_1h": 1.0, "attempts_24h": 1.0})
+        as_of = max(times)
+        assert st.as_of == as_of
+        for name, h in (("attempts_1m", 60.0), ("attempts_1h", 3600.0), ("attempts_24h", 86400.0)):
+            expected = sum(2 ** (-(as_of - t) / h) for t in times)
+            assert st.sums[name] == pytest.approx(expected, rel=1e-12), (name, order[:2])

@@ -225,6 +225,8 @@ async def test_server_ready_only_after_the_replica_caught_up(
             # the replica's route features are fresh enough for the model to decide
             assert resp.feature_age_ms > 0 and resp.decision_source == optimizer_pb2.DECISION_SOURCE_MODEL
 
+            status = server.replica.status()
+            assert status["ready"] and status["connected"] and status["rows"] == len(server.replica.store)
             # Broker gone: the replica keeps the last values and the server keeps answering from them.
             rows = len(server.replica.store)
             broker.stop()
