@@ -27,7 +27,7 @@ from server.models import ModelRegistry
 from server.telemetry import tracer
 from streams.contract import Entity
 
-__all__ = ["DecisionEngine", "EngineConfig"]
+__all__ = ["DecisionEngine", "EngineConfig", "Scores", "fallback_scores", "model_scores", "respond"]
 
 log = logging.getLogger(__name__)
 Source = optimizer_pb2.DecisionSource
@@ -55,7 +55,9 @@ class EngineConfig:
 
 
 @dataclass(slots=True)
-class _Scores:
+class Scores:
+    """Approval and retry probabilities per candidate, and where they came from."""
+
     source: int
     p_approve: list[float]
     p_retry: list[list[float]]
@@ -129,7 +131,7 @@ class DecisionEngine:
         feats: FeatureLookup,
         deadline: float,
         now: float,
-    ) -> _Scores:
+    ) -> Scores:
         model = self._registry.current
         if model is None:
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_NO_MODEL, req, cands, feats)
@@ -169,15 +171,9 @@ class DecisionEngine:
             },
         )
         inference.end(end_time=stats.finished_ns)
-        rows = out.tolist()
-        return _Scores(
-            Source.DECISION_SOURCE_MODEL,
-            [r[0] for r in rows],
-            [r[1:] for r in rows],
-            model.manifest.delay_buckets_s,
-            model.version,
-            stats.batch_rows,
-        )
+        scores = model_scores(out.tolist(), model.version, model.manifest.delay_buckets_s)
+        scores.batch_rows = stats.batch_rows
+        return scores
 
     def _fallback(
         self,
@@ -185,93 +181,137 @@ class DecisionEngine:
         req: optimizer_pb2.RecommendRequest,
         cands: list[policy.Candidate],
         feats: FeatureLookup,
-    ) -> _Scores:
-        rates: list[tuple[float, float] | None] = []
-        for rows in feats.route_rows:
-            row = rows.get(Entity.ROUTE)
-            rate = None if row is None else (row.get("approval_rate_1h", 0.0), row.get("attempts_1h", 0.0))
-            # A corrupt (non-finite) value counts as no data rather than poisoning the ranking.
-            rates.append(rate if rate is not None and all(map(math.isfinite, rate)) else None)
-        p = policy.success_rate_scores(cands, rates)
-        p_retry: list[list[float]] = []
-        if req.prior_attempts:
-            last = req.prior_attempts[-1]
-            ids = [c.route_id for c in cands]
-            last_idx = ids.index(last.route_id) if last.route_id in ids else None
-            p_retry = policy.heuristic_retry_probabilities(
-                last.response_code, len(cands), last_idx, DELAY_BUCKETS_S
-            )
+    ) -> Scores:
         model = self._registry.current
-        return _Scores(source, p, p_retry, DELAY_BUCKETS_S, model.version if model else "")
+        return fallback_scores(source, req, cands, feats, model.version if model else "")
 
     def _apply_policy(
         self,
         req: optimizer_pb2.RecommendRequest,
         cands: list[policy.Candidate],
         feats: FeatureLookup,
-        scores: _Scores,
+        scores: Scores,
         now: float,
     ) -> optimizer_pb2.RecommendResponse:
-        amount = req.attempt.amount_minor
-        ranked = policy.rank_by_value(amount, cands, scores.p_approve)
-        chosen = policy.explore(ranked, self._config.exploration_rate, self._rng)
-        resp = optimizer_pb2.RecommendResponse(
-            request_id=req.request_id,
-            decision_source=scores.source,  # type: ignore[arg-type]
-            model_version=scores.model_version,
-            feature_age_ms=feats.age_ms(now),
-            explored=chosen.explored,
-            propensity=chosen.propensity,
-            rules_version=rules.RULES_VERSION,
-        )
-        for r in chosen.routes:
-            resp.routes.add(
-                route_id=r.route_id,
-                approval_probability=r.p_approve,
-                expected_value_minor=r.expected_value_minor,
-                cost_minor=r.cost_minor,
-            )
-        if req.prior_attempts:
-            self._advise_retry(req, cands, feats, scores, now, resp.retry)
-        return resp
+        return respond(req, cands, feats, scores, now, self._config.exploration_rate, self._rng)
 
-    def _advise_retry(
-        self,
-        req: optimizer_pb2.RecommendRequest,
-        cands: list[policy.Candidate],
-        feats: FeatureLookup,
-        scores: _Scores,
-        now: float,
-        out: optimizer_pb2.RetryAdvice,
-    ) -> None:
-        prior = req.prior_attempts
-        last = prior[-1]
-        card_merchant = feats.attempt_rows.get(Entity.CARD_MERCHANT) or {}
-        cma = feats.attempt_rows.get(Entity.CARD_MERCHANT_AMOUNT) or {}
-        # The request's own prior attempts count even before their outcomes reach the features.
-        counters = rules.RetryCounters(
-            card_merchant_reattempts_30d=max(int(card_merchant.get("reattempts_30d", 0.0)), len(prior) - 1),
-            card_merchant_amount_attempts_30d=max(int(cma.get("attempts_30d", 0.0)), len(prior)),
+
+def model_scores(rows: list[list[float]], model_version: str, buckets_s: Sequence[int]) -> Scores:
+    """Scores from a model's output rows (column 0 route, 1.. retry per delay bucket)."""
+    return Scores(
+        Source.DECISION_SOURCE_MODEL, [r[0] for r in rows], [r[1:] for r in rows], buckets_s, model_version
+    )
+
+
+def fallback_scores(
+    source: int,
+    req: optimizer_pb2.RecommendRequest,
+    cands: list[policy.Candidate],
+    feats: FeatureLookup,
+    model_version: str = "",
+) -> Scores:
+    """The transparent fallback: smoothed route success rates and the heuristic retry model."""
+    rates: list[tuple[float, float] | None] = []
+    for rows in feats.route_rows:
+        row = rows.get(Entity.ROUTE)
+        rate = None if row is None else (row.get("approval_rate_1h", 0.0), row.get("attempts_1h", 0.0))
+        # A corrupt (non-finite) value counts as no data rather than poisoning the ranking.
+        rates.append(rate if rate is not None and all(map(math.isfinite, rate)) else None)
+    p = policy.success_rate_scores(cands, rates)
+    p_retry: list[list[float]] = []
+    if req.prior_attempts:
+        last = req.prior_attempts[-1]
+        ids = [c.route_id for c in cands]
+        last_idx = ids.index(last.route_id) if last.route_id in ids else None
+        p_retry = policy.heuristic_retry_probabilities(
+            last.response_code, len(cands), last_idx, DELAY_BUCKETS_S
         )
-        decline = rules.Decline(
-            response_code=last.response_code,
-            mastercard_mac=last.mastercard_mac,
-            visa_category=int(last.visa_category),
-            attempted_at=last.attempted_at.seconds + last.attempted_at.nanos / 1e9,
+    return Scores(source, p, p_retry, DELAY_BUCKETS_S, model_version)
+
+
+def respond(
+    req: optimizer_pb2.RecommendRequest,
+    cands: list[policy.Candidate],
+    feats: FeatureLookup,
+    scores: Scores,
+    now: float,
+    exploration_rate: float,
+    rng: random.Random,
+) -> optimizer_pb2.RecommendResponse:
+    """The policy step: rank by value, explore, advise on a retry (pure; the simulator calls it too)."""
+    amount = req.attempt.amount_minor
+    ranked = policy.rank_by_value(amount, cands, scores.p_approve)
+    chosen = policy.explore(ranked, exploration_rate, rng)
+    resp = optimizer_pb2.RecommendResponse(
+        request_id=req.request_id,
+        decision_source=scores.source,  # type: ignore[arg-type]
+        model_version=scores.model_version,
+        feature_age_ms=feats.age_ms(now),
+        explored=chosen.explored,
+        propensity=chosen.propensity,
+        rules_version=rules.RULES_VERSION,
+    )
+    for r in chosen.routes:
+        resp.routes.add(
+            route_id=r.route_id,
+            approval_probability=r.p_approve,
+            expected_value_minor=r.expected_value_minor,
+            cost_minor=r.cost_minor,
         )
-        network = _NETWORK_NAMES.get(req.attempt.card.network, "other")
-        constraint = rules.evaluate_retry(network, decline, counters, now)
-        advice = policy.advise_retry(
-            req.attempt.amount_minor, cands, scores.p_retry, scores.buckets_s, constraint, now
-        )
-        out.action = _ACTIONS[advice.action]  # type: ignore[assignment]
-        out.route_id = advice.route_id
-        if advice.action != "do_not_retry":
-            out.retry_at.FromNanoseconds(int(advice.retry_at * 1e9))
-        out.recovery_probability = advice.p_recover
-        out.expected_value_minor = advice.expected_value_minor
-        out.rule_id = advice.rule_id
-        out.reason = advice.reason
+    if req.prior_attempts:
+        _advise_retry(req, cands, feats, scores, now, resp.retry)
+    return resp
+
+
+def _advise_retry(
+    req: optimizer_pb2.RecommendRequest,
+    cands: list[policy.Candidate],
+    feats: FeatureLookup,
+    scores: Scores,
+    now: float,
+    out: optimizer_pb2.RetryAdvice,
+) -> None:
+    prior = req.prior_attempts
+    last = prior[-1]
+    card_merchant = feats.attempt_rows.get(Entity.CARD_MERCHANT) or {}
+    cma = feats.attempt_rows.get(Entity.CARD_MERCHANT_AMOUNT) or {}
+    # The request's own prior attempts count even before their outcomes reach the features.
+    counters = rules.RetryCounters(
+        card_merchant_reattempts_30d=max(int(card_merchant.get("reattempts_30d", 0.0)), len(prior) - 1),
+        card_merchant_amount_attempts_30d=max(int(cma.get("attempts_30d", 0.0)), len(prior)),
+    )
+    decline = rules.Decline(
+        response_code=last.response_code,
+        mastercard_mac=last.mastercard_mac,
+        visa_category=int(last.visa_category),
+        attempted_at=last.attempted_at.seconds + last.attempted_at.nanos / 1e9,
+    )
+    network = _NETWORK_NAMES.get(req.attempt.card.network, "other")
+    constraint = rules.evaluate_retry(network, decline, counters, now)
+    buckets, p_retry = list(scores.buckets_s), scores.p_retry
+    if req.retry_window_s:
+        # The caller cannot retry after its window closes (a customer leaves the checkout): only
+        # the delays that fit in it are valued, and a rule-imposed wait past it means no retry.
+        deadline = decline.attempted_at + req.retry_window_s
+        keep = [b for b, d in enumerate(buckets) if now + d <= deadline]
+        buckets, p_retry = [buckets[b] for b in keep], [[row[b] for b in keep] for row in p_retry]
+        if constraint.allowed and (not keep or constraint.earliest_at > deadline):
+            constraint = rules.RetryConstraint(
+                False,
+                now,
+                constraint.rule_id,
+                f"no permitted retry time within the caller's {req.retry_window_s}s retry window"
+                + (f"; {constraint.reason}" if constraint.rule_id else ""),
+            )
+    advice = policy.advise_retry(req.attempt.amount_minor, cands, p_retry, buckets, constraint, now)
+    out.action = _ACTIONS[advice.action]  # type: ignore[assignment]
+    out.route_id = advice.route_id
+    if advice.action != "do_not_retry":
+        out.retry_at.FromNanoseconds(int(advice.retry_at * 1e9))
+    out.recovery_probability = advice.p_recover
+    out.expected_value_minor = advice.expected_value_minor
+    out.rule_id = advice.rule_id
+    out.reason = advice.reason
 
 
 def annotate(span: Span, resp: optimizer_pb2.RecommendResponse) -> None:

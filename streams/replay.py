@@ -18,7 +18,7 @@ from streams.processor import DEFAULT_LATENESS_S, DEFAULT_MAX_FUTURE_S, BatchRes
 from streams.replica import Materializer
 from streams.store import InMemoryFeatureStore
 
-__all__ = ["ReplayStats", "read_log", "replay", "write_log"]
+__all__ = ["FeatureReplay", "append_record", "ReplayStats", "read_log", "replay", "replay_final", "write_log"]
 
 
 def _write_varint(out: BinaryIO, value: int) -> None:
@@ -32,14 +32,18 @@ def _write_varint(out: BinaryIO, value: int) -> None:
             return
 
 
+def append_record(out: BinaryIO, raw: bytes) -> None:
+    """Append one serialized record to an open delimited log."""
+    _write_varint(out, len(raw))
+    out.write(raw)
+
+
 def write_log(path: Path, events: Iterable[events_pb2.AttemptEvent | bytes]) -> int:
     """Write events as a delimited log; returns how many were written."""
     n = 0
     with path.open("wb") as out:
         for event in events:
-            raw = event if isinstance(event, bytes) else event.SerializeToString()
-            _write_varint(out, len(raw))
-            out.write(raw)
+            append_record(out, event if isinstance(event, bytes) else event.SerializeToString())
             n += 1
     return n
 
@@ -80,6 +84,38 @@ class ReplayStats:
             self.dead[d.reason.value] = self.dead.get(d.reason.value, 0) + 1
 
 
+class FeatureReplay:
+    """Events in, features out, in one process: the worker's FeatureProcessor feeding the replica's
+    Materializer, with no broker in between. `store` is what a caught-up server would read."""
+
+    def __init__(
+        self,
+        *,
+        lateness_s: float | None = None,
+        max_future_s: float | None = None,
+        store: InMemoryFeatureStore | None = None,
+        stats: ReplayStats | None = None,
+    ) -> None:
+        self.store = store if store is not None else InMemoryFeatureStore()
+        self._states: dict[bytes, bytes | None] = {}
+        self._processor = FeatureProcessor(
+            self._states,
+            lateness_s=DEFAULT_LATENESS_S if lateness_s is None else lateness_s,
+            max_future_s=DEFAULT_MAX_FUTURE_S if max_future_s is None else max_future_s,
+        )
+        self._materializer = Materializer(self.store)
+        self._stats = stats
+
+    def apply(self, record: bytes) -> BatchResult:
+        """Apply one serialized AttemptEvent; a refused record (DeadReason) changes nothing."""
+        result = self._processor.process(0, [record], self._states.__setitem__)
+        for raw in result.snapshots.values():
+            self._materializer.apply_bytes(raw)
+        if self._stats is not None:
+            self._stats.add(result)
+        return result
+
+
 def replay(
     records: Iterable[bytes],
     *,
@@ -93,21 +129,10 @@ def replay(
     The store is live: read it before advancing the iterator. Refused records (see
     streams.processor.DeadReason) are yielded too, and then change nothing.
     """
-    store = store if store is not None else InMemoryFeatureStore()
-    states: dict[bytes, bytes | None] = {}
-    processor = FeatureProcessor(
-        states,
-        lateness_s=DEFAULT_LATENESS_S if lateness_s is None else lateness_s,
-        max_future_s=DEFAULT_MAX_FUTURE_S if max_future_s is None else max_future_s,
-    )
-    materializer = Materializer(store)
+    live = FeatureReplay(lateness_s=lateness_s, max_future_s=max_future_s, store=store, stats=stats)
     for record in records:
-        yield record, store
-        result = processor.process(0, [record], states.__setitem__)
-        for raw in result.snapshots.values():
-            materializer.apply_bytes(raw)
-        if stats is not None:
-            stats.add(result)
+        yield record, live.store
+        live.apply(record)
 
 
 def replay_final(

@@ -100,6 +100,7 @@ class RecommendRequest(_message.Message):
     CANDIDATES_FIELD_NUMBER: _builtins.int
     PRIOR_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LATENCY_BUDGET_MS_FIELD_NUMBER: _builtins.int
+    RETRY_WINDOW_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen idempotency key, 1-128 characters: the same id within the server's TTL returns
     the same decision.
@@ -107,6 +108,11 @@ class RecommendRequest(_message.Message):
     latency_budget_ms: _builtins.int
     """Time the caller allows the server to decide, in milliseconds; 0 uses the server default.
     The gRPC deadline, when shorter, wins.
+    """
+    retry_window_s: _builtins.int
+    """How long after the last prior attempt the caller can still retry this payment, in seconds
+    (e.g. 120 while a customer waits at checkout; days for a merchant-initiated subscription);
+    0 = no limit beyond the network rules. Retry advice never proposes a time outside it.
     """
     @_builtins.property
     def attempt(self) -> _attempt_pb2.Attempt:
@@ -128,10 +134,11 @@ class RecommendRequest(_message.Message):
         candidates: _abc.Iterable[_attempt_pb2.Route] | None = ...,
         prior_attempts: _abc.Iterable[_attempt_pb2.PriorAttempt] | None = ...,
         latency_budget_ms: _builtins.int = ...,
+        retry_window_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "candidates", b"candidates", "latency_budget_ms", b"latency_budget_ms", "prior_attempts", b"prior_attempts", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "candidates", b"candidates", "latency_budget_ms", b"latency_budget_ms", "prior_attempts", b"prior_attempts", "request_id", b"request_id", "retry_window_s", b"retry_window_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,16 @@
+"""The simulated payment world (config, ground truth, closed-loop play) and the policies it scores."""
+
+from model.sim.config import BUILTIN_WORLDS, WorldConfig, WorldConfigError, load_world, parse_world
+from model.sim.world import Belief, Outcome, Payment, World
+
+__all__ = [
+    "BUILTIN_WORLDS",
+    "Belief",
+    "Outcome",
+    "Payment",
+    "World",
+    "WorldConfig",
+    "WorldConfigError",
+    "load_world",
+    "parse_world",
+]

@@ -1,0 +1,357 @@
+"""The policies the simulator compares: industry baselines, the oracle, a logging policy, and authopt.
+
+- `Static`: the merchant's primary route; `Cheapest`: the lowest-cost route for the amount.
+- `SuccessRate`: success-rate routing as in Juspay's decision engine — per route × dimension (here
+  the card's BIN-6 issuer range) the outcome of the last N attempts, a route-level window when a
+  dimension has too few, ~5 % hedging (uniform exploration), and elimination of routes far below the
+  best from the hedge.
+- Retries of the baselines: a fixed ladder (`Ladder`): merchant-initiated payments on days 1, 7 and
+  21 after the first try (4 tries over 21 days); customer-initiated ones once, at once, on the same
+  route; never where the network rules forbid, never before a rule's minimum wait.
+- `Oracle`: the true probabilities (the simulator's `Belief`), exact value maximisation through the
+  server's own policy functions: the physical limit.
+- `Logging`: what produces training data: routes drawn at random (half uniform, half the primary),
+  retries at a random permitted delay bucket on a random route, every propensity known.
+- `Authopt`: the exported model through the server's code path (feature lookup, layout encoding,
+  `server.decision.respond`: ranking, exploration, network rules, retry advice).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from authopt.v1 import attempt_pb2, optimizer_pb2
+from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, LAYOUT_VERSION, encode_flat
+from model.sim.play import AttemptView, Decision, RetryPlan, attempt_message
+from model.sim.world import APPROVED, ERROR, Belief, Outcome
+from server import policy as server_policy
+from server import rules
+from server.decision import fallback_scores, model_scores, respond
+from server.features import attempt_context, lookup_features
+from server.models import LoadedModel, load_model
+from streams.contract import CONTRACT_HASH
+
+__all__ = [
+    "Authopt",
+    "Cheapest",
+    "Ladder",
+    "Logging",
+    "Oracle",
+    "Static",
+    "SuccessRate",
+    "load_policy_model",
+]
+
+_DAY = 86_400
+_NETWORK_NAME = {1: "visa", 2: "mastercard"}
+Source = optimizer_pb2.DecisionSource
+
+
+def _network(view: AttemptView) -> str:
+    return _NETWORK_NAME.get(int(view.world.card_network[view.payment.card]), "other")
+
+
+def _constraint(view: AttemptView) -> rules.RetryConstraint | None:
+    """What the rules permit after the last attempt (None: it was an error, no decline)."""
+    last = view.history[-1]
+    if last.outcome.status == ERROR:
+        return None
+    decline = rules.Decline(last.outcome.response_code, last.outcome.mastercard_mac, 0, last.at)
+    return rules.evaluate_retry(_network(view), decline, view.counters(view.now), view.now)
+
+
+def _deadline(view: AttemptView) -> float:
+    return view.history[0].at + view.retry_window_s
+
+
+class Ladder:
+    """Fixed retry ladder (see the module docstring); `offsets_days` after the first try."""
+
+    def __init__(self, offsets_days: tuple[float, ...] = (1, 7, 21)) -> None:
+        self.offsets_days = offsets_days
+
+    def retry(self, view: AttemptView) -> RetryPlan | None:
+        last = view.history[-1]
+        c = _constraint(view)
+        if c is not None and not c.allowed:
+            return None
+        earliest = view.now if c is None else c.earliest_at
+        if not view.payment.recurring:
+            return RetryPlan(last.route, view.now) if view.number == 1 and earliest <= view.now else None
+        k = view.number - 1
+        if k >= len(self.offsets_days):
+            return None
+        at = max(view.history[0].at + self.offsets_days[k] * _DAY, earliest)
+        return RetryPlan(last.route, at) if at <= _deadline(view) else None
+
+
+class _Base:
+    name = "base"
+    uses_features = False
+
+    def __init__(self) -> None:
+        self.ladder = Ladder()
+
+    def retry(self, view: AttemptView) -> RetryPlan | None:
+        return self.ladder.retry(view)
+
+    def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
+        return None
+
+
+class Static(_Base):
+    name = "static"
+
+    def route(self, view: AttemptView) -> Decision:
+        primary = view.world.merchant_primary[view.payment.merchant]
+        return Decision(primary if primary in view.routes else view.routes[0])
+
+
+class Cheapest(_Base):
+    name = "cheapest"
+
+    def route(self, view: AttemptView) -> Decision:
+        w = view.world
+        return Decision(min(view.routes, key=lambda r: (w.cost_minor(r, view.payment.amount_minor), r)))
+
+
+class SuccessRate(_Base):
+    """Juspay-style success-rate routing with hedging and elimination (see the module docstring)."""
+
+    name = "success-rate"
+
+    def __init__(
+        self,
+        *,
+        window: int = 200,
+        min_samples: int = 20,
+        hedging: float = 0.05,
+        elimination_gap: float = 0.15,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.window, self.min_samples = window, min_samples
+        self.hedging, self.elimination_gap = hedging, elimination_gap
+        self.rng = random.Random(seed)
+        self.by_dim: dict[tuple[int, str], deque[int]] = {}
+        self.by_route: dict[int, deque[int]] = {}
+
+    def _dim(self, view: AttemptView) -> str:
+        return view.world.card_bin[view.payment.card][:6]
+
+    def _score(self, route: int, dim: str) -> float:
+        d = self.by_dim.get((route, dim))
+        if d is not None and len(d) >= self.min_samples:
+            return sum(d) / len(d)
+        r = self.by_route.get(route)
+        if r is not None and len(r) >= self.min_samples:
+            return sum(r) / len(r)
+        return 0.8
+
+    def route(self, view: AttemptView) -> Decision:
+        dim = self._dim(view)
+        scores = {r: self._score(r, dim) for r in view.routes}
+        best = max(view.routes, key=lambda r: (scores[r], -view.routes.index(r)))
+        active = [r for r in view.routes if scores[r] >= scores[best] - self.elimination_gap] or [best]
+        k = len(active)
+        if self.rng.random() < self.hedging:
+            pick = active[self.rng.randrange(k)]
+        else:
+            pick = best
+        p = (1 - self.hedging) * (pick == best) + self.hedging / k
+        return Decision(pick, p, pick != best)
+
+    def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
+        ok = int(outcome.status == APPROVED)
+        key = (route, self._dim(view))
+        self.by_dim.setdefault(key, deque(maxlen=self.window)).append(ok)
+        self.by_route.setdefault(route, deque(maxlen=self.window)).append(ok)
+
+
+def _candidates(view: AttemptView) -> list[server_policy.Candidate]:
+    w = view.world
+    return [
+        server_policy.Candidate(w.route_ids[r], int(w.route_cost_bps[r]), int(w.route_fixed[r]))
+        for r in view.routes
+    ]
+
+
+def _window_buckets(view: AttemptView) -> list[int]:
+    """The delay buckets that fit in the payment's retry window (what the server keeps, too)."""
+    return [d for d in DELAY_BUCKETS_S if view.now + d <= _deadline(view)]
+
+
+class Oracle(_Base):
+    """Knows the true conditional probabilities; routes and retries by exact expected value."""
+
+    name = "oracle"
+
+    def route(self, view: AttemptView) -> Decision:
+        p = view.world.p_approve(view.payment, view.routes, view.now, view.belief)
+        ranked = server_policy.rank_by_value(view.payment.amount_minor, _candidates(view), p)
+        return Decision(view.world.route_index[ranked[0].route_id])
+
+    def retry(self, view: AttemptView) -> RetryPlan | None:
+        c = _constraint(view)
+        if c is None:
+            c = rules.RetryConstraint(True, view.now, "", "error: retry permitted")
+        buckets = _window_buckets(view)
+        if not c.allowed or not buckets or c.earliest_at > _deadline(view):
+            return None
+        w, pay = view.world, view.payment
+        p_retry = [[0.0] * len(buckets) for _ in view.routes]
+        for b, d in enumerate(buckets):
+            when = max(view.now + d, c.earliest_at)
+            for i, prob in enumerate(w.p_approve(pay, view.routes, when, replace(view.belief))):
+                p_retry[i][b] = prob
+        advice = server_policy.advise_retry(
+            pay.amount_minor, _candidates(view), p_retry, buckets, c, view.now
+        )
+        if advice.action == "do_not_retry":
+            return None
+        return RetryPlan(w.route_index[advice.route_id], advice.retry_at)
+
+
+class Logging(_Base):
+    """The exploring policy whose logs train the model (see the module docstring)."""
+
+    name = "logging"
+
+    def __init__(self, *, uniform: float = 0.5, retry_share: float = 0.85, seed: int = 0) -> None:
+        super().__init__()
+        self.uniform, self.retry_share = uniform, retry_share
+        self.rng = random.Random(seed)
+
+    def route(self, view: AttemptView) -> Decision:
+        primary = view.world.merchant_primary[view.payment.merchant]
+        if primary not in view.routes:
+            primary = view.routes[0]
+        k = len(view.routes)
+        pick = view.routes[self.rng.randrange(k)] if self.rng.random() < self.uniform else primary
+        return Decision(pick, (1 - self.uniform) * (pick == primary) + self.uniform / k, pick != primary)
+
+    def retry(self, view: AttemptView) -> RetryPlan | None:
+        c = _constraint(view)
+        if (c is not None and not c.allowed) or self.rng.random() >= self.retry_share:
+            return None
+        earliest = view.now if c is None else c.earliest_at
+        buckets = [d for d in _window_buckets(view) if view.now + d >= earliest]
+        if not buckets:
+            return None
+        d = buckets[self.rng.randrange(len(buckets))]
+        return RetryPlan(view.routes[self.rng.randrange(len(view.routes))], view.now + d)
+
+
+def load_policy_model(model_dir: Path) -> LoadedModel:
+    """Load the newest version under `model_dir` (or `model_dir` itself if it is a version) as the
+    server would: manifest checked against this code's contract and layout."""
+    model_dir = Path(model_dir)
+    version = model_dir if (model_dir / "manifest.json").is_file() else None
+    if version is None:
+        versions = (
+            sorted(p for p in model_dir.iterdir() if (p / "manifest.json").is_file())
+            if model_dir.is_dir()
+            else []
+        )
+        if not versions:
+            raise FileNotFoundError(f"no model version (a directory with manifest.json) under {model_dir}")
+        version = versions[-1]
+    return load_model(
+        version,
+        expected_contract_hash=CONTRACT_HASH,
+        expected_layout=INPUT_LAYOUT,
+        expected_layout_version=LAYOUT_VERSION,
+        device=torch.device("cpu"),
+        warmup_batch_sizes=(1,),
+    )
+
+
+class Authopt:
+    """The trained model through the server's decision code. `retries="model"` follows the retry
+    advice; `"ladder"` keeps authopt's routing but retries on the fixed ladder (to isolate the value
+    of each part)."""
+
+    uses_features = True
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        exploration_rate: float = 0.02,
+        feature_max_age_s: float = 6 * 3600,
+        retries: str = "model",
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.exploration_rate = exploration_rate
+        self.feature_max_age_s = feature_max_age_s
+        self.retries = retries
+        self.name = "authopt" if retries == "model" else "authopt+ladder"
+        self.rng = random.Random(seed)
+        self.ladder = Ladder()
+
+    def request(self, view: AttemptView, *, with_history: bool) -> optimizer_pb2.RecommendRequest:
+        w, pay = view.world, view.payment
+        number = view.number + 1 if with_history else view.number
+        req = optimizer_pb2.RecommendRequest(request_id=f"pay-{pay.index}-{number}")
+        req.attempt.CopyFrom(attempt_message(w, pay, number))
+        for tried in view.history if with_history else view.history[: view.number - 1]:
+            prior = req.prior_attempts.add(
+                route_id=w.route_ids[tried.route],
+                response_code=tried.outcome.response_code,
+                mastercard_mac=tried.outcome.mastercard_mac,
+            )
+            prior.attempted_at.FromNanoseconds(int(tried.at * 1e9))
+        if req.prior_attempts:
+            remaining = _deadline(view) - view.history[-1].at
+            req.retry_window_s = max(1, int(remaining))
+        return req
+
+    def decide(
+        self, view: AttemptView, req: optimizer_pb2.RecommendRequest
+    ) -> optimizer_pb2.RecommendResponse:
+        cands = _candidates(view)
+        assert view.store is not None
+        feats = lookup_features(view.store, req.attempt, [c.route_id for c in cands])
+        now = view.now
+        stale = feats.oldest_as_of is not None and now - feats.oldest_as_of > self.feature_max_age_s
+        if feats.routes_known == 0 or stale:
+            scores = fallback_scores(
+                Source.DECISION_SOURCE_FALLBACK_FEATURES, req, cands, feats, self.model.version
+            )
+        else:
+            ctx = attempt_context(req.attempt, req.prior_attempts, at=now)
+            routes = [(c.route_id, c.cost_bps, rows) for c, rows in zip(cands, feats.route_rows, strict=True)]
+            x = torch.frombuffer(encode_flat(ctx, routes, feats.attempt_rows), dtype=torch.float32)
+            out = self.model.infer(x.view(len(routes), -1))
+            scores = model_scores(out.tolist(), self.model.version, self.model.manifest.delay_buckets_s)
+        return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng)
+
+    def route(self, view: AttemptView) -> Decision:
+        resp = self.decide(view, self.request(view, with_history=False))
+        source = optimizer_pb2.DecisionSource.Name(resp.decision_source).removeprefix("DECISION_SOURCE_")
+        return Decision(
+            view.world.route_index[resp.routes[0].route_id], resp.propensity, resp.explored, source
+        )
+
+    def retry(self, view: AttemptView) -> RetryPlan | None:
+        if self.retries == "ladder":
+            return self.ladder.retry(view)
+        resp = self.decide(view, self.request(view, with_history=True))
+        advice = resp.retry
+        if advice.action == optimizer_pb2.RETRY_ACTION_RETRY_NOW:
+            return RetryPlan(view.world.route_index[advice.route_id], view.now)
+        if advice.action == optimizer_pb2.RETRY_ACTION_RETRY_AT:
+            return RetryPlan(view.world.route_index[advice.route_id], advice.retry_at.ToNanoseconds() / 1e9)
+        return None
+
+    def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
+        return None
+
+
+_ = (Belief, attempt_pb2)
