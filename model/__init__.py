@@ -18,7 +18,7 @@ from model.layout import (
     encode_flat,
     encode_rows,
 )
-from model.net import ApprovalNet
+from model.net import ApprovalNet, layout_categorical_groups
 
 __all__ = [
     "DELAY_BUCKETS_S",
@@ -35,5 +35,6 @@ __all__ = [
     "export_model",
     "make_tiny_artifact",
     "quiet_torchscript_deprecation",
+    "layout_categorical_groups",
     "tiny_model",
 ]

@@ -5,6 +5,10 @@ declined payment is retried on this route after ``DELAY_BUCKETS_S[b]`` seconds. 
 a route head and a retry head, so the retry estimates share what the trunk learned about the route and
 the issuer. Inputs are normalized inside the module (mean/std buffers) so that the exported artifact
 takes raw `model.layout` rows and the server never needs a separate preprocessing step.
+
+Optionally, the one-hot groups of the layout (network, funding, ...) are replaced by small learned
+embeddings, and a per-column Platt calibration (``sigmoid(logit * scale + bias)``) fitted after
+training is applied by `forward`, so the exported artifact serves calibrated probabilities.
 """
 
 from collections.abc import Sequence
@@ -13,41 +17,135 @@ from typing import Final
 import torch
 from torch import nn
 
-__all__ = ["ApprovalNet"]
+__all__ = ["CATEGORICAL_FIELDS", "ApprovalNet", "layout_categorical_groups"]
 
 _MIN_STD = 1e-6
+
+# Last name component of the layout's one-hot fields: `attempt.network.visa` is category `visa` of
+# field `attempt.network`. `attempt.network_token` is a plain input (its field would be `attempt`).
+CATEGORICAL_FIELDS: tuple[str, ...] = (
+    "network",
+    "funding",
+    "channel",
+    "initiator",
+    "last_decline",
+    "last_decline_class",
+)
+
+
+def layout_categorical_groups(layout: Sequence[str]) -> list[list[int]]:
+    """The one-hot groups of `layout`: per categorical field, its ``<field>.<category>`` input indices.
+
+    Groups are in order of first appearance, indices ascending. Use it as
+    ``ApprovalNet(..., categorical_groups=layout_categorical_groups(INPUT_LAYOUT))``.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(layout):
+        field, dot, category = name.rpartition(".")
+        if dot and category and field.rpartition(".")[2] in CATEGORICAL_FIELDS:
+            groups.setdefault(field, []).append(i)
+    return list(groups.values())
+
+
+def _check_groups(groups: Sequence[Sequence[int]], n_inputs: int) -> list[list[int]]:
+    out = [[int(i) for i in g] for g in groups]
+    seen: set[int] = set()
+    for g in out:
+        if not g:
+            raise ValueError("categorical group must name at least one input column")
+        for i in g:
+            if not 0 <= i < n_inputs:
+                raise ValueError(f"categorical group column {i} is outside [0, {n_inputs})")
+            if i in seen:
+                raise ValueError(f"input column {i} appears in more than one categorical group (or twice)")
+            seen.add(i)
+    return out
 
 
 class ApprovalNet(nn.Module):
     """A small MLP: float32 ``[N, n_inputs]`` → probabilities float32 ``[N, 1 + n_buckets]``.
 
-    TorchScript-scriptable; `logits` is the pre-sigmoid output for training with
-    ``BCEWithLogitsLoss`` (numerically stable), `forward` is what gets exported and served.
+    TorchScript-scriptable; `logits` is the pre-sigmoid, uncalibrated output for training with
+    ``BCEWithLogitsLoss`` (numerically stable), `forward` is what gets exported and served
+    (calibrated: ``sigmoid(logits * cal_scale + cal_bias)`` per column).
+
+    `categorical_groups` lists, per one-hot field, its input columns. Each field becomes an index
+    (the hot column, or "none" when all of its columns are 0) looked up in an embedding of
+    `embed_dim` values; the trunk sees the normalized other columns followed by the embeddings.
     """
 
     n_inputs: Final[int]
     n_buckets: Final[int]
+    n_groups: Final[int]
+    max_group: Final[int]
+    n_slots: Final[int]
     mean: torch.Tensor
     std: torch.Tensor
+    cal_scale: torch.Tensor
+    cal_bias: torch.Tensor
+    numeric_cols: torch.Tensor
+    group_cols: torch.Tensor
+    group_valid: torch.Tensor
+    group_sizes: torch.Tensor
+    group_offsets: torch.Tensor
+    group_block: torch.Tensor
 
-    def __init__(self, n_inputs: int, n_buckets: int, hidden: int = 64) -> None:
+    def __init__(
+        self,
+        n_inputs: int,
+        n_buckets: int,
+        hidden: int = 64,
+        *,
+        categorical_groups: Sequence[Sequence[int]] = (),
+        embed_dim: int = 4,
+    ) -> None:
         super().__init__()
-        if n_inputs < 1 or n_buckets < 0 or hidden < 1:
+        if n_inputs < 1 or n_buckets < 0 or hidden < 1 or embed_dim < 1:
             raise ValueError(
-                f"bad ApprovalNet shape: n_inputs={n_inputs} n_buckets={n_buckets} hidden={hidden}"
+                f"bad ApprovalNet shape: n_inputs={n_inputs} n_buckets={n_buckets} hidden={hidden} "
+                f"embed_dim={embed_dim}"
             )
+        groups = _check_groups(categorical_groups, n_inputs)
+        grouped = {i for g in groups for i in g}
+        numeric = [i for i in range(n_inputs) if i not in grouped]
         self.n_inputs = n_inputs
         self.n_buckets = n_buckets
+        self.n_groups = len(groups)
+        self.max_group = max((len(g) for g in groups), default=0)
         self.register_buffer("mean", torch.zeros(n_inputs, dtype=torch.float32))
         self.register_buffer("std", torch.ones(n_inputs, dtype=torch.float32))
+        self.register_buffer("cal_scale", torch.ones(1 + n_buckets, dtype=torch.float32))
+        self.register_buffer("cal_bias", torch.zeros(1 + n_buckets, dtype=torch.float32))
+        # Groups as one padded [G, max_group] gather: padding points at column 0 and is masked out.
+        cols = torch.zeros(self.n_groups, self.max_group, dtype=torch.int64)
+        valid = torch.zeros(self.n_groups, self.max_group, dtype=torch.bool)
+        for k, g in enumerate(groups):
+            cols[k, : len(g)] = torch.tensor(g, dtype=torch.int64)
+            valid[k, : len(g)] = True
+        sizes = [len(g) for g in groups]
+        offsets = [sum(n + 1 for n in sizes[:k]) for k in range(len(sizes))]
+        self.n_slots = sum(n + 1 for n in sizes)
+        # [n_slots, G * embed_dim]: slot rows of group k feed only embedding k's output columns.
+        block = torch.zeros(self.n_slots, self.n_groups, embed_dim, dtype=torch.float32)
+        for k, n in enumerate(sizes):
+            block[offsets[k] : offsets[k] + n + 1, k, :] = 1.0
+        self.register_buffer("numeric_cols", torch.tensor(numeric, dtype=torch.int64))
+        self.register_buffer("group_cols", cols.reshape(-1))
+        self.register_buffer("group_valid", valid)
+        self.register_buffer("group_sizes", torch.tensor(sizes, dtype=torch.int64))
+        self.register_buffer("group_offsets", torch.tensor(offsets, dtype=torch.int64))
+        self.register_buffer("group_block", block.reshape(self.n_slots, self.n_groups * embed_dim))
+        trunk_in = len(numeric) + self.n_groups * embed_dim
         self.trunk = nn.Sequential(
-            nn.Linear(n_inputs, hidden),
+            nn.Linear(trunk_in, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
             nn.ReLU(),
         )
         self.route_head = nn.Linear(hidden, 1)
         self.retry_head = nn.Linear(hidden, n_buckets)
+        # Created last so that a net without groups initializes exactly as before embeddings existed.
+        self.embedding: nn.Embedding | None = nn.Embedding(self.n_slots, embed_dim) if groups else None
 
     @torch.jit.unused
     def set_normalization(
@@ -56,6 +154,7 @@ class ApprovalNet(nn.Module):
         """Set the per-input mean and std (e.g. from the training split).
 
         A (near-)zero std — a constant feature — is replaced by 1 so it is only centred.
+        Columns of categorical groups are not normalized (their raw 0/1 values pick the embedding).
         """
         m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
         s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
@@ -70,15 +169,46 @@ class ApprovalNet(nn.Module):
             self.mean.copy_(m)
             self.std.copy_(s)
 
+    @torch.jit.unused
+    def set_calibration(
+        self, scale: torch.Tensor | Sequence[float], bias: torch.Tensor | Sequence[float]
+    ) -> None:
+        """Set the per-output-column Platt calibration: ``p = sigmoid(logit * scale + bias)``."""
+        a = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        b = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
+        n = 1 + self.n_buckets
+        if a.numel() != n or b.numel() != n:
+            raise ValueError(
+                f"calibration needs {n} values (1 + n_buckets), got scale {a.numel()} and bias {b.numel()}"
+            )
+        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+            raise ValueError("calibration scale/bias must be finite")
+        with torch.no_grad():
+            self.cal_scale.copy_(a)
+            self.cal_bias.copy_(b)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-sigmoid outputs ``[N, 1 + n_buckets]``."""
+        """Pre-sigmoid, uncalibrated outputs ``[N, 1 + n_buckets]``."""
         if x.dim() != 2 or x.size(1) != self.n_inputs:
             raise ValueError(
                 "ApprovalNet expects input [N, " + str(self.n_inputs) + "], got " + str(list(x.shape))
             )
-        h = self.trunk((x - self.mean) / self.std)
+        z = (x - self.mean) / self.std
+        if self.embedding is not None:
+            n = x.size(0)
+            hot = x.index_select(1, self.group_cols).reshape(n, self.n_groups, self.max_group)
+            present = (hot != 0) & self.group_valid
+            idx = torch.argmax(hot.masked_fill(~self.group_valid, float("-inf")), dim=2)
+            idx = torch.where(present.any(dim=2), idx, self.group_sizes)
+            # One-hot over all groups' slots times a block-diagonal table: the same numbers as an
+            # embedding lookup, but matmuls forward and backward (a lookup's backward is 2x slower).
+            slots = torch.zeros(n, self.n_slots, dtype=x.dtype, device=x.device)
+            slots = slots.scatter_(1, idx + self.group_offsets, 1.0)
+            emb = slots @ (self.embedding.weight.repeat(1, self.n_groups) * self.group_block)
+            z = torch.cat([z.index_select(1, self.numeric_cols), emb], dim=1)
+        h = self.trunk(z)
         return torch.cat([self.route_head(h), self.retry_head(h)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities ``[N, 1 + n_buckets]``: column 0 route, columns 1.. retry per delay bucket."""
-        return torch.sigmoid(self.logits(x))
+        """Calibrated probabilities ``[N, 1 + n_buckets]``: column 0 route, columns 1.. retry per bucket."""
+        return torch.sigmoid(self.logits(x) * self.cal_scale + self.cal_bias)

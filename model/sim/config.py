@@ -125,7 +125,9 @@ class CardsConfig(_Strict):
     paydays: list[Annotated[int, Field(ge=1, le=28)]] = Field(default_factory=lambda: [1, 15], min_length=1)
     low_fraction_debit: Probability = Field(0.08, description="funds left just before payday, debit/prepaid")
     low_fraction_credit: Probability = Field(0.6, description="credit left just before payday, credit")
-    repeat_zipf: float = Field(1.1, gt=1, le=4, description="Zipf exponent of how often a card pays")
+    card_skew: float = Field(
+        1.5, ge=1, le=4, description="card popularity: rank = count x u^skew (1 = uniform; higher = more repeat)"
+    )
 
     @model_validator(mode="after")
     def _funding_sums(self) -> CardsConfig:

@@ -261,7 +261,7 @@ class World:
         self.card_fingerprint = [
             f"fp_{(salt ^ (k * 0x9E3779B97F4A7C15)) & (2**64 - 1):016x}" for k in range(n)
         ]
-        # Popularity: a Zipf-like law over a random order, so some cards pay often.
+        # Popularity over a random order (see CardsConfig.card_skew), so some cards pay often.
         self._card_order = rng.permutation(n)
 
     def _episodes(
@@ -317,7 +317,7 @@ class World:
         at = np.sort(np.concatenate(times)[:n]) + self.t0
         merchant = rng.choice(len(self.merchant_ids), size=n, p=self.merchant_share)
         n_cards = self.config.cards.count
-        rank = (rng.zipf(self.config.cards.repeat_zipf, size=n) - 1) % n_cards
+        rank = np.minimum((n_cards * rng.random(n) ** self.config.cards.card_skew).astype(np.int64), n_cards - 1)
         card = self._card_order[rank]
         recurring = np.array(
             [rng.random() < self.config.merchants[m].recurring_share for m in merchant.tolist()], dtype=bool

@@ -1,0 +1,155 @@
+"""Training rows from an event log, through the streams' own feature code, point in time.
+
+The log is what the server publishes on `authopt.attempts.v1` (length-delimited `AttemptEvent`s in
+the order they were accepted). Every attempt gives a route-head row (output column 0): the features
+as they stood just before it (`streams.replay.FeatureReplay`: only earlier events are in them), its
+payment's earlier attempts as prior attempts, the route it used, and whether it was approved. Every
+decline that the logging policy retried after exactly one of the model's delay buckets gives a
+retry-head row (column 1 + b): the features just after the decline was reported (when the server
+advises), the payment's attempts so far, the route of the retry, and whether the retry was approved.
+The encoding is `model.layout.encode_flat` with `server.features.lookup_features` and
+`attempt_context`: byte for byte what the server computes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from authopt.v1 import attempt_pb2, events_pb2
+from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, encode_flat
+from model.train import TrainingSet
+from server.features import attempt_context, lookup_features
+from streams.replay import FeatureReplay, ReplayStats
+
+__all__ = ["DatasetSummary", "build_training_set", "prior_of"]
+
+_APPROVED = attempt_pb2.OUTCOME_STATUS_APPROVED
+_BUCKET_TOLERANCE_S = 1.0
+
+
+@dataclass
+class DatasetSummary:
+    events: int = 0
+    route_rows: int = 0
+    retry_rows: int = 0
+    retry_rows_by_bucket: dict[int, int] = field(default_factory=dict)
+    approved_share: float = 0.0
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    first_event_at: float = 0.0
+    last_event_at: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "events": self.events,
+            "route_rows": self.route_rows,
+            "retry_rows": self.retry_rows,
+            "retry_rows_by_bucket_s": {str(DELAY_BUCKETS_S[b]): n for b, n in sorted(self.retry_rows_by_bucket.items())},
+            "approved_share": round(self.approved_share, 6),
+            "dead_letters": dict(self.dead_letters),
+            "first_event_at": self.first_event_at,
+            "last_event_at": self.last_event_at,
+        }
+
+
+def prior_of(outcome: attempt_pb2.AttemptOutcome) -> attempt_pb2.PriorAttempt:
+    """An earlier attempt as a Recommend request carries it."""
+    prior = attempt_pb2.PriorAttempt(
+        route_id=outcome.route_id,
+        response_code=outcome.response_code,
+        mastercard_mac=outcome.mastercard_mac,
+        visa_category=outcome.visa_category,
+    )
+    prior.attempted_at.CopyFrom(outcome.attempted_at)
+    return prior
+
+
+def _seconds(ts: object) -> float:
+    return ts.seconds + ts.nanos / 1e9  # type: ignore[attr-defined, no-any-return]
+
+
+def _bucket(delay_s: float) -> int | None:
+    for b, d in enumerate(DELAY_BUCKETS_S):
+        if abs(delay_s - d) <= _BUCKET_TOLERANCE_S:
+            return b
+    return None
+
+
+def build_training_set(
+    records: Iterable[bytes],
+    route_cost_bps: Mapping[str, int],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[TrainingSet, DatasetSummary]:
+    """Rows for the route head and the retry head (see the module docstring).
+
+    `route_cost_bps` gives each route's variable cost (a layout input the log does not carry).
+    """
+    raw = list(records)
+    events = []
+    for r in raw:
+        e = events_pb2.AttemptEvent()
+        e.ParseFromString(r)
+        events.append(e)
+    # The attempt that followed each attempt of the same payment (the log is in time order).
+    following: dict[int, int] = {}
+    last_of: dict[str, int] = {}
+    for i, e in enumerate(events):
+        pay = e.outcome.request_id
+        if pay in last_of:
+            following[last_of[pay]] = i
+        last_of[pay] = i
+
+    width = len(INPUT_LAYOUT)
+    xs: list[float] = []
+    cols: list[int] = []
+    ys: list[float] = []
+    stats = ReplayStats()
+    live = FeatureReplay(lateness_s=float("inf"), max_future_s=float("inf"), stats=stats)
+    history: dict[str, list[attempt_pb2.PriorAttempt]] = defaultdict(list)
+    summary = DatasetSummary(events=len(events))
+    approved = 0
+
+    def row(attempt: attempt_pb2.Attempt, priors: list[attempt_pb2.PriorAttempt], route: str, at: float) -> None:
+        ctx = attempt_context(attempt, priors, at=at)
+        feats = lookup_features(live.store, attempt, [route])
+        xs.extend(encode_flat(ctx, [(route, route_cost_bps.get(route, 0), feats.route_rows[0])], feats.attempt_rows))
+
+    for i, (record, e) in enumerate(zip(raw, events, strict=True)):
+        o = e.outcome
+        at = _seconds(o.attempted_at)
+        priors = history[o.request_id]
+        attempt = attempt_pb2.Attempt()
+        attempt.CopyFrom(o.attempt)
+        row(attempt, priors, o.route_id, at)
+        cols.append(0)
+        ok = o.status == _APPROVED
+        ys.append(1.0 if ok else 0.0)
+        approved += ok
+        live.apply(record)
+        priors.append(prior_of(o))
+        j = following.get(i)
+        if j is not None and not ok:
+            nxt = events[j].outcome
+            b = _bucket(_seconds(nxt.attempted_at) - at)
+            if b is not None:
+                attempt.attempt_number = len(priors) + 1
+                row(attempt, priors, nxt.route_id, at)
+                cols.append(1 + b)
+                ys.append(1.0 if nxt.status == _APPROVED else 0.0)
+                summary.retry_rows_by_bucket[b] = summary.retry_rows_by_bucket.get(b, 0) + 1
+        if progress is not None:
+            progress(i + 1)
+    summary.route_rows = cols.count(0)
+    summary.retry_rows = len(cols) - summary.route_rows
+    summary.approved_share = approved / len(events) if events else 0.0
+    summary.dead_letters = dict(stats.dead)
+    if events:
+        summary.first_event_at = _seconds(events[0].outcome.attempted_at)
+        summary.last_event_at = _seconds(events[-1].outcome.attempted_at)
+    x = np.frombuffer(np.array(xs, dtype=np.float32).tobytes(), dtype=np.float32).reshape(-1, width)
+    data = TrainingSet(x=x, column=np.array(cols, dtype=np.int64), y=np.array(ys, dtype=np.float32))
+    return data, summary
