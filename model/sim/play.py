@@ -35,6 +35,7 @@ class Decision:
     propensity: float = 1.0
     explored: bool = False
     source: str = ""
+    p_approve: float = -1.0  # the policy's own estimate for the chosen route (-1: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,8 @@ class PlayResult:
     first_propensity: list[float] = field(default_factory=list)
     first_p_true: list[float] = field(default_factory=list)  # true P(approve) of the chosen route
     first_best_p_true: list[float] = field(default_factory=list)
+    first_p_model: list[float] = field(default_factory=list)  # the policy's estimate, -1 when none
+    first_value: list[float] = field(default_factory=list)  # approved amount - cost, first attempt
     cross_border: list[bool] = field(default_factory=list)
     recurring: list[bool] = field(default_factory=list)
     network: list[int] = field(default_factory=list)
@@ -173,16 +176,21 @@ def play(
     *,
     payments: list[Payment] | None = None,
     log: BinaryIO | None = None,
-    on_first: Callable[[AttemptView, Decision, Outcome], None] | None = None,
+    on_decision: Callable[[AttemptView, Decision], None] | None = None,
+    features: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> PlayResult:
-    """Play every payment under `policy`; returns the facts. `log` receives the delimited events."""
+    """Play every payment under `policy`; returns the facts.
+
+    `log` receives the delimited AttemptEvents; `on_decision` sees each first attempt's decision
+    before it is played (with the features as they stood); `features` keeps features even for a
+    policy that does not read them (for off-policy evaluation of one that does).
+    """
     pays = world.payments() if payments is None else payments
     tc = world.config.traffic
     result = PlayResult(policy.name, world.config.name, world.seed, payments=len(pays))
-    features = (
-        FeatureReplay(lateness_s=float("inf"), max_future_s=float("inf")) if policy.uses_features else None
-    )
+    live = policy.uses_features or features
+    replay = FeatureReplay(lateness_s=float("inf"), max_future_s=float("inf")) if live else None
     counters = _Counters()
     heap: list[tuple[float, int, int, int, int]] = [(p.at, p.index, 0, 1, -1) for p in pays]
     heapq.heapify(heap)
@@ -200,6 +208,8 @@ def play(
     result.first_propensity = [1.0] * n
     result.first_p_true = [0.0] * n
     result.first_best_p_true = [0.0] * n
+    result.first_p_model = [-1.0] * n
+    result.first_value = [0.0] * n
     result.at = [p.at for p in pays]
     result.recurring = [p.recurring for p in pays]
     result.network = [int(world.card_network[p.card]) for p in pays]
@@ -214,7 +224,7 @@ def play(
         window = tc.cit_patience_s if not p.recurring else tc.mit_patience_days * _DAY
         view = AttemptView(
             world, p, number, now, world.eligible_routes(p), history[j], beliefs[j],
-            features.store if features else None, lambda t, p=p: counters.at(p, t), window,
+            replay.store if replay else None, lambda t, p=p: counters.at(p, t), window,
         )  # fmt: skip
         if planned < 0:
             decision = policy.route(view)
@@ -231,6 +241,9 @@ def play(
             result.first_propensity[j] = decision.propensity
             result.first_p_true[j] = truth[view.routes.index(route)]
             result.first_best_p_true[j] = max(truth)
+            result.first_p_model[j] = decision.p_approve
+            if on_decision is not None:
+                on_decision(view, decision)
         outcome = world.attempt(p, route, now, world.draws(p, number), beliefs[j])
         counters.add(p, number, now)
         history[j].append(Tried(route, now, outcome))
@@ -238,15 +251,16 @@ def play(
         result.cost[j] += world.cost_minor(route, p.amount_minor)
         if number > 1:
             result.fees[j] += world.config.retry_fee_minor
-        record = _event(world, p, number, route, now, outcome) if (features or log) else b""
+        record = _event(world, p, number, route, now, outcome) if (replay or log) else b""
         if log is not None:
             append_record(log, record)
-        if features is not None:
-            features.apply(record)
+        if replay is not None:
+            replay.apply(record)
         result.events += 1
         policy.observe(view, route, outcome)
-        if number == 1 and on_first is not None:
-            on_first(view, decision, outcome)
+        if number == 1:
+            cost = world.cost_minor(route, p.amount_minor)
+            result.first_value[j] = (p.amount_minor if outcome.status == APPROVED else 0.0) - cost
         if outcome.status == APPROVED:
             result.final_approved[j] = True
             result.first_approved[j] = number == 1
