@@ -6,12 +6,16 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import grpc
 from google.protobuf import json_format
 
 from authopt.v1 import optimizer_pb2
+
+if TYPE_CHECKING:
+    from model.sim.config import WorldConfig
 
 __all__ = ["main"]
 
@@ -168,6 +172,163 @@ def broker(port: int) -> None:
     finally:
         local.stop()
     click.echo("broker stopped")
+
+
+def _world(ref: str) -> WorldConfig:
+    from model.sim.config import WorldConfigError, load_world
+
+    try:
+        return load_world(ref)
+    except WorldConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+_WORLD_HELP = "Built-in world (default, outage-heavy, cross-border) or a world TOML file."
+
+
+@main.command()
+@click.option("--world", "world_ref", default="default", show_default=True, help=_WORLD_HELP)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model directory to export into.")
+@click.option("--seed", type=int, default=1000, show_default=True, help="World seed of the training traffic.")
+@click.option("--hours", type=float, help="Simulated hours of training traffic [default: 4x the world's].")
+@click.option("--epochs", type=int, default=12, show_default=True)
+@click.option("--hidden", type=int, default=128, show_default=True, help="Hidden width of the net.")
+@click.option("--version", "version", help="Model version name [default: <world>-s<seed>].")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train(
+    world_ref: str,
+    out: Path,
+    seed: int,
+    hours: float | None,
+    epochs: int,
+    hidden: int,
+    version: str | None,
+    quiet: bool,
+) -> None:
+    """Train the approval model on a simulated world and export it for the server.
+
+    Simulates an exploring logging policy, replays its event log through the streams' feature
+    code (point in time), fits and calibrates the net, and exports TorchScript + manifest as
+    OUT/VERSION. Interrupted runs resume from OUT/.work; the same seed gives the same model.
+    """
+    from model.pipeline import TrainConfig, train_world
+    from model.train import CheckpointError, TrainingDataError
+
+    config = _world(world_ref)
+    try:
+        path = train_world(
+            config,
+            out,
+            TrainConfig(
+                seed=seed, hours=hours, epochs=epochs, hidden=hidden, version=version, progress=not quiet
+            ),
+        )
+    except (TrainingDataError, CheckpointError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
+@main.command()
+@click.option(
+    "--world",
+    "world_refs",
+    multiple=True,
+    default=["default"],
+    show_default=True,
+    help=_WORLD_HELP + " Repeatable.",
+)
+@click.option(
+    "--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model directory or version."
+)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True)
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated world seeds.")
+@click.option("--hours", type=float, help="Simulated hours per seed [default: the world's].")
+@click.option("--no-ope", is_flag=True, help="Skip the off-policy estimates (saves one play per seed).")
+def evaluate(
+    world_refs: tuple[str, ...], model_dir: Path, out: Path, seeds: str, hours: float | None, no_ope: bool
+) -> None:
+    """Play every policy on the same simulated payments and report how authopt compares.
+
+    Writes OUT/results.json (machine-readable), OUT/report.md and PNG plots.
+    """
+    from model.evaluate import evaluate_world, write_results
+    from model.sim.policies import load_policy_model
+    from server.models import ModelRejected
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise click.ClickException(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
+    if not seed_list:
+        raise click.ClickException("--seeds names no seed")
+    try:
+        load_policy_model(model_dir)
+    except (ModelRejected, FileNotFoundError) as exc:
+        raise click.ClickException(f"cannot use model {model_dir}: {exc}") from exc
+    docs = []
+    for ref in world_refs:
+        config = _world(ref)
+        if hours is not None:
+            config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
+        docs.append(
+            evaluate_world(
+                config, model_dir, seed_list, ope=not no_ope, progress=lambda m: click.echo(m, err=True)
+            )
+        )
+    path = write_results(docs, out)
+    for doc in docs:
+        for name, t in doc["targets"].items():
+            verdict = "met" if t["met"] else "NOT met"
+            click.echo(f"{doc['world']}: {name} {t['measured']:.4f} (target {t['target']}) {verdict}")
+    click.echo(str(path))
+
+
+@main.group()
+def world() -> None:
+    """Simulated payment worlds: check a config, emit an event log."""
+
+
+@world.command("check")
+@click.argument("world_ref")
+def world_check(world_ref: str) -> None:
+    """Validate a world config and summarize it."""
+    from model.sim.world import World
+
+    config = _world(world_ref)
+    w = World(config, 0)
+    click.echo(
+        f"world {config.name!r}: {len(config.issuers)} issuers, {len(config.routes)} routes, "
+        f"{len(config.merchants)} merchants, {config.cards.count:,} cards, "
+        f"{round(config.traffic.payments_per_hour * config.traffic.hours):,} payments "
+        f"over {config.traffic.hours:g} h; "
+        f"incidents (seed 0): {sum(map(len, w.issuer_outages))} issuer outages, "
+        f"{sum(map(len, w.route_degradations))} route degradations"
+    )
+
+
+@world.command("emit")
+@click.argument("world_ref")
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Delimited AttemptEvent log to write."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--hours", type=float, help="Simulated hours [default: the world's].")
+def world_emit(world_ref: str, out: Path, seed: int, hours: float | None) -> None:
+    """Write the logging policy's AttemptEvent log (the Kafka records) for a world and seed."""
+    from model.sim.emit import emit_log
+    from model.sim.world import World
+
+    config = _world(world_ref)
+    if hours is not None:
+        config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
+    w = World(config, seed)
+    payments = w.payments()
+    with out.open("wb") as f:
+        stats = emit_log(w, f, payments=payments, seed=seed)
+    click.echo(
+        f"{stats.attempts:,} attempts of {stats.payments:,} payments in {stats.seconds:.2f} s "
+        f"({stats.attempts / max(stats.seconds, 1e-9):,.0f}/s) -> {out}"
+    )
 
 
 if __name__ == "__main__":

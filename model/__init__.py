@@ -33,8 +33,8 @@ __all__ = [
     "encode_flat",
     "encode_rows",
     "export_model",
+    "layout_categorical_groups",
     "make_tiny_artifact",
     "quiet_torchscript_deprecation",
-    "layout_categorical_groups",
     "tiny_model",
 ]

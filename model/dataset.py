@@ -47,7 +47,9 @@ class DatasetSummary:
             "events": self.events,
             "route_rows": self.route_rows,
             "retry_rows": self.retry_rows,
-            "retry_rows_by_bucket_s": {str(DELAY_BUCKETS_S[b]): n for b, n in sorted(self.retry_rows_by_bucket.items())},
+            "retry_rows_by_bucket_s": {
+                str(DELAY_BUCKETS_S[b]): n for b, n in sorted(self.retry_rows_by_bucket.items())
+            },
             "approved_share": round(self.approved_share, 6),
             "dead_letters": dict(self.dead_letters),
             "first_event_at": self.first_event_at,
@@ -113,10 +115,14 @@ def build_training_set(
     summary = DatasetSummary(events=len(events))
     approved = 0
 
-    def row(attempt: attempt_pb2.Attempt, priors: list[attempt_pb2.PriorAttempt], route: str, at: float) -> None:
+    def row(
+        attempt: attempt_pb2.Attempt, priors: list[attempt_pb2.PriorAttempt], route: str, at: float
+    ) -> None:
         ctx = attempt_context(attempt, priors, at=at)
         feats = lookup_features(live.store, attempt, [route])
-        xs.extend(encode_flat(ctx, [(route, route_cost_bps.get(route, 0), feats.route_rows[0])], feats.attempt_rows))
+        xs.extend(
+            encode_flat(ctx, [(route, route_cost_bps.get(route, 0), feats.route_rows[0])], feats.attempt_rows)
+        )
 
     for i, (record, e) in enumerate(zip(raw, events, strict=True)):
         o = e.outcome

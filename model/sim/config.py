@@ -73,7 +73,7 @@ class IssuerConfig(_Strict):
         0.02, description="share of payments whose card cannot be approved at all (lost, closed, ...)"
     )
     outages: list[Episode] = Field(default_factory=list)
-    random_outages: RandomEpisodes = Field(default_factory=RandomEpisodes)
+    random_outages: RandomEpisodes = Field(default_factory=lambda: RandomEpisodes.model_validate({}))
 
 
 class RouteConfig(_Strict):
@@ -91,7 +91,7 @@ class RouteConfig(_Strict):
     latency_ms_median: float = Field(250.0, gt=0, le=30_000)
     latency_sigma: float = Field(0.35, ge=0, le=3, description="lognormal sigma of latency")
     degradations: list[Episode] = Field(default_factory=list)
-    random_degradations: RandomEpisodes = Field(default_factory=RandomEpisodes)
+    random_degradations: RandomEpisodes = Field(default_factory=lambda: RandomEpisodes.model_validate({}))
 
 
 class MerchantConfig(_Strict):
@@ -126,7 +126,10 @@ class CardsConfig(_Strict):
     low_fraction_debit: Probability = Field(0.08, description="funds left just before payday, debit/prepaid")
     low_fraction_credit: Probability = Field(0.6, description="credit left just before payday, credit")
     card_skew: float = Field(
-        1.5, ge=1, le=4, description="card popularity: rank = count x u^skew (1 = uniform; higher = more repeat)"
+        1.5,
+        ge=1,
+        le=4,
+        description="card popularity: rank = count x u^skew (1 = uniform; higher = more repeat)",
     )
 
     @model_validator(mode="after")
@@ -183,7 +186,7 @@ class WorldConfig(_Strict):
     retry_fee_minor: int = Field(0, ge=0, le=10_000, description="network fee per reattempt")
     traffic: TrafficConfig
     cards: CardsConfig
-    declines: DeclineConfig = Field(default_factory=DeclineConfig)
+    declines: DeclineConfig = Field(default_factory=lambda: DeclineConfig.model_validate({}))
     issuers: list[IssuerConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
     merchants: list[MerchantConfig] = Field(min_length=1)
@@ -254,7 +257,8 @@ def load_world(name_or_path: str | Path) -> WorldConfig:
         return parse_world(text, f"built-in world {name_or_path!r}")
     path = Path(name_or_path)
     if not path.is_file():
+        known = ", ".join(BUILTIN_WORLDS)
         raise WorldConfigError(
-            f"world {str(name_or_path)!r} is neither a built-in world ({', '.join(BUILTIN_WORLDS)}) nor a file"
+            f"world {str(name_or_path)!r} is neither a built-in world ({known}) nor a file"
         )
     return parse_world(path.read_text("utf-8"), str(path))

@@ -15,6 +15,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import BinaryIO, Protocol
 
 from authopt.v1 import attempt_pb2, events_pb2
@@ -170,7 +171,7 @@ class _Counters:
         return rules.RetryCounters(card_merchant_reattempts_30d=re, card_merchant_amount_attempts_30d=at)
 
 
-def play(
+def play(  # noqa: C901 - the steps of one attempt, in order, in one loop
     world: World,
     policy: Policy,
     *,
@@ -192,31 +193,12 @@ def play(
     live = policy.uses_features or features
     replay = FeatureReplay(lateness_s=float("inf"), max_future_s=float("inf")) if live else None
     counters = _Counters()
-    heap: list[tuple[float, int, int, int, int]] = [(p.at, p.index, 0, 1, -1) for p in pays]
+    heap: list[tuple[float, int, int, int, int]] = [(p.at, k, 0, 1, -1) for k, p in enumerate(pays)]
     heapq.heapify(heap)
     beliefs = [world.prior_belief(p) for p in pays]
     history: list[list[Tried]] = [[] for _ in pays]
     seq = len(pays)
-    n = len(pays)
-    result.amount = [p.amount_minor for p in pays]
-    result.first_approved = [False] * n
-    result.final_approved = [False] * n
-    result.attempts = [0] * n
-    result.cost = [0.0] * n
-    result.fees = [0.0] * n
-    result.first_route = [-1] * n
-    result.first_propensity = [1.0] * n
-    result.first_p_true = [0.0] * n
-    result.first_best_p_true = [0.0] * n
-    result.first_p_model = [-1.0] * n
-    result.first_value = [0.0] * n
-    result.at = [p.at for p in pays]
-    result.recurring = [p.recurring for p in pays]
-    result.network = [int(world.card_network[p.card]) for p in pays]
-    result.cross_border = [
-        world.issuer_country[int(world.card_issuer[p.card])] != world.merchant_country[p.merchant]
-        for p in pays
-    ]
+    _fill(result, world, pays)
     done = 0
     while heap:
         now, j, _, number, planned = heapq.heappop(heap)
@@ -224,7 +206,7 @@ def play(
         window = tc.cit_patience_s if not p.recurring else tc.mit_patience_days * _DAY
         view = AttemptView(
             world, p, number, now, world.eligible_routes(p), history[j], beliefs[j],
-            replay.store if replay else None, lambda t, p=p: counters.at(p, t), window,
+            replay.store if replay else None, partial(counters.at, p), window,
         )  # fmt: skip
         if planned < 0:
             decision = policy.route(view)
@@ -236,12 +218,7 @@ def play(
         else:
             route, decision = planned, Decision(planned)
         if number == 1:
-            truth = world.p_approve(p, view.routes, now, beliefs[j])
-            result.first_route[j] = route
-            result.first_propensity[j] = decision.propensity
-            result.first_p_true[j] = truth[view.routes.index(route)]
-            result.first_best_p_true[j] = max(truth)
-            result.first_p_model[j] = decision.p_approve
+            _note_first(result, j, view, decision)
             if on_decision is not None:
                 on_decision(view, decision)
         outcome = world.attempt(p, route, now, world.draws(p, number), beliefs[j])
@@ -264,11 +241,9 @@ def play(
         if outcome.status == APPROVED:
             result.final_approved[j] = True
             result.first_approved[j] = number == 1
-            done += 1
-            if progress is not None:
-                progress(done)
-            continue
-        plan = policy.retry(view) if number < tc.max_attempts else None
+            plan = None
+        else:
+            plan = policy.retry(view) if number < tc.max_attempts else None
         if plan is None or plan.at - history[j][0].at > window or plan.at < now:
             done += 1
             if progress is not None:
@@ -279,6 +254,38 @@ def play(
         seq += 1
         heapq.heappush(heap, (plan.at, j, seq, number + 1, plan.route))
     return result
+
+
+def _fill(result: PlayResult, world: World, pays: list[Payment]) -> None:
+    n = len(pays)
+    result.amount = [p.amount_minor for p in pays]
+    result.first_approved = [False] * n
+    result.final_approved = [False] * n
+    result.attempts = [0] * n
+    result.cost = [0.0] * n
+    result.fees = [0.0] * n
+    result.first_route = [-1] * n
+    result.first_propensity = [1.0] * n
+    result.first_p_true = [0.0] * n
+    result.first_best_p_true = [0.0] * n
+    result.first_p_model = [-1.0] * n
+    result.first_value = [0.0] * n
+    result.at = [p.at for p in pays]
+    result.recurring = [p.recurring for p in pays]
+    result.network = [int(world.card_network[p.card]) for p in pays]
+    result.cross_border = [
+        world.issuer_country[int(world.card_issuer[p.card])] != world.merchant_country[p.merchant]
+        for p in pays
+    ]
+
+
+def _note_first(result: PlayResult, j: int, view: AttemptView, decision: Decision) -> None:
+    truth = view.world.p_approve(view.payment, view.routes, view.now, view.belief)
+    result.first_route[j] = decision.route
+    result.first_propensity[j] = decision.propensity
+    result.first_p_true[j] = truth[view.routes.index(decision.route)]
+    result.first_best_p_true[j] = max(truth)
+    result.first_p_model[j] = decision.p_approve
 
 
 def _check_rules(

@@ -159,10 +159,7 @@ class SuccessRate(_Base):
         best = max(view.routes, key=lambda r: (scores[r], -view.routes.index(r)))
         active = [r for r in view.routes if scores[r] >= scores[best] - self.elimination_gap] or [best]
         k = len(active)
-        if self.rng.random() < self.hedging:
-            pick = active[self.rng.randrange(k)]
-        else:
-            pick = best
+        pick = active[self.rng.randrange(k)] if self.rng.random() < self.hedging else best
         p = (1 - self.hedging) * (pick == best) + self.hedging / k
         return Decision(pick, p, pick != best)
 

@@ -49,7 +49,7 @@ def _logit(p: float) -> float:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    return 1.0 / (1.0 + np.exp(-x))  # type: ignore[no-any-return]
 
 
 def _weights(d: dict[str, float]) -> tuple[tuple[str, ...], np.ndarray]:
@@ -152,7 +152,7 @@ class _Grid:
         for i, eps in enumerate(episodes):
             for start, end, sev in eps:
                 a = max(0, int((start - self.t0) // _MINUTE))
-                b = min(self.minutes, int(math.ceil((end - self.t0) / _MINUTE)))
+                b = min(self.minutes, math.ceil((end - self.t0) / _MINUTE))
                 if b > a:
                     self.sev[i, a:b] = np.maximum(self.sev[i, a:b], sev)
 
@@ -247,7 +247,7 @@ class World:
         bins6 = [iss.bins for iss in c.issuers]
         pick = rng.random(n)
         sub = rng.integers(0, len(_BIN8_SUFFIXES), size=n)
-        self.card_bin = [
+        self.card_bin: list[str] = [
             (bins6[i][int(p * len(bins6[i]))] + _BIN8_SUFFIXES[s])[:8]
             for i, p, s in zip(self.card_issuer.tolist(), pick.tolist(), sub.tolist(), strict=True)
         ]
@@ -256,6 +256,8 @@ class World:
         self.card_token = rng.random(n) < cc.token_share
         self.card_balance = cc.balance_median_minor * np.exp(cc.balance_sigma * rng.standard_normal(n))
         self.card_low = np.where(self.card_funding == 1, cc.low_fraction_credit, cc.low_fraction_debit)
+        # People are paid on different days: each card's pay cycle is the calendar's, shifted.
+        self.card_pay_shift = rng.random(n) * 14 * 86400.0
         self.card_last4 = [f"{x:04d}" for x in rng.integers(0, 10000, size=n).tolist()]
         salt = _seed_int("fp", c.name, self.seed)
         self.card_fingerprint = [
@@ -317,7 +319,9 @@ class World:
         at = np.sort(np.concatenate(times)[:n]) + self.t0
         merchant = rng.choice(len(self.merchant_ids), size=n, p=self.merchant_share)
         n_cards = self.config.cards.count
-        rank = np.minimum((n_cards * rng.random(n) ** self.config.cards.card_skew).astype(np.int64), n_cards - 1)
+        rank = np.minimum(
+            (n_cards * rng.random(n) ** self.config.cards.card_skew).astype(np.int64), n_cards - 1
+        )
         card = self._card_order[rank]
         recurring = np.array(
             [rng.random() < self.config.merchants[m].recurring_share for m in merchant.tolist()], dtype=bool
@@ -379,7 +383,7 @@ class World:
     # --- ground truth -----------------------------------------------------------------------------
 
     def p_error(self, routes: np.ndarray, t: float | np.ndarray) -> np.ndarray:
-        return np.minimum(1.0, self.route_error[routes] + 0.5 * self._route_grid.at(routes, t))
+        return np.minimum(1.0, self.route_error[routes] + 0.5 * self._route_grid.at(routes, t))  # type: ignore[no-any-return]
 
     def p_available(self, routes: np.ndarray, issuer: np.ndarray | int, t: float | np.ndarray) -> np.ndarray:
         return (1.0 - self._issuer_grid.at(issuer, t)) * (1.0 - 0.5 * self._route_grid.at(routes, t))
@@ -387,7 +391,7 @@ class World:
     def p_funds(
         self, card: np.ndarray | int, amount: np.ndarray | float, t: np.ndarray | float
     ) -> np.ndarray:
-        t = np.asarray(t, dtype=np.float64)
+        t = np.asarray(t, dtype=np.float64) - self.card_pay_shift[card]
         k = np.searchsorted(self._payday_ts, t, side="right")
         last, nxt = self._payday_ts[k - 1], self._payday_ts[k]
         phase = (t - last) / (nxt - last)
@@ -497,7 +501,7 @@ class World:
         return float(grid.sev[idx, m])
 
     def _p_error1(self, route: int, t: float) -> float:
-        return min(1.0, self._l_route_error[route] + 0.5 * self._sev(self._route_grid, route, t))
+        return min(1.0, float(self._l_route_error[route]) + 0.5 * self._sev(self._route_grid, route, t))
 
     def _p_available1(self, route: int, issuer: int, t: float) -> float:
         return (1.0 - self._sev(self._issuer_grid, issuer, t)) * (
@@ -505,6 +509,7 @@ class World:
         )
 
     def _p_funds1(self, card: int, amount: float, t: float) -> float:
+        t -= self._l_pay_shift[card]
         k = bisect_right(self._l_paydays, t)
         last, nxt = self._l_paydays[k - 1], self._l_paydays[k]
         phase = (t - last) / (nxt - last)
@@ -594,6 +599,7 @@ class World:
         self._l_paydays = self._payday_ts.tolist()
         self._l_balance = self.card_balance.tolist()
         self._l_low = self.card_low.tolist()
+        self._l_pay_shift = self.card_pay_shift.tolist()
         self._l_issuer = self.card_issuer.tolist()
         self._l_network = self.card_network.tolist()
         self._l_token = self.card_token.tolist()

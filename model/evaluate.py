@@ -1,0 +1,333 @@
+"""Closed-loop evaluation: every policy on the same payments of a world, for several seeds.
+
+Metrics per play (`play_metrics`): first-attempt and final approval, net revenue (approved amount −
+route costs of every attempt − reattempt fees, in minor units; the world's currencies are summed at
+par), retries, recovered payments and revenue, retries per recovered payment, network-rule
+violations. Across seeds: means with 95 % t-intervals, the share of the oracle's uplift over static
+routing that authopt captures, authopt's retries against the fixed ladder with the same routing
+(`authopt+ladder`), calibration on the evaluation traffic, and off-policy estimates (IPS, doubly
+robust) of authopt's first-attempt value from an exploring logging policy's log, next to the value
+authopt actually got on-policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.layout import encode_flat
+from model.sim.config import WorldConfig
+from model.sim.play import AttemptView, Decision, PlayResult, play
+from model.sim.policies import (
+    Authopt,
+    Cheapest,
+    Logging,
+    Oracle,
+    Static,
+    SuccessRate,
+    _candidates,
+    load_policy_model,
+)
+from model.sim.world import World
+from model.train import expected_calibration_error, reliability_bins
+from server.features import attempt_context, lookup_features
+from server.models import LoadedModel
+
+__all__ = ["POLICIES", "TARGETS", "evaluate_world", "play_metrics"]
+
+POLICIES = ("static", "cheapest", "success-rate", "oracle", "authopt+ladder", "authopt")
+# t_{0.975} for n-1 degrees of freedom (n seeds).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+TARGETS = {
+    "uplift_capture_first_attempt": (">=", 0.80),
+    "beats_success_rate_pp": (">=", 0.5),
+    "retry_recovered_revenue_vs_ladder": (">=", 1.20),
+    "retries_vs_ladder": ("<=", 1.0),
+    "violations": ("<=", 0),
+    "ece": ("<=", 0.01),
+}
+
+
+def play_metrics(r: PlayResult) -> dict[str, float]:
+    n = max(r.payments, 1)
+    approved_amount = sum(a for a, f in zip(r.amount, r.final_approved, strict=True) if f)
+    recovered = [j for j in range(r.payments) if r.final_approved[j] and not r.first_approved[j]]
+    retries = sum(r.attempts) - r.payments
+    return {
+        "payments": float(r.payments),
+        "first_attempt_approval": sum(r.first_approved) / n,
+        "final_approval": sum(r.final_approved) / n,
+        "first_attempt_p_true": sum(r.first_p_true) / n,
+        "net_revenue": approved_amount - sum(r.cost) - sum(r.fees),
+        "approved_amount": float(approved_amount),
+        "route_costs": sum(r.cost),
+        "retry_fees": sum(r.fees),
+        "retries": float(retries),
+        "recovered_payments": float(len(recovered)),
+        "recovered_revenue": float(sum(r.amount[j] for j in recovered)),
+        "retries_per_recovered": retries / len(recovered) if recovered else float("nan"),
+        "violations": float(r.violations),
+        "explored_share": r.explored / n,
+        "model_share": r.sources.get("MODEL", 0) / n if r.sources else float("nan"),
+        "first_attempt_value": sum(r.first_value) / n,
+    }
+
+
+def _ci(values: Sequence[float]) -> dict[str, float]:
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return {"mean": float("nan"), "ci95": float("nan"), "n": 0}
+    mean = statistics.fmean(vals)
+    if len(vals) < 2:
+        return {"mean": mean, "ci95": float("nan"), "n": len(vals)}
+    half = _T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return {"mean": mean, "ci95": half, "n": len(vals)}
+
+
+@dataclass
+class _OpeLog:
+    x: list[torch.Tensor]
+    amount: list[int]
+    costs: list[list[float]]
+    chosen: list[int]
+    propensity: list[float]
+
+
+def _ope_recorder(log: _OpeLog) -> Callable[[AttemptView, Decision], None]:
+    def record(view: AttemptView, decision: Decision) -> None:
+        assert view.store is not None
+        from model.sim.play import attempt_message
+
+        cands = _candidates(view)
+        attempt = attempt_message(view.world, view.payment, 1)
+        feats = lookup_features(view.store, attempt, [c.route_id for c in cands])
+        ctx = attempt_context(attempt, [], at=view.now)
+        routes = [(c.route_id, c.cost_bps, rows) for c, rows in zip(cands, feats.route_rows, strict=True)]
+        x = torch.frombuffer(encode_flat(ctx, routes, feats.attempt_rows), dtype=torch.float32)
+        log.x.append(x.view(len(routes), -1).clone())
+        log.amount.append(view.payment.amount_minor)
+        log.costs.append([view.world.cost_minor(r, view.payment.amount_minor) for r in view.routes])
+        log.chosen.append(view.routes.index(decision.route))
+        log.propensity.append(decision.propensity)
+
+    return record
+
+
+def _ope(log: _OpeLog, logged: PlayResult, model: LoadedModel, epsilon: float) -> dict[str, float]:
+    """IPS and DR estimates of authopt's (ε-greedy) first-attempt value per payment."""
+    ips, dr = [], []
+    for k in range(len(log.chosen)):
+        p = model.infer(log.x[k])[:, 0].tolist()
+        q = [log.amount[k] * pi - c for pi, c in zip(p, log.costs[k], strict=True)]
+        kk = len(q)
+        greedy = max(range(kk), key=lambda i: (q[i], -i))
+        pi_target = [(1 - epsilon) * (i == greedy) + epsilon / kk for i in range(kk)]
+        a = log.chosen[k]
+        reward = logged.first_value[k]
+        w = pi_target[a] / log.propensity[k]
+        ips.append(w * reward)
+        dm = sum(pt * qi for pt, qi in zip(pi_target, q, strict=True))
+        dr.append(dm + w * (reward - q[a]))
+    n = len(ips)
+    return {
+        "ips": statistics.fmean(ips),
+        "ips_se": statistics.stdev(ips) / math.sqrt(n) if n > 1 else float("nan"),
+        "dr": statistics.fmean(dr),
+        "dr_se": statistics.stdev(dr) / math.sqrt(n) if n > 1 else float("nan"),
+        "logging_value": statistics.fmean(logged.first_value),
+        "rows": float(n),
+    }
+
+
+def _policy(name: str, model: LoadedModel | None, seed: int) -> Any:
+    match name:
+        case "static":
+            return Static()
+        case "cheapest":
+            return Cheapest()
+        case "success-rate":
+            return SuccessRate(seed=seed)
+        case "oracle":
+            return Oracle()
+        case "authopt" | "authopt+ladder":
+            assert model is not None
+            return Authopt(model, retries="model" if name == "authopt" else "ladder", seed=seed)
+    raise ValueError(f"unknown policy {name!r}")
+
+
+def evaluate_world(
+    config: WorldConfig,
+    model_dir: Path,
+    seeds: Sequence[int],
+    *,
+    policies: Sequence[str] = POLICIES,
+    ope: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Play every policy on `config` for every seed; the results document (see `write_results`)."""
+    torch.set_num_threads(1)
+    model = load_policy_model(model_dir)
+    runs: dict[str, dict[int, dict[str, float]]] = {p: {} for p in policies}
+    series: dict[str, dict[int, PlayResult]] = {p: {} for p in policies}
+    ope_rows: dict[int, dict[str, float]] = {}
+    calib_p: list[float] = []
+    calib_y: list[float] = []
+    for seed in seeds:
+        world = World(config, seed)
+        payments = world.payments()
+        for name in policies:
+            started = time.monotonic()
+            result = play(world, _policy(name, model, seed), payments=payments)
+            runs[name][seed] = play_metrics(result)
+            series[name][seed] = result
+            if progress is not None:
+                took = time.monotonic() - started
+                progress(f"{config.name} seed {seed} {name}: {len(payments)} payments, {took:.0f} s")
+            if name == "authopt":
+                for pm, ok in zip(result.first_p_model, result.first_approved, strict=True):
+                    if pm >= 0:
+                        calib_p.append(pm)
+                        calib_y.append(float(ok))
+        if ope and "authopt" in policies:
+            started = time.monotonic()
+            log = _OpeLog([], [], [], [], [])
+            logged = play(
+                world, Logging(seed=seed), payments=payments, features=True, on_decision=_ope_recorder(log)
+            )
+            est = _ope(log, logged, model, Authopt(model).exploration_rate)
+            est["on_policy"] = runs["authopt"][seed]["first_attempt_value"]
+            ope_rows[seed] = est
+            if progress is not None:
+                progress(f"{config.name} seed {seed} off-policy: {time.monotonic() - started:.0f} s")
+    return _summarize(config, model, seeds, runs, series, ope_rows, calib_p, calib_y)
+
+
+def _summarize(
+    config: WorldConfig,
+    model: LoadedModel,
+    seeds: Sequence[int],
+    runs: dict[str, dict[int, dict[str, float]]],
+    series: dict[str, dict[int, PlayResult]],
+    ope_rows: dict[int, dict[str, float]],
+    calib_p: list[float],
+    calib_y: list[float],
+) -> dict[str, Any]:
+    names = list(runs)
+    metrics = list(next(iter(next(iter(runs.values())).values())))
+    summary = {p: {m: _ci([runs[p][s][m] for s in seeds]) for m in metrics} for p in names}
+    doc: dict[str, Any] = {
+        "world": config.name,
+        "model_version": model.version,
+        "seeds": list(seeds),
+        "runs": {p: {str(s): runs[p][s] for s in seeds} for p in names},
+        "summary": summary,
+    }
+    have = set(names)
+    if {"static", "oracle", "authopt"} <= have:
+
+        def capture(metric: str) -> list[float]:
+            out = []
+            for s in seeds:
+                lo, hi, ours = (runs[p][s][metric] for p in ("static", "oracle", "authopt"))
+                out.append((ours - lo) / (hi - lo) if hi != lo else float("nan"))
+            return out
+
+        doc["uplift_capture_first_attempt"] = {
+            **_ci(capture("first_attempt_approval")),
+            "per_seed": capture("first_attempt_approval"),
+        }
+        doc["uplift_capture_net_revenue"] = {
+            **_ci(capture("net_revenue")),
+            "per_seed": capture("net_revenue"),
+        }
+    if {"success-rate", "authopt"} <= have:
+        diff = [
+            100
+            * (
+                runs["authopt"][s]["first_attempt_approval"]
+                - runs["success-rate"][s]["first_attempt_approval"]
+            )
+            for s in seeds
+        ]
+        doc["beats_success_rate_pp"] = {**_ci(diff), "per_seed": diff}
+    if {"authopt", "authopt+ladder"} <= have:
+        ratio = [
+            runs["authopt"][s]["recovered_revenue"] / max(runs["authopt+ladder"][s]["recovered_revenue"], 1.0)
+            for s in seeds
+        ]
+        retries = [
+            runs["authopt"][s]["retries"] / max(runs["authopt+ladder"][s]["retries"], 1.0) for s in seeds
+        ]
+        doc["retry_vs_ladder"] = {
+            "recovered_revenue_ratio": {**_ci(ratio), "per_seed": ratio},
+            "retries_ratio": {**_ci(retries), "per_seed": retries},
+        }
+    if calib_p:
+        p, y = np.array(calib_p), np.array(calib_y)
+        doc["calibration"] = {
+            "ece_evaluation_traffic": expected_calibration_error(p, y),
+            "ece_validation": model.manifest.metrics.get("val_ece_route", float("nan")),
+            "reliability": [list(b) for b in reliability_bins(p, y)],
+            "rows": len(calib_p),
+        }
+    if ope_rows:
+        doc["off_policy"] = {str(s): v for s, v in ope_rows.items()}
+    doc["targets"] = _targets(doc)
+    doc["_series"] = series  # removed before writing; used for the plots
+    return doc
+
+
+def _targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    measured: dict[str, float] = {}
+    if "uplift_capture_first_attempt" in doc:
+        measured["uplift_capture_first_attempt"] = doc["uplift_capture_first_attempt"]["mean"]
+    if "beats_success_rate_pp" in doc:
+        measured["beats_success_rate_pp"] = doc["beats_success_rate_pp"]["mean"]
+    if "retry_vs_ladder" in doc:
+        measured["retry_recovered_revenue_vs_ladder"] = doc["retry_vs_ladder"]["recovered_revenue_ratio"][
+            "mean"
+        ]
+        measured["retries_vs_ladder"] = doc["retry_vs_ladder"]["retries_ratio"]["mean"]
+    if "authopt" in doc["summary"]:
+        measured["violations"] = doc["summary"]["authopt"]["violations"]["mean"]
+    if "calibration" in doc:
+        measured["ece"] = doc["calibration"]["ece_evaluation_traffic"]
+    out = {}
+    for name, value in measured.items():
+        op, target = TARGETS[name]
+        met = value >= target if op == ">=" else value <= target
+        out[name] = {"target": f"{op} {target}", "measured": value, "met": bool(met)}
+    return out
+
+
+def write_results(docs: list[dict[str, Any]], out_dir: Path) -> Path:
+    """results.json (machine-readable), report.md and PNG plots under `out_dir`."""
+    from model.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean = [{k: v for k, v in d.items() if k != "_series"} for d in docs]
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(_finite({"worlds": clean}), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_report(docs, out_dir)
+    return path
+
+
+def _finite(o: Any) -> Any:
+    """JSON has no NaN: a value that could not be measured becomes null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {str(k): _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o

@@ -1,0 +1,129 @@
+"""`authopt train`: world → logging policy's event log → point-in-time rows → fit → export.
+
+Every stage leaves its result in a work directory (``<out>/.work/<world>-s<seed>/``): the log, the
+rows (``rows.npz``) and the training checkpoint, each written atomically, so an interrupted run
+resumes where it stopped and a finished stage is not redone. The artifact is exported as
+``<out>/<version>/`` (TorchScript + manifest with metrics and a data summary), what the server loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from model.dataset import build_training_set
+from model.export import export_model
+from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT
+from model.net import layout_categorical_groups
+from model.sim.config import WorldConfig
+from model.sim.emit import emit_log
+from model.sim.world import World
+from model.train import TrainingSet, fit
+from streams.replay import read_log
+
+__all__ = ["TrainConfig", "train_world"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 1000  # the world seed of the training traffic (evaluation uses other seeds)
+    hours: float | None = None  # None: 4x the world's own span
+    epochs: int = 12
+    hidden: int = 128
+    version: str | None = None
+    progress: bool = True
+
+
+@contextmanager
+def _bar(enabled: bool, console: Console) -> Iterator[Progress]:
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+    )
+    with progress:
+        yield progress
+
+
+def _atomic(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()) -> Path:
+    """Train on `config`'s world and export under `out`; returns the version directory."""
+    console = Console(stderr=True, quiet=not cfg.progress)
+    hours = cfg.hours if cfg.hours is not None else 4 * config.traffic.hours
+    world_cfg = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
+    version = cfg.version or f"{config.name}-s{cfg.seed}"
+    if (out / version).exists():
+        raise FileExistsError(f"model version {version!r} already exists under {out}; pass another --version")
+    work = out / ".work" / f"{config.name}-s{cfg.seed}-h{hours:g}"
+    work.mkdir(parents=True, exist_ok=True)
+    world = World(world_cfg, cfg.seed)
+
+    log_path = work / "attempts.log"
+    if not log_path.exists():
+        payments = world.payments()
+        tmp = _atomic(log_path)
+        with _bar(cfg.progress, console) as bar, tmp.open("wb") as f:
+            task = bar.add_task("simulating the logging policy", total=None)
+            stats = emit_log(
+                world, f, payments=payments, seed=cfg.seed, progress=lambda n: bar.update(task, completed=n)
+            )
+            bar.update(task, total=stats.attempts, completed=stats.attempts)
+        os.replace(tmp, log_path)
+    console.print(f"event log: {log_path} ({log_path.stat().st_size / 1e6:.1f} MB)")
+
+    rows_path = work / "rows.npz"
+    summary_path = work / "rows.json"
+    if not rows_path.exists():
+        records = list(read_log(log_path))
+        costs = {rid: int(bps) for rid, bps in zip(world.route_ids, world.route_cost_bps, strict=True)}
+        with _bar(cfg.progress, console) as bar:
+            task = bar.add_task("replaying events through the feature code", total=len(records))
+            data, summary = build_training_set(
+                records, costs, progress=lambda n: bar.update(task, completed=n)
+            )
+        tmp = _atomic(rows_path).with_suffix(".npz")
+        np.savez(tmp, x=data.x, column=data.column, y=data.y)
+        os.replace(tmp, rows_path)
+        summary_path.write_text(json.dumps(summary.as_dict(), indent=2))
+    loaded = np.load(rows_path)
+    data = TrainingSet(x=loaded["x"], column=loaded["column"], y=loaded["y"])
+    data_summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    console.print(f"training rows: {len(data.y):,} ({int((data.column == 0).sum()):,} route, "
+                  f"{int((data.column > 0).sum()):,} retry)")  # fmt: skip
+
+    result = fit(
+        data,
+        n_buckets=len(DELAY_BUCKETS_S),
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        hidden=cfg.hidden,
+        checkpoint_dir=work / "checkpoint",
+        progress=cfg.progress,
+        categorical_groups=layout_categorical_groups(INPUT_LAYOUT),
+    )
+    info: dict[str, object] = {
+        "world": config.name,
+        "world_seed": cfg.seed,
+        "hours": hours,
+        "rows": len(data.y),
+        **data_summary,
+    }
+    path = export_model(result.net, out, version, metrics=result.metrics, data_summary=info)
+    console.print(
+        f"exported {path} — " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()))
+    )
+    return path

@@ -1,0 +1,160 @@
+"""The evaluation report: Markdown tables and PNG plots (matplotlib, headless) from `evaluate_world`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from model.sim.play import PlayResult
+
+__all__ = ["write_report"]
+
+_ROWS = (
+    ("first_attempt_approval", "first-attempt approval", "pct"),
+    ("final_approval", "final approval", "pct"),
+    ("net_revenue", "net revenue (major units)", "money"),
+    ("retries", "retries", "int"),
+    ("recovered_revenue", "recovered revenue (major units)", "money"),
+    ("retries_per_recovered", "retries per recovered payment", "f2"),
+    ("violations", "network-rule violations", "int"),
+)
+
+
+def _fmt(v: float | None, kind: str) -> str:
+    if v is None or not math.isfinite(v):
+        return "—"
+    if kind == "pct":
+        return f"{100 * v:.2f}%"
+    if kind == "money":
+        return f"{v / 100:,.0f}"
+    if kind == "int":
+        return f"{v:,.0f}"
+    return f"{v:.2f}"
+
+
+def _cell(stat: dict[str, float], kind: str) -> str:
+    mean, ci = stat["mean"], stat["ci95"]
+    if ci is None or not math.isfinite(ci):
+        return _fmt(mean, kind)
+    return f"{_fmt(mean, kind)} ± {_fmt(ci, kind)}"
+
+
+def _plots(doc: dict[str, Any], out: Path) -> list[str]:
+    name = doc["world"]
+    files: list[str] = []
+    series: dict[str, dict[int, PlayResult]] = doc.get("_series", {})
+    if "calibration" in doc:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        bins = doc["calibration"]["reliability"]
+        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect")
+        ax.plot([b[0] for b in bins], [b[1] for b in bins], marker="o", label="authopt (first attempts)")
+        ax.set_xlabel("predicted P(approve)")
+        ax.set_ylabel("observed approval rate")
+        ax.set_title(f"Reliability — {name}\nECE {doc['calibration']['ece_evaluation_traffic']:.4f}")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        files.append(f"{name}-reliability.png")
+        fig.savefig(out / files[-1], dpi=110)
+        plt.close(fig)
+    if series:
+        seed = doc["seeds"][0]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for policy, by_seed in series.items():
+            r = by_seed[seed]
+            t0 = min(r.at)
+            hours: dict[int, list[bool]] = {}
+            for at, ok in zip(r.at, r.first_approved, strict=True):
+                hours.setdefault(int((at - t0) // 3600), []).append(ok)
+            xs = sorted(hours)
+            ax.plot(xs, [sum(hours[h]) / len(hours[h]) for h in xs], label=policy, lw=1.2)
+        ax.set_xlabel("hour of the world")
+        ax.set_ylabel("first-attempt approval")
+        ax.set_title(f"Approval by policy over time — {name}, seed {seed}")
+        ax.legend(fontsize=8, ncol=3)
+        fig.tight_layout()
+        files.append(f"{name}-approval-over-time.png")
+        fig.savefig(out / files[-1], dpi=110)
+        plt.close(fig)
+        segments: dict[str, Callable[[PlayResult, int], bool]] = {
+            "domestic": lambda r, j: not r.cross_border[j],
+            "cross-border": lambda r, j: r.cross_border[j],
+            "visa": lambda r, j: r.network[j] == 1,
+            "mastercard": lambda r, j: r.network[j] == 2,
+            "customer-initiated": lambda r, j: not r.recurring[j],
+            "recurring": lambda r, j: r.recurring[j],
+        }
+        if "static" in series:
+            fig, ax = plt.subplots(figsize=(8, 4))
+            others = [p for p in series if p != "static"]
+            width = 0.8 / max(len(others), 1)
+            for k, policy in enumerate(others):
+                ups = []
+                for seg in segments.values():
+                    diffs = []
+                    for s in doc["seeds"]:
+                        a, b = series[policy][s], series["static"][s]
+                        idx = [j for j in range(a.payments) if seg(a, j)]
+                        if idx:
+                            diffs.append(
+                                sum(a.first_approved[j] - b.first_approved[j] for j in idx) / len(idx)
+                            )
+                    ups.append(100 * sum(diffs) / len(diffs) if diffs else 0.0)
+                ax.bar([i + k * width for i in range(len(segments))], ups, width, label=policy)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(segments))], list(segments), fontsize=8)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_ylabel("first-attempt approval vs static (pp)")
+            ax.set_title(f"Uplift by segment — {name}")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            files.append(f"{name}-uplift-by-segment.png")
+            fig.savefig(out / files[-1], dpi=110)
+            plt.close(fig)
+    return files
+
+
+def write_report(docs: list[dict[str, Any]], out: Path) -> Path:
+    lines = ["# authopt evaluation", ""]
+    for doc in docs:
+        seeds = ", ".join(str(s) for s in doc["seeds"])
+        lines += [f"## World `{doc['world']}` — model `{doc['model_version']}`, seeds {seeds}", ""]
+        names = list(doc["summary"])
+        lines.append("| metric | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---:|" * len(names))
+        for key, label, kind in _ROWS:
+            lines.append(
+                f"| {label} | " + " | ".join(_cell(doc["summary"][p][key], kind) for p in names) + " |"
+            )
+        lines += ["", "Mean over seeds ± 95 % t-interval half-width. Money sums minor units of the world's "
+                  "currencies at par, shown in major units.", ""]  # fmt: skip
+        if doc.get("targets"):
+            lines += ["| target | required | measured | met |", "|---|---|---:|---|"]
+            for name, t in doc["targets"].items():
+                lines.append(
+                    f"| {name} | {t['target']} | {t['measured']:.4f} | {'yes' if t['met'] else '**no**'} |"
+                )
+            lines.append("")
+        if "off_policy" in doc:
+            lines += [
+                "Off-policy estimates of authopt's first-attempt value per payment (minor units) from the "
+                "logging policy's log, against the value authopt got on-policy:",
+                "",
+                "| seed | IPS | DR | on-policy | logging policy |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for s, v in doc["off_policy"].items():
+                ips = f"{v['ips']:.1f} ± {1.96 * v['ips_se']:.1f}"
+                dr = f"{v['dr']:.1f} ± {1.96 * v['dr_se']:.1f}"
+                lines.append(f"| {s} | {ips} | {dr} | {v['on_policy']:.1f} | {v['logging_value']:.1f} |")
+            lines.append("")
+        for f in _plots(doc, out):
+            lines += [f"![{f}]({f})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
