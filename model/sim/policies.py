@@ -332,9 +332,9 @@ class Authopt:
     def route(self, view: AttemptView) -> Decision:
         resp = self.decide(view, self.request(view, with_history=False))
         source = optimizer_pb2.DecisionSource.Name(resp.decision_source).removeprefix("DECISION_SOURCE_")
-        return Decision(
-            view.world.route_index[resp.routes[0].route_id], resp.propensity, resp.explored, source
-        )
+        top = resp.routes[0]
+        p = top.approval_probability if resp.decision_source == Source.DECISION_SOURCE_MODEL else -1.0
+        return Decision(view.world.route_index[top.route_id], resp.propensity, resp.explored, source, p)
 
     def retry(self, view: AttemptView) -> RetryPlan | None:
         if self.retries == "ladder":

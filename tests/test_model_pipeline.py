@@ -1,0 +1,202 @@
+"""Training rows are point-in-time; train → export → evaluate works end to end on a tiny world."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from authopt.cli import main
+from authopt.v1 import events_pb2
+from model.dataset import build_training_set
+from model.evaluate import evaluate_world, write_results
+from model.export import make_tiny_artifact
+from model.layout import encode_flat
+from model.pipeline import TrainConfig, train_world
+from model.sim import World, load_world
+from model.sim.config import WorldConfig
+from model.sim.play import play
+from model.sim.policies import Logging, load_policy_model
+from model.train import TrainingDataError, TrainingSet
+from server.features import attempt_context, lookup_features
+from server.models import ModelRejected
+from streams.replay import read_log, replay_final
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(hours: float = 3, per_hour: float = 300) -> WorldConfig:
+    config = load_world("default")
+    return config.model_copy(
+        update={
+            "traffic": config.traffic.model_copy(update={"payments_per_hour": per_hour, "hours": hours}),
+            "cards": config.cards.model_copy(update={"count": 1500}),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> tuple[World, list[bytes]]:
+    world = World(tiny(), 21)
+    path = tmp_path_factory.mktemp("log") / "attempts.log"
+    with path.open("wb") as f:
+        play(world, Logging(seed=3), log=f)
+    return world, list(read_log(path))
+
+
+def _costs(world: World) -> dict[str, int]:
+    return {r: int(b) for r, b in zip(world.route_ids, world.route_cost_bps, strict=True)}
+
+
+def test_route_rows_see_only_the_past(log: tuple[World, list[bytes]]) -> None:
+    """Row i equals an encoding from the store built from records[:i] alone: no future leakage."""
+    world, records = log
+    data, summary = build_training_set(records, _costs(world))
+    assert summary.events == len(records) and summary.dead_letters == {}
+    route_rows = data.x[data.column == 0]
+    assert len(route_rows) == len(records)
+    for i in random.Random(1).sample(range(1, len(records)), 12):
+        store = replay_final(records[:i])
+        e = events_pb2.AttemptEvent.FromString(records[i])
+        o = e.outcome
+        priors = []
+        for r in records[:i]:
+            prev = events_pb2.AttemptEvent.FromString(r).outcome
+            if prev.request_id == o.request_id:
+                from model.dataset import prior_of
+
+                priors.append(prior_of(prev))
+        at = o.attempted_at.seconds + o.attempted_at.nanos / 1e9
+        feats = lookup_features(store, o.attempt, [o.route_id])
+        ctx = attempt_context(o.attempt, priors, at=at)
+        want = np.array(
+            encode_flat(
+                ctx, [(o.route_id, _costs(world)[o.route_id], feats.route_rows[0])], feats.attempt_rows
+            ),
+            dtype=np.float32,
+        )
+        np.testing.assert_array_equal(route_rows[i], want)
+
+
+def test_changing_the_future_does_not_change_past_rows(log: tuple[World, list[bytes]]) -> None:
+    world, records = log
+    cut = len(records) // 2
+    flipped = []
+    for r in records[cut:]:
+        e = events_pb2.AttemptEvent.FromString(r)
+        e.outcome.status = 1 if e.outcome.status != 1 else 2
+        e.outcome.response_code = "" if e.outcome.status == 1 else "05"
+        flipped.append(e.SerializeToString())
+    a, _ = build_training_set(records, _costs(world))
+    b, _ = build_training_set(records[:cut] + flipped, _costs(world))
+    ra, rb = a.x[a.column == 0], b.x[b.column == 0]
+    np.testing.assert_array_equal(ra[: cut + 1], rb[: cut + 1])
+    assert not np.array_equal(ra[cut + 1 :], rb[cut + 1 :])
+
+
+def test_retry_rows_use_bucket_delays(log: tuple[World, list[bytes]]) -> None:
+    world, records = log
+    data, summary = build_training_set(records, _costs(world))
+    assert summary.retry_rows > 0 and summary.retry_rows == int((data.column > 0).sum())
+    assert set(summary.retry_rows_by_bucket) <= set(range(8))
+
+
+def test_empty_and_single_class_logs_fail_with_an_explanation(log: tuple[World, list[bytes]]) -> None:
+    world, records = log
+    empty, _ = build_training_set([], _costs(world))
+    with pytest.raises(TrainingDataError, match="no rows"):
+        empty.validate(9)
+    approved = []
+    for r in records:
+        e = events_pb2.AttemptEvent.FromString(r)
+        if e.outcome.status == 1:
+            approved.append(r)
+    only, _ = build_training_set(approved, _costs(world))
+    with pytest.raises(TrainingDataError, match="approved"):
+        only.validate(9)
+    assert isinstance(only, TrainingSet)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models")
+    train_world(tiny(), out, TrainConfig(seed=5, hours=4, epochs=2, hidden=16, progress=False))
+    return out
+
+
+def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
+    model = load_policy_model(trained)
+    assert model.version == "default-s5"
+    manifest = model.manifest
+    assert manifest.data_summary["world"] == "default" and manifest.data_summary["events"] > 0
+    assert 0 <= manifest.metrics["val_ece_route"] < 0.2
+    # Resumable and deterministic: the work directory is reused, a second version is identical.
+    train_world(
+        tiny(), trained, TrainConfig(seed=5, hours=4, epochs=2, hidden=16, version="again", progress=False)
+    )
+    x = np.random.default_rng(0).normal(size=(8, len(manifest.input_layout))).astype(np.float32)
+    import torch
+
+    a = model.infer(torch.from_numpy(x))
+    b = load_policy_model(trained / "again").infer(torch.from_numpy(x))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(FileExistsError, match="already exists"):
+        train_world(tiny(), trained, TrainConfig(seed=5, hours=4, epochs=2, hidden=16, progress=False))
+
+
+def test_evaluate_writes_results_report_and_plots(trained: Path, tmp_path: Path) -> None:
+    doc = evaluate_world(tiny(hours=2), trained, [1, 2])
+    path = write_results([doc], tmp_path)
+    results = json.loads(path.read_text())["worlds"][0]
+    assert set(results["runs"]) == {
+        "static",
+        "cheapest",
+        "success-rate",
+        "oracle",
+        "authopt+ladder",
+        "authopt",
+    }
+    for name in (
+        "uplift_capture_first_attempt",
+        "beats_success_rate_pp",
+        "retry_vs_ladder",
+        "calibration",
+        "off_policy",
+    ):
+        assert name in results
+    assert results["summary"]["authopt"]["violations"]["mean"] == 0
+    oracle = results["summary"]["oracle"]["first_attempt_p_true"]["mean"]
+    assert all(
+        oracle >= results["summary"][p]["first_attempt_p_true"]["mean"] - 1e-9 for p in results["summary"]
+    )
+    assert set(results["targets"]) >= {"uplift_capture_first_attempt", "violations", "ece"}
+    report = (tmp_path / "report.md").read_text()
+    assert "| first-attempt approval |" in report
+    for png in ("reliability", "approval-over-time", "uplift-by-segment"):
+        assert (tmp_path / f"default-{png}.png").stat().st_size > 1000
+
+
+def test_evaluate_refuses_a_missing_or_mismatched_model(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "no model version" in res.output
+    make_tiny_artifact(tmp_path / "m", "v1", contract_hash="sha256:not-this-one")
+    res = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "contract" in res.output
+    with pytest.raises(ModelRejected):
+        load_policy_model(tmp_path / "m")
+
+
+def test_invalid_world_file_is_refused_by_the_commands(tmp_path: Path) -> None:
+    bad = tmp_path / "w.toml"
+    bad.write_text(
+        (Path(__file__).parent.parent / "model/sim/worlds/default.toml")
+        .read_text()
+        .replace("cost_bps = 18", "cost_bps = -1")
+    )
+    res = CliRunner().invoke(main, ["train", "--world", str(bad), "--out", str(tmp_path / "m")])
+    assert res.exit_code != 0 and "routes[0].cost_bps" in res.output and "(got -1)" in res.output
