@@ -136,7 +136,7 @@ class DecisionEngine:
         if model is None:
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_NO_MODEL, req, cands, feats)
         if feats.routes_known == 0 or (
-            feats.oldest_as_of is not None and now - feats.oldest_as_of > self._config.feature_max_age_s
+            feats.routes_as_of is not None and now - feats.routes_as_of > self._config.feature_max_age_s
         ):
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_FEATURES, req, cands, feats)
         loop = asyncio.get_running_loop()

@@ -35,6 +35,7 @@ class FeatureLookup:
     route_rows: list[Rows]
     oldest_as_of: float | None  # None: no row at all
     routes_known: int  # candidates with route-level features
+    routes_as_of: float | None = None  # newest route-level row (None: none): how fresh the feed is
 
     def age_ms(self, now: float) -> int:
         """Age of the oldest row used, in milliseconds; -1 when none was found."""
@@ -79,8 +80,8 @@ def lookup_features(
         )
         for rid in route_ids
     ]
-    known = sum(rows[Entity.ROUTE] is not None for rows in route_rows)
-    return FeatureLookup(attempt_rows, route_rows, oldest, known)
+    known = [row.as_of for rid in route_ids if (row := get(Entity.ROUTE, rid)) is not None]
+    return FeatureLookup(attempt_rows, route_rows, oldest, len(known), max(known, default=None))
 
 
 def attempt_context(

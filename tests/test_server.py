@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authopt.v1 import attempt_pb2, optimizer_pb2
 from model import make_tiny_artifact
 from server.errors import error_info
+from streams.contract import Entity
 from tests.conftest import ROUTES, Running, ServerFactory, make_request
 
 Source = optimizer_pb2.DecisionSource
@@ -86,6 +87,18 @@ async def test_missing_route_features_fall_back(start_server: ServerFactory, mod
     assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_FEATURES
     assert resp.feature_age_ms == -1
     assert resp.model_version == "1"
+
+
+async def test_an_old_card_row_is_not_stale_features(start_server: ServerFactory, model_dir: Path) -> None:
+    """A card last seen days ago is normal; only the route feed's freshness decides staleness."""
+    from tests.conftest import fill_route_features
+
+    srv = await start_server(model_dir=model_dir, features=False, feature_max_age_s=60)
+    fill_route_features(srv.features)
+    srv.features.put(Entity.CARD_MERCHANT, "fp-abc|m-1", {"reattempts_30d": 1.0}, time.time() - 5 * 86400)
+    resp = await srv.stub.Recommend(make_request(), timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_MODEL
+    assert resp.feature_age_ms >= 5 * 86400 * 1000  # the age reported is still the oldest row used
 
 
 async def test_stale_route_features_fall_back(start_server: ServerFactory, model_dir: Path) -> None:

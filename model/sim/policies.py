@@ -280,7 +280,7 @@ class Authopt:
         model: LoadedModel,
         *,
         exploration_rate: float = 0.02,
-        feature_max_age_s: float = 6 * 3600,
+        feature_max_age_s: float = 3600.0,
         retries: str = "model",
         seed: int = 0,
     ) -> None:
@@ -316,7 +316,7 @@ class Authopt:
         assert view.store is not None
         feats = lookup_features(view.store, req.attempt, [c.route_id for c in cands])
         now = view.now
-        stale = feats.oldest_as_of is not None and now - feats.oldest_as_of > self.feature_max_age_s
+        stale = feats.routes_as_of is not None and now - feats.routes_as_of > self.feature_max_age_s
         if feats.routes_known == 0 or stale:
             scores = fallback_scores(
                 Source.DECISION_SOURCE_FALLBACK_FEATURES, req, cands, feats, self.model.version
