@@ -32,17 +32,28 @@ def main(log_level: str) -> None:
 @click.option("--host", help="Bind address [env AUTHOPT_SERVER_HOST, default 127.0.0.1].")
 @click.option("--port", type=int, help="gRPC port [env AUTHOPT_SERVER_PORT, default 50051].")
 @click.option(
-    "--model-dir", type=click.Path(path_type=Path), help="Model directory [env AUTHOPT_SERVER_MODEL_DIR]."
+    "--model-dir",
+    type=click.Path(path_type=Path),
+    help="Model directory [env AUTHOPT_SERVER_MODEL_DIR; default: the bundled model].",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Inference device [default auto].")
 @click.option("--metrics-port", type=int, help="Prometheus port; -1 off [env AUTHOPT_SERVER_METRICS_PORT].")
+@click.option(
+    "--no-model", is_flag=True, help="Without a model directory, serve from the fallback policy only."
+)
 def serve(
-    host: str | None, port: int | None, model_dir: Path | None, device: str | None, metrics_port: int | None
+    host: str | None,
+    port: int | None,
+    model_dir: Path | None,
+    device: str | None,
+    metrics_port: int | None,
+    no_model: bool,
 ) -> None:
     """Run the gRPC decision server until SIGTERM/SIGINT (then drain).
 
     Settings come from AUTHOPT_SERVER_* environment variables (see README); options override them.
-    Without a model directory every decision comes from the fallback policy.
+    Without a model directory it serves the bundled default model (model/artifacts, trained by
+    `authopt train --world default`); with --no-model every decision comes from the fallback policy.
     """
     from authopt.otel import configure_tracing
     from server import ServerSettings
@@ -60,6 +71,13 @@ def serve(
         if v is not None
     }
     settings = ServerSettings(**overrides)  # type: ignore[arg-type]
+    if settings.model_dir is None and not no_model:
+        from model.artifacts import DEFAULT_MODEL_DIR
+
+        settings = settings.model_copy(update={"model_dir": DEFAULT_MODEL_DIR})
+        logging.getLogger("authopt").info(
+            "no model directory configured: serving the bundled model in %s", DEFAULT_MODEL_DIR
+        )
     provider = configure_tracing("authopt-server")
     try:
         asyncio.run(run_server(settings))
