@@ -211,6 +211,11 @@ _WORLD_HELP = "Built-in world (default, outage-heavy, cross-border) or a world T
 @click.option("--hours", type=float, help="Simulated hours of training traffic [default: 4x the world's].")
 @click.option("--epochs", type=int, default=12, show_default=True)
 @click.option("--hidden", type=int, default=128, show_default=True, help="Hidden width of the net.")
+@click.option(
+    "--onpolicy-hours",
+    type=float,
+    help="Hours the first model plays on-policy before the refit [default: the world's; 0: none].",
+)
 @click.option("--version", "version", help="Model version name [default: <world>-s<seed>].")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train(
@@ -220,14 +225,16 @@ def train(
     hours: float | None,
     epochs: int,
     hidden: int,
+    onpolicy_hours: float | None,
     version: str | None,
     quiet: bool,
 ) -> None:
     """Train the approval model on a simulated world and export it for the server.
 
     Simulates an exploring logging policy, replays its event log through the streams' feature
-    code (point in time), fits and calibrates the net, and exports TorchScript + manifest as
-    OUT/VERSION. Interrupted runs resume from OUT/.work; the same seed gives the same model.
+    code (point in time), fits and calibrates the net, plays it on-policy and refits on both logs,
+    and exports TorchScript + manifest as OUT/VERSION. Interrupted runs resume from OUT/.work;
+    the same seed gives the same model.
     """
     from model.pipeline import TrainConfig, train_world
     from model.train import CheckpointError, TrainingDataError

@@ -1,4 +1,9 @@
-"""`authopt train`: world → logging policy's event log → point-in-time rows → fit → export.
+"""`authopt train`: world → logging policy's event log → point-in-time rows → fit → on-policy round → export.
+
+The on-policy round plays the first model through the server's code path (with 10 % exploration)
+on more of the world's traffic, as a deployed model would, and refits on both logs: the features a
+served model sees (its own routing shapes them: the routes it prefers are busy, the others go
+quiet) then appear in its training data, which the uniform logging policy's alone do not show.
 
 Every stage leaves its result in a work directory (``<out>/.work/<world>-s<seed>/``): the log, the
 rows (``rows.npz``) and the training checkpoint, each written atomically, so an interrupted run
@@ -26,7 +31,7 @@ from model.net import layout_categorical_groups
 from model.sim.config import WorldConfig
 from model.sim.emit import emit_log
 from model.sim.world import World
-from model.train import TrainingSet, fit
+from model.train import FitResult, TrainingSet, fit
 from streams.replay import read_log
 
 __all__ = ["TrainConfig", "train_world"]
@@ -38,6 +43,8 @@ class TrainConfig:
     hours: float | None = None  # None: 4x the world's own span
     epochs: int = 12
     hidden: int = 128
+    onpolicy_hours: float | None = None  # None: the world's own span; 0: no on-policy round
+    onpolicy_exploration: float = 0.1
     version: str | None = None
     progress: bool = True
 
@@ -105,16 +112,21 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
     console.print(f"training rows: {len(data.y):,} ({int((data.column == 0).sum()):,} route, "
                   f"{int((data.column > 0).sum()):,} retry)")  # fmt: skip
 
-    result = fit(
-        data,
-        n_buckets=len(DELAY_BUCKETS_S),
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        hidden=cfg.hidden,
-        checkpoint_dir=work / "checkpoint",
-        progress=cfg.progress,
-        categorical_groups=layout_categorical_groups(INPUT_LAYOUT),
-    )
+    result = _fit(data, cfg, work / "checkpoint")
+    onpolicy_hours = config.traffic.hours if cfg.onpolicy_hours is None else cfg.onpolicy_hours
+    if onpolicy_hours > 0:
+        first = work / "first-model"
+        if not (first / "v1").exists():
+            export_model(result.net, first, "v1", metrics=result.metrics)
+        extra = _onpolicy_rows(config, onpolicy_hours, first / "v1", cfg, work, console)
+        data = TrainingSet(
+            x=np.concatenate([data.x, extra.x]),
+            column=np.concatenate([data.column, extra.column]),
+            y=np.concatenate([data.y, extra.y]),
+        )
+        data_summary["onpolicy_rows"] = len(extra.y)
+        data_summary["onpolicy_hours"] = onpolicy_hours
+        result = _fit(data, cfg, work / "checkpoint-onpolicy")
     info: dict[str, object] = {
         "world": config.name,
         "world_seed": cfg.seed,
@@ -127,3 +139,55 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
         f"exported {path} — " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()))
     )
     return path
+
+
+def _fit(data: TrainingSet, cfg: TrainConfig, checkpoint: Path) -> FitResult:
+    return fit(
+        data,
+        n_buckets=len(DELAY_BUCKETS_S),
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        hidden=cfg.hidden,
+        checkpoint_dir=checkpoint,
+        progress=cfg.progress,
+        categorical_groups=layout_categorical_groups(INPUT_LAYOUT),
+    )
+
+
+def _onpolicy_rows(
+    config: WorldConfig, hours: float, model_dir: Path, cfg: TrainConfig, work: Path, console: Console
+) -> TrainingSet:
+    """Rows from the first model's own closed-loop log (seed + 1, so other payments than the first log)."""
+    import torch
+
+    from model.sim.play import play
+    from model.sim.policies import Authopt, load_policy_model
+
+    rows_path = work / "onpolicy-rows.npz"
+    if not rows_path.exists():
+        log_path = work / "onpolicy.log"
+        world_cfg = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
+        world = World(world_cfg, cfg.seed + 1)
+        if not log_path.exists():
+            torch.set_num_threads(1)
+            payments = world.payments()
+            policy = Authopt(
+                load_policy_model(model_dir), exploration_rate=cfg.onpolicy_exploration, seed=cfg.seed
+            )
+            tmp = _atomic(log_path)
+            with _bar(cfg.progress, console) as bar, tmp.open("wb") as f:
+                task = bar.add_task("playing the first model on-policy", total=len(payments))
+                play(
+                    world, policy, payments=payments, log=f, progress=lambda n: bar.update(task, completed=n)
+                )
+            os.replace(tmp, log_path)
+        records = list(read_log(log_path))
+        costs = {rid: int(bps) for rid, bps in zip(world.route_ids, world.route_cost_bps, strict=True)}
+        with _bar(cfg.progress, console) as bar:
+            task = bar.add_task("replaying the on-policy log", total=len(records))
+            data, _ = build_training_set(records, costs, progress=lambda n: bar.update(task, completed=n))
+        tmp = _atomic(rows_path).with_suffix(".npz")
+        np.savez(tmp, x=data.x, column=data.column, y=data.y)
+        os.replace(tmp, rows_path)
+    loaded = np.load(rows_path)
+    return TrainingSet(x=loaded["x"], column=loaded["column"], y=loaded["y"])
