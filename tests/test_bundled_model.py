@@ -1,0 +1,16 @@
+"""The bundled default model loads offline, matches this code's contract, and is small."""
+
+from __future__ import annotations
+
+from model.artifacts import DEFAULT_MODEL_DIR
+from model.sim.policies import load_policy_model
+
+
+def test_the_bundled_model_loads_and_is_small() -> None:
+    versions = [p for p in DEFAULT_MODEL_DIR.iterdir() if (p / "manifest.json").is_file()]
+    assert versions, f"no bundled model under {DEFAULT_MODEL_DIR}"
+    model = load_policy_model(DEFAULT_MODEL_DIR)
+    assert model.manifest.data_summary["world"] == "default"
+    assert model.manifest.metrics["val_ece_route"] <= 0.02
+    size = sum(f.stat().st_size for v in versions for f in v.iterdir())
+    assert size < 5 * 1024 * 1024
