@@ -216,6 +216,13 @@ _WORLD_HELP = "Built-in world (default, outage-heavy, cross-border) or a world T
     type=float,
     help="Hours the first model plays on-policy before the refit [default: the world's; 0: none].",
 )
+@click.option(
+    "--incident-boost",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Random incidents per day x this in the training traffic, so the model sees incidents.",
+)
 @click.option("--version", "version", help="Model version name [default: <world>-s<seed>].")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train(
@@ -226,6 +233,7 @@ def train(
     epochs: int,
     hidden: int,
     onpolicy_hours: float | None,
+    incident_boost: float,
     version: str | None,
     quiet: bool,
 ) -> None:
@@ -245,7 +253,14 @@ def train(
             config,
             out,
             TrainConfig(
-                seed=seed, hours=hours, epochs=epochs, hidden=hidden, version=version, progress=not quiet
+                seed=seed,
+                hours=hours,
+                epochs=epochs,
+                hidden=hidden,
+                onpolicy_hours=onpolicy_hours,
+                incident_boost=incident_boost,
+                version=version,
+                progress=not quiet,
             ),
         )
     except (TrainingDataError, CheckpointError, FileExistsError) as exc:

@@ -193,7 +193,9 @@ class ApprovalNet(nn.Module):
             raise ValueError(
                 "ApprovalNet expects input [N, " + str(self.n_inputs) + "], got " + str(list(x.shape))
             )
-        z = (x - self.mean) / self.std
+        # Standardized inputs are bounded: a value far outside anything seen in training (an
+        # incident's error rate, a corrupt feature) must not extrapolate the net without limit.
+        z = ((x - self.mean) / self.std).clamp(-6.0, 6.0)
         if self.embedding is not None:
             n = x.size(0)
             hot = x.index_select(1, self.group_cols).reshape(n, self.n_groups, self.max_group)

@@ -28,7 +28,7 @@ from model.dataset import build_training_set
 from model.export import export_model
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT
 from model.net import layout_categorical_groups
-from model.sim.config import WorldConfig
+from model.sim.config import RandomEpisodes, WorldConfig
 from model.sim.emit import emit_log
 from model.sim.world import World
 from model.train import FitResult, TrainingSet, fit
@@ -45,6 +45,7 @@ class TrainConfig:
     hidden: int = 128
     onpolicy_hours: float | None = None  # None: the world's own span; 0: no on-policy round
     onpolicy_exploration: float = 0.1
+    incident_boost: float = 3.0  # random incidents per day x this in the training traffic
     version: str | None = None
     progress: bool = True
 
@@ -71,11 +72,12 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
     """Train on `config`'s world and export under `out`; returns the version directory."""
     console = Console(stderr=True, quiet=not cfg.progress)
     hours = cfg.hours if cfg.hours is not None else 4 * config.traffic.hours
+    config = boost_incidents(config, cfg.incident_boost)
     world_cfg = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
     version = cfg.version or f"{config.name}-s{cfg.seed}"
     if (out / version).exists():
         raise FileExistsError(f"model version {version!r} already exists under {out}; pass another --version")
-    work = out / ".work" / f"{config.name}-s{cfg.seed}-h{hours:g}"
+    work = out / ".work" / f"{config.name}-s{cfg.seed}-h{hours:g}-b{cfg.incident_boost:g}"
     work.mkdir(parents=True, exist_ok=True)
     world = World(world_cfg, cfg.seed)
 
@@ -191,3 +193,27 @@ def _onpolicy_rows(
         os.replace(tmp, rows_path)
     loaded = np.load(rows_path)
     return TrainingSet(x=loaded["x"], column=loaded["column"], y=loaded["y"])
+
+
+def boost_incidents(config: WorldConfig, factor: float) -> WorldConfig:
+    """The world with `factor` x its random incidents per day (issuer outages, route degradations),
+    at least one a week per issuer and route: a few days of one world show too few incidents for a
+    model to learn what one looks like, and a model that never saw one extrapolates wildly in the
+    first it meets."""
+    if factor == 1.0:
+        return config
+
+    def more(e: RandomEpisodes) -> RandomEpisodes:
+        return e.model_copy(update={"per_day": min(24.0, max(e.per_day * factor, 1 / 7))})
+
+    return config.model_copy(
+        update={
+            "issuers": [
+                i.model_copy(update={"random_outages": more(i.random_outages)}) for i in config.issuers
+            ],
+            "routes": [
+                r.model_copy(update={"random_degradations": more(r.random_degradations)})
+                for r in config.routes
+            ],
+        }
+    )

@@ -22,6 +22,7 @@ __all__ = [
     "Episode",
     "IssuerConfig",
     "MerchantConfig",
+    "RandomEpisodes",
     "RouteConfig",
     "TrafficConfig",
     "WorldConfig",
