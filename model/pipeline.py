@@ -4,6 +4,9 @@ The on-policy round plays the first model through the server's code path (with 1
 on more of the world's traffic, as a deployed model would, and refits on both logs: the features a
 served model sees (its own routing shapes them: the routes it prefers are busy, the others go
 quiet) then appear in its training data, which the uniform logging policy's alone do not show.
+The round plays the world at its own incident rate (the logging traffic sees `incident_boost` x
+more incidents, so the model learns what one looks like), and the last 30 % of its log is held out
+to refit the calibration on: the traffic the model will serve.
 
 Every stage leaves its result in a work directory (``<out>/.work/<world>-s<seed>/``): the log, the
 rows (``rows.npz``) and the training checkpoint, each written atomically, so an interrupted run
@@ -31,7 +34,7 @@ from model.net import layout_categorical_groups
 from model.sim.config import RandomEpisodes, WorldConfig
 from model.sim.emit import emit_log
 from model.sim.world import World
-from model.train import FitResult, TrainingSet, fit
+from model.train import FitResult, TrainingSet, calibrate, fit
 from streams.replay import read_log
 
 __all__ = ["TrainConfig", "train_world"]
@@ -72,6 +75,7 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
     """Train on `config`'s world and export under `out`; returns the version directory."""
     console = Console(stderr=True, quiet=not cfg.progress)
     hours = cfg.hours if cfg.hours is not None else 4 * config.traffic.hours
+    real_config = config
     config = boost_incidents(config, cfg.incident_boost)
     world_cfg = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
     version = cfg.version or f"{config.name}-s{cfg.seed}"
@@ -120,15 +124,21 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
         first = work / "first-model"
         if not (first / "v1").exists():
             export_model(result.net, first, "v1", metrics=result.metrics)
-        extra = _onpolicy_rows(config, onpolicy_hours, first / "v1", cfg, work, console)
+        extra = _onpolicy_rows(real_config, onpolicy_hours, first / "v1", cfg, work, console)
+        # The on-policy log's last 30 % (by time) is held out to calibrate on: the traffic the
+        # model will serve, at the world's own incident rate.
+        cut = int(len(extra.y) * 0.7)
+        held = TrainingSet(x=extra.x[cut:], column=extra.column[cut:], y=extra.y[cut:])
         data = TrainingSet(
-            x=np.concatenate([data.x, extra.x]),
-            column=np.concatenate([data.column, extra.column]),
-            y=np.concatenate([data.y, extra.y]),
+            x=np.concatenate([data.x, extra.x[:cut]]),
+            column=np.concatenate([data.column, extra.column[:cut]]),
+            y=np.concatenate([data.y, extra.y[:cut]]),
         )
         data_summary["onpolicy_rows"] = len(extra.y)
         data_summary["onpolicy_hours"] = onpolicy_hours
         result = _fit(data, cfg, work / "checkpoint-onpolicy")
+        recal = calibrate(result.net, held)
+        result.metrics.update({k.replace("val_", "onpolicy_"): v for k, v in recal.items()})
     info: dict[str, object] = {
         "world": config.name,
         "world_seed": cfg.seed,

@@ -486,6 +486,19 @@ def _fit_platt(
     return torch.where(ok, a, 1.0), torch.where(ok, b, 0.0)
 
 
+def calibrate(net: ApprovalNet, data: TrainingSet) -> dict[str, float]:
+    """Refit the net's Platt calibration on `data` (e.g. held-out rows of the traffic it will serve);
+    returns ECE (and AUC) on those rows after and before, as `val_*` metrics."""
+    data.validate(1 + net.n_buckets)
+    rows = _Data(
+        torch.from_numpy(data.x),
+        torch.from_numpy(data.column.astype(np.int64, copy=False)),
+        torch.from_numpy(data.y.astype(np.float32, copy=False)),
+    )
+    net.eval()
+    return _calibrate_and_evaluate(net, rows, 1 + net.n_buckets)
+
+
 def _calibrate_and_evaluate(net: ApprovalNet, val: _Data, n_outputs: int) -> dict[str, float]:
     z = _val_logits(net, val)
     scale, bias = _fit_platt(z, val.column, val.y, n_outputs)
