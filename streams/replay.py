@@ -18,7 +18,7 @@ from streams.processor import DEFAULT_LATENESS_S, DEFAULT_MAX_FUTURE_S, BatchRes
 from streams.replica import Materializer
 from streams.store import InMemoryFeatureStore
 
-__all__ = ["FeatureReplay", "append_record", "ReplayStats", "read_log", "replay", "replay_final", "write_log"]
+__all__ = ["FeatureReplay", "ReplayStats", "append_record", "read_log", "replay", "replay_final", "write_log"]
 
 
 def _write_varint(out: BinaryIO, value: int) -> None:
