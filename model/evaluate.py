@@ -26,7 +26,7 @@ import torch
 
 from model.layout import encode_flat
 from model.sim.config import WorldConfig
-from model.sim.play import AttemptView, Decision, PlayResult, play
+from model.sim.play import AttemptView, Decision, PlayResult, attempt_message, play
 from model.sim.policies import (
     Authopt,
     Cheapest,
@@ -34,7 +34,7 @@ from model.sim.policies import (
     Oracle,
     Static,
     SuccessRate,
-    _candidates,
+    candidates,
     load_policy_model,
 )
 from model.sim.world import World
@@ -106,9 +106,7 @@ class _OpeLog:
 def _ope_recorder(log: _OpeLog) -> Callable[[AttemptView, Decision], None]:
     def record(view: AttemptView, decision: Decision) -> None:
         assert view.store is not None
-        from model.sim.play import attempt_message
-
-        cands = _candidates(view)
+        cands = candidates(view)
         attempt = attempt_message(view.world, view.payment, 1)
         feats = lookup_features(view.store, attempt, [c.route_id for c in cands])
         ctx = attempt_context(attempt, [], at=view.now)

@@ -55,6 +55,7 @@ import numpy.typing as npt
 
 from authopt.v1 import attempt_pb2
 from model.layout import DELAY_BUCKETS_S
+from model.sim.play import NETWORK_NAME
 from model.sim.world import APPROVED, DECLINED, ERROR, Outcome, Payment, World
 from server import rules
 
@@ -66,7 +67,6 @@ _U8 = npt.NDArray[np.uint8]
 _Piece = tuple[_U8, _I64]  # padded bytes (n, width) and the length used of each row (n,)
 
 _DAY = 86_400
-_NETWORK_NAME = {1: "visa", 2: "mastercard"}  # authopt.v1.CardNetwork numbers
 _MACS = (0, 3, 25)  # World.outcome_arrays' `mac` values: none, "03", "25"
 _STATUS_NAME = {APPROVED: "approved", DECLINED: "declined", ERROR: "error"}
 _CHUNK = 1 << 16  # records encoded (and written) at a time
@@ -429,7 +429,7 @@ def _rule_tables(world: World) -> tuple[npt.NDArray[np.bool_], _F64]:
         for c, code in enumerate(("", *world.codes_all)):
             for m, mac in enumerate(_MACS):
                 decline = rules.Decline(code, f"{mac:02d}" if mac else "", 0, 0.0)
-                r = rules.evaluate_retry(_NETWORK_NAME.get(net, "other"), decline, rules.RetryCounters(), 0.0)
+                r = rules.evaluate_retry(NETWORK_NAME.get(net, "other"), decline, rules.RetryCounters(), 0.0)
                 allowed[net, c, m] = r.allowed
                 wait[net, c, m] = r.earliest_at  # attempted_at + wait with attempted_at = now = 0
     return allowed, wait
@@ -501,7 +501,7 @@ def _counter_pass(
             aa.popleft()
         decline = rules.Decline(world.codes_all[code], f"{mac:02d}" if mac else "", 0, t)
         counters = rules.RetryCounters(len(ra), len(aa))
-        if not rules.evaluate_retry(_NETWORK_NAME.get(network[j], "other"), decline, counters, t).allowed:
+        if not rules.evaluate_retry(NETWORK_NAME.get(network[j], "other"), decline, counters, t).allowed:
             keep_l[j] = k
             refused += 1
     return np.array(keep_l, dtype=np.int64), refused

@@ -24,10 +24,19 @@ from server import rules
 from streams.replay import FeatureReplay, append_record
 from streams.store import InMemoryFeatureStore
 
-__all__ = ["AttemptView", "Decision", "PlayResult", "Policy", "RetryPlan", "attempt_message", "play"]
+__all__ = [
+    "NETWORK_NAME",
+    "AttemptView",
+    "Decision",
+    "PlayResult",
+    "Policy",
+    "RetryPlan",
+    "attempt_message",
+    "play",
+]
 
 _DAY = 86_400
-_NETWORK_NAME = {1: "visa", 2: "mastercard"}
+NETWORK_NAME = {1: "visa", 2: "mastercard"}  # CardNetwork number -> server.rules network
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +300,7 @@ def _note_first(result: PlayResult, j: int, view: AttemptView, decision: Decisio
 def _check_rules(
     world: World, p: Payment, o: Outcome, now: float, plan: RetryPlan, counters: _Counters, result: PlayResult
 ) -> None:
-    network = _NETWORK_NAME.get(int(world.card_network[p.card]), "other")
+    network = NETWORK_NAME.get(int(world.card_network[p.card]), "other")
     decline = rules.Decline(o.response_code, o.mastercard_mac, 0, now)
     c = rules.evaluate_retry(network, decline, counters.at(p, plan.at), plan.at)
     if not c.allowed or plan.at + 1e-6 < c.earliest_at:

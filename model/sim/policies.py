@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from authopt.v1 import attempt_pb2, optimizer_pb2
+from authopt.v1 import optimizer_pb2
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, LAYOUT_VERSION, encode_flat
-from model.sim.play import AttemptView, Decision, RetryPlan, attempt_message
-from model.sim.world import APPROVED, ERROR, Belief, Outcome
+from model.sim.play import NETWORK_NAME, AttemptView, Decision, RetryPlan, attempt_message
+from model.sim.world import APPROVED, ERROR, Outcome
 from server import policy as server_policy
 from server import rules
 from server.decision import fallback_scores, model_scores, respond
@@ -44,16 +44,16 @@ __all__ = [
     "Oracle",
     "Static",
     "SuccessRate",
+    "candidates",
     "load_policy_model",
 ]
 
 _DAY = 86_400
-_NETWORK_NAME = {1: "visa", 2: "mastercard"}
 Source = optimizer_pb2.DecisionSource
 
 
 def _network(view: AttemptView) -> str:
-    return _NETWORK_NAME.get(int(view.world.card_network[view.payment.card]), "other")
+    return NETWORK_NAME.get(int(view.world.card_network[view.payment.card]), "other")
 
 
 def _constraint(view: AttemptView) -> rules.RetryConstraint | None:
@@ -170,7 +170,8 @@ class SuccessRate(_Base):
         self.by_route.setdefault(route, deque(maxlen=self.window)).append(ok)
 
 
-def _candidates(view: AttemptView) -> list[server_policy.Candidate]:
+def candidates(view: AttemptView) -> list[server_policy.Candidate]:
+    """The payment's eligible routes with their prices, as the server's policy takes them."""
     w = view.world
     return [
         server_policy.Candidate(w.route_ids[r], int(w.route_cost_bps[r]), int(w.route_fixed[r]))
@@ -190,7 +191,7 @@ class Oracle(_Base):
 
     def route(self, view: AttemptView) -> Decision:
         p = view.world.p_approve(view.payment, view.routes, view.now, view.belief)
-        ranked = server_policy.rank_by_value(view.payment.amount_minor, _candidates(view), p)
+        ranked = server_policy.rank_by_value(view.payment.amount_minor, candidates(view), p)
         return Decision(view.world.route_index[ranked[0].route_id])
 
     def retry(self, view: AttemptView) -> RetryPlan | None:
@@ -206,9 +207,7 @@ class Oracle(_Base):
             when = max(view.now + d, c.earliest_at)
             for i, prob in enumerate(w.p_approve(pay, view.routes, when, replace(view.belief))):
                 p_retry[i][b] = prob
-        advice = server_policy.advise_retry(
-            pay.amount_minor, _candidates(view), p_retry, buckets, c, view.now
-        )
+        advice = server_policy.advise_retry(pay.amount_minor, candidates(view), p_retry, buckets, c, view.now)
         if advice.action == "do_not_retry":
             return None
         return RetryPlan(w.route_index[advice.route_id], advice.retry_at)
@@ -312,7 +311,7 @@ class Authopt:
     def decide(
         self, view: AttemptView, req: optimizer_pb2.RecommendRequest
     ) -> optimizer_pb2.RecommendResponse:
-        cands = _candidates(view)
+        cands = candidates(view)
         assert view.store is not None
         feats = lookup_features(view.store, req.attempt, [c.route_id for c in cands])
         now = view.now
@@ -349,6 +348,3 @@ class Authopt:
 
     def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
         return None
-
-
-_ = (Belief, attempt_pb2)
