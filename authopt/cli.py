@@ -177,12 +177,13 @@ def broker(port: int) -> None:
         local = start_broker(port or None)
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"broker pid {local.pid} listening on {local.bootstrap}")
-    click.echo(f"export AUTHOPT_KAFKA_BOOTSTRAP={local.bootstrap} AUTHOPT_WORKER_LOCAL_BROKER=true")
-    sys.stdout.flush()
+    # Handlers first: whoever reads the lines below may signal at once.
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    click.echo(f"broker pid {local.pid} listening on {local.bootstrap}")
+    click.echo(f"export AUTHOPT_KAFKA_BOOTSTRAP={local.bootstrap} AUTHOPT_WORKER_LOCAL_BROKER=true")
+    sys.stdout.flush()
     try:
         while not done.wait(0.5):
             if local.process.poll() is not None:
