@@ -247,6 +247,7 @@ def respond(
         decision_source=scores.source,  # type: ignore[arg-type]
         model_version=scores.model_version,
         feature_age_ms=feats.age_ms(now),
+        route_feature_age_ms=feats.route_age_ms(now),
         explored=chosen.explored,
         propensity=chosen.propensity,
         rules_version=rules.RULES_VERSION,

@@ -41,6 +41,10 @@ class FeatureLookup:
         """Age of the oldest row used, in milliseconds; -1 when none was found."""
         return -1 if self.oldest_as_of is None else max(0, int((now - self.oldest_as_of) * 1000))
 
+    def route_age_ms(self, now: float) -> int:
+        """Age of the newest route-level row, in milliseconds (the feed's lag); -1 when none."""
+        return -1 if self.routes_as_of is None else max(0, int((now - self.routes_as_of) * 1000))
+
 
 def lookup_features(
     store: FeatureStore, attempt: attempt_pb2.Attempt, route_ids: Sequence[str]

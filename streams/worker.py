@@ -13,6 +13,7 @@ and change nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import weakref
@@ -67,6 +68,9 @@ class WorkerSettings(BaseSettings):
         DEFAULT_MAX_FUTURE_S, ge=0, description="events newer than this after their receipt go to the DLQ"
     )
     stats_interval_s: float = Field(10.0, gt=0, description="how often the worker logs its counters")
+    stats_file: Path | None = Field(
+        None, description="also write the counters as JSON to this file at each stats tick and at exit"
+    )
     local_broker: bool = Field(
         False, description="apply the local Tansu broker accommodations (streams.local_kafka)"
     )
@@ -88,6 +92,25 @@ class WorkerStats:
     batches: int = 0
     dead: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as JSON-ready values; `events` counts every event taken from the topic."""
+        dead = dict(sorted(self.dead.items()))
+        return {
+            "events": self.applied + self.duplicates + sum(dead.values()),
+            "applied": self.applied,
+            "duplicates": self.duplicates,
+            "dead_lettered": dead,
+            "snapshots": self.snapshots,
+            "batches": self.batches,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+        }
+
+    def write(self, path: Path) -> None:
+        """Write `as_dict()` to `path` atomically (a reader never sees half a file)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.as_dict()))
+        tmp.replace(path)
 
     def line(self) -> str:
         rate = self.applied / max(time.monotonic() - self.started, 1e-9)
@@ -301,6 +324,8 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
     @app.timer(settings.stats_interval_s)  # type: ignore[untyped-decorator]
     async def log_stats() -> None:
         log.info("%s", stats.line())
+        if settings.stats_file is not None:
+            stats.write(settings.stats_file)
 
     return app, stats
 
@@ -366,3 +391,5 @@ def run_worker(settings: WorkerSettings, kafka: KafkaSettings, *, loglevel: str 
         worker.execute_from_commandline()
     finally:
         log.info("%s", stats.line())
+        if settings.stats_file is not None:
+            stats.write(settings.stats_file)

@@ -85,7 +85,7 @@ async def test_missing_route_features_fall_back(start_server: ServerFactory, mod
     srv = await start_server(model_dir=model_dir, features=False)
     resp = await srv.stub.Recommend(make_request(), timeout=5)
     assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_FEATURES
-    assert resp.feature_age_ms == -1
+    assert resp.feature_age_ms == -1 and resp.route_feature_age_ms == -1
     assert resp.model_version == "1"
 
 
@@ -99,6 +99,7 @@ async def test_an_old_card_row_is_not_stale_features(start_server: ServerFactory
     resp = await srv.stub.Recommend(make_request(), timeout=5)
     assert resp.decision_source == Source.DECISION_SOURCE_MODEL
     assert resp.feature_age_ms >= 5 * 86400 * 1000  # the age reported is still the oldest row used
+    assert 0 <= resp.route_feature_age_ms < 60_000  # while the route feed is fresh
 
 
 async def test_stale_route_features_fall_back(start_server: ServerFactory, model_dir: Path) -> None:
@@ -109,6 +110,7 @@ async def test_stale_route_features_fall_back(start_server: ServerFactory, model
     resp = await srv.stub.Recommend(make_request(), timeout=5)
     assert resp.decision_source == Source.DECISION_SOURCE_FALLBACK_FEATURES
     assert resp.feature_age_ms >= 600_000
+    assert 600_000 <= resp.route_feature_age_ms < 700_000
 
 
 def _teach_forward_latency(srv: Running, seconds: float) -> None:

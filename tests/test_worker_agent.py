@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,6 +70,8 @@ async def test_agent_folds_events_into_per_partition_states(
         )  # replayed
         await _until(lambda: stats.applied + stats.duplicates == 7)
     assert stats.applied == 6 and stats.duplicates == 1
+    counters = stats.as_dict()
+    assert counters["events"] == 7 and counters["dead_lettered"] == {}
     # The route's events are split by source partition: 3 + 3, never one state for both.
     for partition in (0, 1):
         raw = table[table_key(Entity.ROUTE, "acq-a", partition)]
@@ -89,3 +93,13 @@ async def test_agent_folds_events_into_per_partition_states(
     latest = {key: (value, partition) for _, key, value, partition in sent}
     for key, (value, partition) in latest.items():
         assert key.endswith(b"#%d" % partition) and table[key] == value
+
+
+def test_stats_file_is_written_whole(tmp_path: Path) -> None:
+    stats = WorkerStats(applied=5, duplicates=2)
+    stats.dead["late"] += 1
+    path = tmp_path / "worker-stats.json"
+    stats.write(path)
+    doc = json.loads(path.read_text())
+    assert doc["events"] == 8 and doc["applied"] == 5 and doc["dead_lettered"] == {"late": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["worker-stats.json"]  # no temp file left

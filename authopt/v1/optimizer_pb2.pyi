@@ -242,6 +242,7 @@ class RecommendResponse(_message.Message):
     PROPENSITY_FIELD_NUMBER: _builtins.int
     SERVER_TIME_US_FIELD_NUMBER: _builtins.int
     RULES_VERSION_FIELD_NUMBER: _builtins.int
+    ROUTE_FEATURE_AGE_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's id."""
     decision_source: Global___DecisionSource.ValueType
@@ -258,6 +259,10 @@ class RecommendResponse(_message.Message):
     """Time the server spent deciding, in microseconds."""
     rules_version: _builtins.str
     """Version of the network-rule table applied."""
+    route_feature_age_ms: _builtins.int
+    """Age of the newest route-level feature row among the candidates, in milliseconds: how far the
+    live feature feed lags behind the outcomes it folds; -1 when no route had features.
+    """
     @_builtins.property
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedRoute]:
         """Candidate routes ranked by expected value, best first; the first is the route to use."""
@@ -279,10 +284,11 @@ class RecommendResponse(_message.Message):
         propensity: _builtins.float = ...,
         server_time_us: _builtins.int = ...,
         rules_version: _builtins.str = ...,
+        route_feature_age_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_source", b"decision_source", "explored", b"explored", "feature_age_ms", b"feature_age_ms", "model_version", b"model_version", "propensity", b"propensity", "request_id", b"request_id", "retry", b"retry", "routes", b"routes", "rules_version", b"rules_version", "server_time_us", b"server_time_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_source", b"decision_source", "explored", b"explored", "feature_age_ms", b"feature_age_ms", "model_version", b"model_version", "propensity", b"propensity", "request_id", b"request_id", "retry", b"retry", "route_feature_age_ms", b"route_feature_age_ms", "routes", b"routes", "rules_version", b"rules_version", "server_time_us", b"server_time_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
