@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "LocalBroker",
     "LocalWorker",
     "broker_binary",
+    "die_with_parent",
     "free_port",
     "start_broker",
     "start_worker",
@@ -136,6 +138,7 @@ def start_worker(
     *,
     env: dict[str, str] | None = None,
     local_broker: bool = True,
+    tie_to_parent: bool = False,
 ) -> LocalWorker:
     """Start `authopt worker` against `bootstrap` in a new process; its output goes to `log_path`."""
     full_env = {
@@ -151,8 +154,26 @@ def start_worker(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent() if tie_to_parent else None,
         )
     return LocalWorker(proc, log_path)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux send the child SIGTERM when the process that started it dies
+    (even by SIGKILL), so an embedded run never leaves a broker or worker behind; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
 
 
 def _accepting(host: str, port: int) -> bool:
@@ -161,8 +182,12 @@ def _accepting(host: str, port: int) -> bool:
     return False
 
 
-def start_broker(port: int | None = None, *, host: str = "127.0.0.1", timeout_s: float = 10.0) -> LocalBroker:
-    """Start Tansu on host:port (a free port by default) and wait until it accepts connections."""
+def start_broker(
+    port: int | None = None, *, host: str = "127.0.0.1", timeout_s: float = 10.0, tie_to_parent: bool = False
+) -> LocalBroker:
+    """Start Tansu on host:port (a free port by default) and wait until it accepts connections.
+
+    `tie_to_parent`: the broker gets SIGTERM if this process dies (`die_with_parent`)."""
     port = port or free_port(host)
     url = f"tcp://{host}:{port}"
     # A file, not a pipe: a chatty broker must never block on stderr. LocalBroker.stop() closes it.
@@ -183,6 +208,7 @@ def start_broker(port: int | None = None, *, host: str = "127.0.0.1", timeout_s:
         stdout=subprocess.DEVNULL,
         stderr=log,
         start_new_session=True,
+        preexec_fn=die_with_parent() if tie_to_parent else None,
     )
     broker = LocalBroker(proc, host, port, log)
     deadline = time.monotonic() + timeout_s

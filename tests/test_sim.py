@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from authopt.v1 import attempt_pb2
 from model.sim import BUILTIN_WORLDS, World, WorldConfigError, load_world, parse_world
 from model.sim.config import WorldConfig
 from model.sim.play import play
@@ -263,3 +264,16 @@ def test_ladder_retries_on_its_schedule_within_the_window() -> None:
     assert cit and max(cit) <= config.traffic.cit_patience_s
     assert mit and all(d >= 86400 - 1 for d in mit)
     assert max(r.attempts) <= config.traffic.max_attempts
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_WORLDS))
+def test_no_simulated_card_looks_like_a_card_number(name: str) -> None:
+    """The server refuses anything that could be a PAN; a simulated card must never be one."""
+    from model.sim.play import attempt_message
+    from server.validation import find_card_number
+
+    w = World(load_world(name), 7)
+    for card in range(w.config.cards.count):
+        assert find_card_number(attempt_pb2.Card(**w.card_fields(card))) is None, w.card_fields(card)  # type: ignore[arg-type]
+    for p in w.payments()[:500]:
+        assert find_card_number(attempt_message(w, p, 1)) is None

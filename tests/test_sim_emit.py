@@ -14,7 +14,7 @@ from authopt.v1 import events_pb2
 from model.layout import DELAY_BUCKETS_S
 from model.sim import World, load_world
 from model.sim.emit import EmitStats, EventEncoder, emit_log, encode_event
-from model.sim.play import _Counters, _event
+from model.sim.play import RuleCounters, _event
 from model.sim.world import APPROVED, DECLINED, ERROR, Belief, Outcome, Payment
 from server import rules
 from streams.replay import ReplayStats, read_log, replay, replay_final
@@ -238,7 +238,7 @@ def _check_retries(world: World, path: Path) -> int:
             assert prev.outcome.status != APPROVED
             assert nxt.at - prev.at in DELAY_BUCKETS_S
             assert nxt.at - p.at <= window
-    counters = _Counters()
+    counters = RuleCounters()
     retries = 0
     for t in log:
         o = t.event.outcome

@@ -31,7 +31,9 @@ __all__ = [
     "PlayResult",
     "Policy",
     "RetryPlan",
+    "RuleCounters",
     "attempt_message",
+    "outcome_message",
     "play",
 ]
 
@@ -137,10 +139,21 @@ def attempt_message(world: World, payment: Payment, number: int) -> attempt_pb2.
     )
 
 
-def _event(world: World, payment: Payment, number: int, route: int, at: float, o: Outcome) -> bytes:
+def outcome_message(
+    world: World,
+    payment: Payment,
+    number: int,
+    route: int,
+    at: float,
+    o: Outcome,
+    *,
+    event_id: str,
+    request_id: str,
+) -> attempt_pb2.AttemptOutcome:
+    """The `authopt.v1.AttemptOutcome` a platform reports for attempt `number`, made at `at`."""
     outcome = attempt_pb2.AttemptOutcome(
-        event_id=f"{world.config.name}-{world.seed}-{payment.index}-{number}",
-        request_id=f"pay-{payment.index}",
+        event_id=event_id,
+        request_id=request_id,
         attempt=attempt_message(world, payment, number),
         route_id=world.route_ids[route],
         status=o.status,  # type: ignore[arg-type]
@@ -152,6 +165,20 @@ def _event(world: World, payment: Payment, number: int, route: int, at: float, o
         latency_ms=o.latency_ms,
     )
     outcome.attempted_at.FromNanoseconds(int(at * 1e9))
+    return outcome
+
+
+def _event(world: World, payment: Payment, number: int, route: int, at: float, o: Outcome) -> bytes:
+    outcome = outcome_message(
+        world,
+        payment,
+        number,
+        route,
+        at,
+        o,
+        event_id=f"{world.config.name}-{world.seed}-{payment.index}-{number}",
+        request_id=f"pay-{payment.index}",
+    )
     event = events_pb2.AttemptEvent(outcome=outcome, producer="sim")
     event.received_at.FromNanoseconds(int((at + o.latency_ms / 1000) * 1e9))
     return event.SerializeToString()
@@ -161,7 +188,7 @@ def _is_visa(world: World, payment: Payment) -> bool:
     return int(world.card_network[payment.card]) == 1
 
 
-class _Counters:
+class RuleCounters:
     """The per-card counters the network rules refer to, from the attempts actually made."""
 
     def __init__(self) -> None:
@@ -201,7 +228,7 @@ def play(  # noqa: C901 - the steps of one attempt, in order, in one loop
     result = PlayResult(policy.name, world.config.name, world.seed, payments=len(pays))
     live = policy.uses_features or features
     replay = FeatureReplay(lateness_s=float("inf"), max_future_s=float("inf")) if live else None
-    counters = _Counters()
+    counters = RuleCounters()
     heap: list[tuple[float, int, int, int, int]] = [(p.at, k, 0, 1, -1) for k, p in enumerate(pays)]
     heapq.heapify(heap)
     beliefs = [world.prior_belief(p) for p in pays]
@@ -298,7 +325,13 @@ def _note_first(result: PlayResult, j: int, view: AttemptView, decision: Decisio
 
 
 def _check_rules(
-    world: World, p: Payment, o: Outcome, now: float, plan: RetryPlan, counters: _Counters, result: PlayResult
+    world: World,
+    p: Payment,
+    o: Outcome,
+    now: float,
+    plan: RetryPlan,
+    counters: RuleCounters,
+    result: PlayResult,
 ) -> None:
     network = NETWORK_NAME.get(int(world.card_network[p.card]), "other")
     decline = rules.Decline(o.response_code, o.mastercard_mac, 0, now)

@@ -86,6 +86,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # type: ignore[no-any-return]
 
 
+_FP_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEF"  # 32 letters: never a run of digits
+
+
+def _fingerprint(x: int) -> str:
+    """An opaque card fingerprint from 64 bits, in letters only: a fingerprint in hex can hold 12+
+    digits in a row that pass Luhn, which the server rightly refuses as a possible card number."""
+    return "fp_" + "".join(_FP_ALPHABET[(x >> (5 * i)) & 31] for i in range(13))
+
+
 def _seed_int(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
@@ -260,9 +269,8 @@ class World:
         self.card_pay_shift = rng.random(n) * 14 * 86400.0
         self.card_last4 = [f"{x:04d}" for x in rng.integers(0, 10000, size=n).tolist()]
         salt = _seed_int("fp", c.name, self.seed)
-        self.card_fingerprint = [
-            f"fp_{(salt ^ (k * 0x9E3779B97F4A7C15)) & (2**64 - 1):016x}" for k in range(n)
-        ]
+        mask = 2**64 - 1
+        self.card_fingerprint = [_fingerprint((salt ^ (k * 0x9E3779B97F4A7C15)) & mask) for k in range(n)]
         # Popularity over a random order (see CardsConfig.card_skew), so some cards pay often.
         self._card_order = rng.permutation(n)
 

@@ -1,0 +1,570 @@
+"""A simulated payment platform that asks a live authopt server for every decision.
+
+`authopt simulate` and `authopt up` run it. It plays the payments of a simulated world
+(`model.sim.world`) at `rate` new payments per second of wall-clock time, in the world's order and
+mix: for each payment it calls `Recommend` over gRPC, attempts the route that came first, draws the
+outcome from the world's ground truth for that route, reports it with `ReportOutcomes` (so it flows
+through Kafka into the features the next decisions read), and retries a decline when, and only
+when, the retry advice says so: at once (`RETRY_NOW`), or at the advised time (`RETRY_AT`) when that
+falls inside the payment's retry window and the run. Advice for later than the run ends is counted
+as deferred, not played.
+
+Two clocks. Every message carries wall-clock time (the server's features, windows and network
+rules are about real time). The world runs as a time-lapse: a payment's first attempt happens at the
+world's own time for it, so incidents, the time of day and paydays play `rate / payments_per_hour`
+times faster than real time; a retry made `d` seconds after the first attempt happens `d` world
+seconds after it too.
+
+Next to authopt, a static-routing baseline plays the same payments in the same process, never
+reported anywhere: each payment's first attempt on the merchant's primary route with the same draws
+(common random numbers), and the fixed ladder's retries (a customer-initiated payment once, at once,
+on the same route, where the network rules allow; merchant-initiated ones from day 1, so beyond any
+run: deferred). The world also tells each first attempt's true P(approve) on every route, so the
+expected approval of authopt's and static's choices, and of the best route (the oracle), are known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
+from model.sim.config import WorldConfig
+from model.sim.play import NETWORK_NAME, RuleCounters, attempt_message, outcome_message
+from model.sim.world import APPROVED, ERROR, Belief, Outcome, Payment, World
+from server import rules
+
+if TYPE_CHECKING:
+    from authopt.v1.optimizer_pb2_grpc import AuthorizationOptimizerServiceAsyncStub as _Stub
+
+__all__ = ["LatencyHistogram", "Platform", "PlatformStats", "SimulateSettings", "Tally"]
+
+log = logging.getLogger(__name__)
+
+_DAY = 86_400.0
+_SOURCE_PREFIX = "DECISION_SOURCE_"
+_CLIENT_DEFAULT = "CLIENT_DEFAULT"  # the platform's own primary route when the server did not answer
+_REPORT_MAX = 200  # outcomes per ReportOutcomes call (the server takes <= 500 and 64 KiB per message)
+_REPORT_MAX_BYTES = 48 * 1024
+_WINDOW_S = 5.0  # live figures (rates, percentiles, freshness) cover the last few seconds
+
+
+class SimulateSettings(BaseSettings):
+    """Settings of `authopt simulate` (and of the traffic `authopt up` plays). Env: `AUTHOPT_SIM_*`."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTHOPT_SIM_", frozen=True, extra="forbid")
+
+    target: str = Field("127.0.0.1:50051", description="authopt server address host:port")
+    world: str = Field("default", description="built-in world name or a world TOML file")
+    seed: int = Field(1, description="world seed: the population, incidents and payments played")
+    rate: float = Field(100.0, gt=0, le=100_000, description="new payments per second")
+    duration_s: float | None = Field(
+        None, gt=0, description="seconds of traffic; unset: until SIGINT/SIGTERM"
+    )
+    max_in_flight: int = Field(
+        512, ge=1, le=100_000, description="payments being decided at once; beyond it the rate drops"
+    )
+    timeout_s: float = Field(1.0, gt=0, le=60, description="deadline of each Recommend call, seconds")
+    report_interval_s: float = Field(
+        0.05, gt=0, le=10, description="outcomes are sent in batches at least this often"
+    )
+    report_queue: int = Field(
+        20_000, ge=100, description="outcomes waiting to be reported; when full, payments wait"
+    )
+
+
+class LatencyHistogram:
+    """Log-spaced buckets (2 % wide) of latencies in milliseconds: percentiles in bounded memory."""
+
+    _STEP = math.log(1.02)
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+        self.n = 0
+        self.max_ms = 0.0
+
+    def add(self, ms: float) -> None:
+        self.counts[int(math.log(max(ms, 1e-3)) / self._STEP)] += 1
+        self.n += 1
+        self.max_ms = max(self.max_ms, ms)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (upper edge of its bucket; within 2 %); 0 when empty."""
+        if self.n == 0:
+            return 0.0
+        rank, seen = q * self.n, 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return min(math.exp((bucket + 1) * self._STEP), self.max_ms)
+        return self.max_ms
+
+
+@dataclass
+class Tally:
+    """One policy's results on the payments played so far."""
+
+    payments: int = 0
+    first_approved: int = 0
+    approved: int = 0
+    attempts: int = 0
+    retries: int = 0
+    deferred: int = 0  # retries advised for after the run's end (not played)
+    approved_minor: float = 0.0
+    cost_minor: float = 0.0
+    fees_minor: float = 0.0
+    p_first: float = 0.0  # sum of the true P(approve) of the first route chosen
+
+    @property
+    def net_minor(self) -> float:
+        return self.approved_minor - self.cost_minor - self.fees_minor
+
+    def as_dict(self) -> dict[str, Any]:
+        n = max(self.payments, 1)
+        return {
+            "payments": self.payments,
+            "first_attempt_approval": self.first_approved / n,
+            "approval": self.approved / n,
+            "expected_first_attempt_approval": self.p_first / n,
+            "net_revenue_minor": round(self.net_minor, 2),
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "retries_deferred": self.deferred,
+        }
+
+
+@dataclass
+class PlatformStats:
+    """Everything the dashboard and the summary show; touched only from the platform's event loop."""
+
+    target_rate: float
+    started: float = field(default_factory=time.monotonic)
+    stopped: float | None = None
+    payments_started: int = 0
+    payments_done: int = 0
+    requests: int = 0
+    request_errors: Counter[str] = field(default_factory=Counter)
+    sources: Counter[str] = field(default_factory=Counter)
+    explored: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # as the platform waits for it
+    server_time: LatencyHistogram = field(default_factory=LatencyHistogram)  # as the server reports it
+    authopt: Tally = field(default_factory=Tally)
+    static: Tally = field(default_factory=Tally)
+    oracle_p_first: float = 0.0  # sum of the best true P(approve) over the eligible routes
+    reported: int = 0  # outcomes the server accepted (on the broker: acks=all)
+    report_errors: Counter[str] = field(default_factory=Counter)
+    report_backlog: int = 0
+    unreported: int = 0  # outcomes that could not be reported before the end
+    sim_time: float = 0.0  # the world's clock at the newest first attempt
+    throttled: int = 0  # payments that waited for an in-flight slot
+    recent: deque[tuple[float, float, float]] = field(default_factory=deque)  # (t, latency ms, feed age ms)
+    end_live: dict[str, Any] | None = None  # live() when the traffic stopped
+
+    def note_response(self, latency_ms: float, resp: optimizer_pb2.RecommendResponse) -> None:
+        now = time.monotonic()
+        self.requests += 1
+        self.latency.add(latency_ms)
+        self.server_time.add(resp.server_time_us / 1000)
+        self.sources[_source_name(resp)] += 1
+        self.explored += resp.explored
+        self.recent.append((now, latency_ms, float(resp.route_feature_age_ms)))
+        while self.recent and self.recent[0][0] < now - _WINDOW_S:
+            self.recent.popleft()
+
+    def live(self) -> dict[str, Any]:
+        """The last few seconds: request rate, latency percentiles, feature-feed age."""
+        now = time.monotonic()
+        recent = [r for r in self.recent if r[0] >= now - _WINDOW_S]
+        span = min(_WINDOW_S, max(now - self.started, 1e-9))
+        lat = sorted(r[1] for r in recent)
+        ages = sorted(r[2] for r in recent if r[2] >= 0)
+        return {
+            "requests_per_s": len(recent) / span,
+            "latency_p50_ms": _pick(lat, 0.5),
+            "latency_p99_ms": _pick(lat, 0.99),
+            "feature_age_p50_ms": _pick(ages, 0.5) if ages else None,
+            "feature_age_max_ms": ages[-1] if ages else None,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = (self.stopped or time.monotonic()) - self.started
+        decided = max(sum(self.sources.values()), 1)
+        n = max(self.authopt.payments, 1)
+        live = self.end_live or self.live()
+        return {
+            "elapsed_s": round(elapsed, 3),
+            "target_rate": self.target_rate,
+            "payments": self.authopt.payments,
+            "payments_per_s": self.authopt.payments / max(elapsed, 1e-9),
+            "requests": self.requests,
+            "requests_per_s": self.requests / max(elapsed, 1e-9),
+            "request_errors": dict(self.request_errors),
+            "latency_ms": {
+                "p50": self.latency.quantile(0.5),
+                "p99": self.latency.quantile(0.99),
+                "max": self.latency.max_ms,
+            },
+            "server_time_ms": {"p50": self.server_time.quantile(0.5), "p99": self.server_time.quantile(0.99)},
+            "decision_sources": dict(self.sources),
+            "model_share": self.sources.get("MODEL", 0) / decided,
+            "fallback_share": sum(v for k, v in self.sources.items() if k != "MODEL") / decided,
+            "exploration_share": self.explored / decided,
+            "feature_age_ms": {"p50": live["feature_age_p50_ms"], "max": live["feature_age_max_ms"]},
+            "authopt": self.authopt.as_dict(),
+            "static": self.static.as_dict(),
+            "oracle_expected_first_attempt_approval": self.oracle_p_first / n,
+            "outcomes_reported": self.reported,
+            "outcomes_unreported": self.unreported,
+            "report_errors": dict(self.report_errors),
+            "throttled_payments": self.throttled,
+        }
+
+
+def _pick(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+
+
+def _source_name(resp: optimizer_pb2.RecommendResponse) -> str:
+    return optimizer_pb2.DecisionSource.Name(resp.decision_source).removeprefix(_SOURCE_PREFIX)
+
+
+@dataclass
+class _Tried:
+    route: int
+    wall: float
+    outcome: Outcome
+
+
+class Platform:
+    """Plays a world's payments against a server; `await run(stop)` until the duration or `stop`."""
+
+    def __init__(self, settings: SimulateSettings, world: WorldConfig, *, run_id: str | None = None) -> None:
+        self.settings = settings
+        self.config = world
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.stats = PlatformStats(settings.rate)
+        self._counters = RuleCounters()  # the static baseline's retry counters (the world's clock)
+        self._reports: asyncio.Queue[attempt_pb2.AttemptOutcome] | None = None
+        self._end_wall = math.inf
+
+    # --- payments -----------------------------------------------------------------------------
+
+    def worlds(self) -> Iterator[World]:
+        """World `seed`, then `seed + 1`, ...: each a fresh day of the world when a run outlasts one.
+
+        A bounded run only simulates the hours it needs (the population and incidents are the
+        world's whatever its length).
+        """
+        cfg = self.config
+        s = self.settings
+        if s.duration_s is not None:
+            need_h = s.rate * s.duration_s * 1.1 / cfg.traffic.payments_per_hour + 0.1
+            if need_h < cfg.traffic.hours:
+                cfg = cfg.model_copy(update={"traffic": cfg.traffic.model_copy(update={"hours": need_h})})
+        k = 0
+        while True:
+            yield World(cfg, s.seed + k)
+            k += 1
+
+    def payments(self) -> Iterator[tuple[int, World, Payment]]:
+        for k, world in enumerate(self.worlds()):
+            for p in world.payments():
+                yield k, world, p
+
+    # --- the run ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, channel: grpc.aio.Channel | None = None) -> PlatformStats:
+        """Play until `duration_s` has passed or `stop` is set; then let in-flight payments finish
+        their current step (retries scheduled later are deferred) and flush the outcome reports."""
+        s = self.settings
+        own = channel is None
+        chan = channel or grpc.aio.insecure_channel(
+            s.target, options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+        )
+        stub = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(chan)
+        self._reports = asyncio.Queue(s.report_queue)
+        reporter = asyncio.create_task(self._report_loop(stub))
+        slots = asyncio.Semaphore(s.max_in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+        halt = asyncio.Event()
+        source = self.payments()
+        pending: tuple[int, World, Payment] | None = next(source)  # builds the first world up front
+        self._end_wall = time.time() + (s.duration_s if s.duration_s is not None else math.inf)
+        start = time.monotonic()
+        self.stats.started = start
+        try:
+            k = 0
+            while not stop.is_set():
+                due = start + k / s.rate
+                if s.duration_s is not None and due - start >= s.duration_s:
+                    break
+                wait = due - time.monotonic()
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), wait)
+                    if stop.is_set():
+                        break
+                else:
+                    await asyncio.sleep(0)  # behind schedule: catch up, but let the payments run too
+                if slots.locked():
+                    self.stats.throttled += 1
+                await slots.acquire()
+                day, world, payment = pending or next(source)
+                pending = None
+                task = asyncio.create_task(self._payment(stub, day, world, payment, slots, halt))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                k += 1
+        finally:
+            self.stats.end_live = self.stats.live()
+            halt.set()  # retries waiting for a later time give up (deferred)
+            if tasks:
+                await asyncio.wait(tasks, timeout=s.timeout_s * 4 + 5)
+                for t in tasks:
+                    t.cancel()
+            self.stats.stopped = time.monotonic()
+            await self._drain_reports(reporter)
+            if own:
+                await chan.close(None)
+        return self.stats
+
+    async def _payment(
+        self,
+        stub: _Stub,
+        day: int,
+        world: World,
+        p: Payment,
+        slots: asyncio.Semaphore,
+        halt: asyncio.Event,
+    ) -> None:
+        try:
+            await self._play(stub, day, world, p, halt)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not stop the traffic; it is counted and logged
+            log.exception("payment %d-%d failed in the simulator", day, p.index)
+            self.stats.request_errors["SIMULATOR"] += 1
+        finally:
+            slots.release()
+
+    async def _recommend(
+        self, stub: _Stub, req: optimizer_pb2.RecommendRequest
+    ) -> optimizer_pb2.RecommendResponse | None:
+        t0 = time.perf_counter()
+        try:
+            resp: optimizer_pb2.RecommendResponse = await stub.Recommend(req, timeout=self.settings.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            self.stats.request_errors[err.code().name] += 1
+            return None
+        self.stats.note_response((time.perf_counter() - t0) * 1000, resp)
+        return resp
+
+    def _request(
+        self, day: int, world: World, p: Payment, number: int, history: list[_Tried], window_s: float
+    ) -> optimizer_pb2.RecommendRequest:
+        req = optimizer_pb2.RecommendRequest(request_id=f"{self.run_id}-{day}-{p.index}-{number}")
+        req.attempt.CopyFrom(attempt_message(world, p, number))
+        for r in world.eligible_routes(p):
+            req.candidates.add(
+                id=world.route_ids[r],
+                cost_bps=int(world.route_cost_bps[r]),
+                fixed_fee_minor=int(world.route_fixed[r]),
+            )
+        for tried in history:
+            prior = req.prior_attempts.add(
+                route_id=world.route_ids[tried.route],
+                response_code=tried.outcome.response_code,
+                mastercard_mac=tried.outcome.mastercard_mac,
+            )
+            prior.attempted_at.FromNanoseconds(int(tried.wall * 1e9))
+        if history:
+            req.retry_window_s = max(1, int(history[0].wall + window_s - time.time()))
+        return req
+
+    async def _play(
+        self,
+        stub: _Stub,
+        day: int,
+        world: World,
+        p: Payment,
+        halt: asyncio.Event,
+    ) -> None:
+        st = self.stats
+        tc = world.config.traffic
+        window = tc.mit_patience_days * _DAY if p.recurring else float(tc.cit_patience_s)
+        routes = world.eligible_routes(p)
+        primary = world.merchant_primary[p.merchant]
+        primary = primary if primary in routes else routes[0]
+        st.payments_started += 1
+        st.sim_time = max(st.sim_time, p.at)
+        first_wall = time.time()
+        belief = world.prior_belief(p)
+        truth = world.p_approve(p, routes, p.at, belief)
+        self._play_static(world, p, routes, primary, truth)
+        st.oracle_p_first += max(truth)
+
+        resp = await self._recommend(stub, self._request(day, world, p, 1, [], window))
+        route = primary if resp is None else world.route_index[resp.routes[0].route_id]
+        if resp is None:
+            st.sources[_CLIENT_DEFAULT] += 1
+        a = st.authopt
+        a.payments += 1
+        a.p_first += truth[routes.index(route)]
+        history: list[_Tried] = []
+        number = 1
+        while True:
+            wall = time.time()
+            outcome = world.attempt(p, route, p.at + (wall - first_wall), world.draws(p, number), belief)
+            history.append(_Tried(route, wall, outcome))
+            a.attempts += 1
+            a.cost_minor += world.cost_minor(route, p.amount_minor)
+            if number > 1:
+                a.retries += 1
+                a.fees_minor += world.config.retry_fee_minor
+            await self._report(day, world, p, number, route, wall, outcome)
+            if outcome.status == APPROVED:
+                a.approved += 1
+                a.first_approved += number == 1
+                a.approved_minor += p.amount_minor
+                break
+            if number >= tc.max_attempts:
+                break
+            resp = await self._recommend(stub, self._request(day, world, p, number + 1, history, window))
+            if resp is None or not resp.HasField("retry"):
+                break
+            advice = resp.retry
+            if advice.action == optimizer_pb2.RETRY_ACTION_RETRY_AT:
+                at = advice.retry_at.ToNanoseconds() / 1e9
+                if at - first_wall > window:  # the advice never does this; the platform would not wait
+                    break
+                if at > self._end_wall or halt.is_set():
+                    a.deferred += 1
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(halt.wait(), max(0.0, at - time.time()))
+                if halt.is_set():
+                    a.deferred += 1
+                    break
+            elif advice.action != optimizer_pb2.RETRY_ACTION_RETRY_NOW:
+                break
+            route = world.route_index[advice.route_id]
+            number += 1
+        st.payments_done += 1
+
+    def _play_static(
+        self, world: World, p: Payment, routes: list[int], primary: int, truth: list[float]
+    ) -> None:
+        """The static baseline on the same payment: primary route, the ladder's retries."""
+        t = self.stats.static
+        t.payments += 1
+        t.p_first += truth[routes.index(primary)]
+        belief = Belief(p_persist_ok=world.prior_belief(p).p_persist_ok)
+        tc = world.config.traffic
+        for number in (1, 2):
+            o = world.attempt(p, primary, p.at, world.draws(p, number), belief)
+            self._counters.add(p, number, p.at)
+            t.attempts += 1
+            t.cost_minor += world.cost_minor(primary, p.amount_minor)
+            if number > 1:
+                t.retries += 1
+                t.fees_minor += world.config.retry_fee_minor
+            if o.status == APPROVED:
+                t.approved += 1
+                t.first_approved += number == 1
+                t.approved_minor += p.amount_minor
+                return
+            if number >= tc.max_attempts:
+                return
+            if p.recurring:  # the ladder's first merchant-initiated retry is a day later
+                t.deferred += 1
+                return
+            if number == 1 and o.status != ERROR:
+                network = NETWORK_NAME.get(int(world.card_network[p.card]), "other")
+                c = rules.evaluate_retry(
+                    network,
+                    rules.Decline(o.response_code, o.mastercard_mac, 0, p.at),
+                    self._counters.at(p, p.at),
+                    p.at,
+                )
+                if not c.allowed or c.earliest_at > p.at:
+                    return
+
+    # --- outcome reports ----------------------------------------------------------------------
+
+    async def _report(
+        self, day: int, world: World, p: Payment, number: int, route: int, wall: float, o: Outcome
+    ) -> None:
+        assert self._reports is not None
+        msg = outcome_message(
+            world,
+            p,
+            number,
+            route,
+            wall,
+            o,
+            event_id=f"{self.run_id}-{day}-{p.index}-{number}",
+            request_id=f"{self.run_id}-{day}-{p.index}-{number}",
+        )
+        self.stats.report_backlog = self._reports.qsize()
+        await self._reports.put(msg)  # waits (slows the traffic) when the server cannot keep up
+
+    async def _report_loop(self, stub: _Stub) -> None:
+        """Send queued outcomes in batches; a failed batch is retried (with backoff), never dropped."""
+        assert self._reports is not None
+        queue = self._reports
+        batch: list[attempt_pb2.AttemptOutcome] = []
+        backoff = 0.1
+        while True:
+            if not batch:
+                batch.append(await queue.get())
+                await asyncio.sleep(self.settings.report_interval_s)
+                size = batch[0].ByteSize()
+                while not queue.empty() and len(batch) < _REPORT_MAX and size < _REPORT_MAX_BYTES:
+                    item = queue.get_nowait()
+                    size += item.ByteSize() + 4
+                    batch.append(item)
+            self.stats.report_backlog = queue.qsize() + len(batch)
+            try:
+                resp = await stub.ReportOutcomes(
+                    optimizer_pb2.ReportOutcomesRequest(outcomes=batch), timeout=10.0
+                )
+            except grpc.aio.AioRpcError as err:
+                self.stats.report_errors[err.code().name] += 1
+                if err.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a bug in the simulator: say so loudly
+                    log.error("ReportOutcomes refused a batch of %d: %s", len(batch), err.details())
+                    self.stats.unreported += len(batch)
+                    batch = []
+                    continue
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            self.stats.reported += resp.accepted
+            batch, backoff = [], 0.1
+
+    async def _drain_reports(self, reporter: asyncio.Task[None], timeout_s: float = 15.0) -> None:
+        """Wait (bounded) until every outcome made is reported; what is left is counted, not hidden."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not reporter.done():
+            if self.stats.reported + self.stats.unreported >= self._outcomes_made():
+                break
+            await asyncio.sleep(0.05)
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+        self.stats.unreported += max(0, self._outcomes_made() - self.stats.reported - self.stats.unreported)
+        self.stats.report_backlog = 0
+
+    def _outcomes_made(self) -> int:
+        return self.stats.authopt.attempts
