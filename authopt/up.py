@@ -257,7 +257,8 @@ def platform_line(stats: PlatformStats, elapsed: float) -> str:
     a, s = stats.authopt, stats.static
     n = max(a.payments, 1)
     return (
-        f"[{elapsed:5.0f}s] {live['requests_per_s']:.0f} req/s p50 {_ms(live['latency_p50_ms'])} "
+        f"[{elapsed:5.0f}s] {live['payments_per_s']:.0f} payments/s, {live['requests_per_s']:.0f} req/s "
+        f"p50 {_ms(live['latency_p50_ms'])} "
         f"p99 {_ms(live['latency_p99_ms'])} | model {_pct(stats.sources.get('MODEL', 0) / decided).strip()} "
         f"explored {_pct(stats.explored / decided).strip()} | feature age {_ms(live['feature_age_p50_ms'])} "
         f"| first-try approval authopt {_pct(a.first_approved / n).strip()} "
@@ -295,6 +296,7 @@ def dashboard(stats: PlatformStats, stack: Stack, opts: UpOptions, elapsed: floa
     traffic.add_column(justify="right")
     fallback = sum(v for k, v in stats.sources.items() if k != "MODEL") / decided
     for label, value in (
+        ("payments/s", f"{live['payments_per_s']:,.0f} of {opts.rate:g}"),
         ("requests/s", f"{live['requests_per_s']:,.0f}"),
         ("latency p50", _ms(live["latency_p50_ms"])),
         ("latency p99", _ms(live["latency_p99_ms"])),

@@ -288,7 +288,12 @@ def _advise_retry(
         attempted_at=last.attempted_at.seconds + last.attempted_at.nanos / 1e9,
     )
     network = _NETWORK_NAMES.get(req.attempt.card.network, "other")
-    constraint = rules.evaluate_retry(network, decline, counters, now)
+    if last.status == attempt_pb2.OUTCOME_STATUS_ERROR:
+        constraint = rules.RetryConstraint(
+            True, now, "", "the last attempt failed before an issuer answered: no decline for the rules"
+        )
+    else:
+        constraint = rules.evaluate_retry(network, decline, counters, now)
     buckets, p_retry = list(scores.buckets_s), scores.p_retry
     if req.retry_window_s:
         # The caller cannot retry after its window closes (a customer leaves the checkout): only

@@ -250,6 +250,11 @@ _CHANNELS = _enum_numbers(attempt_pb2.Channel)
 _INITIATORS = _enum_numbers(attempt_pb2.Initiator)
 _VISA_CATEGORIES = _enum_numbers(attempt_pb2.VisaDeclineCategory)
 _OUTCOME_STATUSES = _enum_numbers(attempt_pb2.OutcomeStatus) - {attempt_pb2.OUTCOME_STATUS_UNSPECIFIED}
+_PRIOR_STATUSES = {
+    attempt_pb2.OUTCOME_STATUS_UNSPECIFIED,
+    attempt_pb2.OUTCOME_STATUS_DECLINED,
+    attempt_pb2.OUTCOME_STATUS_ERROR,
+}
 _APPROVED = attempt_pb2.OUTCOME_STATUS_APPROVED
 _DECLINED = attempt_pb2.OUTCOME_STATUS_DECLINED
 
@@ -448,12 +453,21 @@ def _check_decline_details(
 
 def _validate_prior_attempt(prior: attempt_pb2.PriorAttempt, limits: Limits, now: float, p: str) -> None:
     _check_id(prior.route_id, p, "route_id", _MAX_ROUTE_ID)
-    if not _response_code_ok(prior.response_code):
+    if prior.status not in _PRIOR_STATUSES:
+        _fail(
+            "INVALID_STATUS",
+            f"{p}status",
+            f"{p}status must be OUTCOME_STATUS_DECLINED, OUTCOME_STATUS_ERROR or unset (declined) for a "
+            f"prior attempt, got {prior.status}",
+        )
+    errored = prior.status == attempt_pb2.OUTCOME_STATUS_ERROR
+    if not (errored and not prior.response_code) and not _response_code_ok(prior.response_code):
         _fail(
             "INVALID_RESPONSE_CODE",
             f"{p}response_code",
-            f"{p}response_code is required: an ISO 8583 response code of exactly 2 upper-case letters or "
-            f'digits (e.g. "05", "N7"), got {_show(prior.response_code)}',
+            f"{p}response_code is required (unless status is OUTCOME_STATUS_ERROR): an ISO 8583 "
+            f'response code of exactly 2 upper-case letters or digits (e.g. "05", "N7"), '
+            f"got {_show(prior.response_code)}",
         )
     _check_decline_details(prior, limits, now, p)
 

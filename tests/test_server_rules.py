@@ -99,3 +99,22 @@ async def test_mastercard_excessive_attempts_from_features(start_server: ServerF
     resp = await srv.stub.Recommend(req, timeout=5)
     assert resp.retry.action == Action.RETRY_ACTION_DO_NOT_RETRY
     assert resp.retry.rule_id == "mc.excessive.35_30d"
+
+
+async def test_an_errored_prior_attempt_is_no_decline_for_the_rules(start_server: ServerFactory) -> None:
+    """A route timeout never reached the issuer: no code, no rule; the Visa reattempt limit that
+    refuses 16 declines does not refuse a retry after 16 errors."""
+    srv = await start_server()
+    req = _retry_request("err-1", attempt_pb2.CARD_NETWORK_VISA, "")
+    for _ in range(15):
+        req.prior_attempts.add().CopyFrom(req.prior_attempts[0])
+    for prior in req.prior_attempts:
+        prior.status = attempt_pb2.OUTCOME_STATUS_ERROR
+    resp = await srv.stub.Recommend(req, timeout=5)
+    assert resp.retry.action != Action.RETRY_ACTION_DO_NOT_RETRY
+    assert resp.retry.rule_id == ""
+    req.request_id = "err-2"
+    for prior in req.prior_attempts:  # the same attempts as declines with code 91 hit the limit
+        prior.status, prior.response_code = attempt_pb2.OUTCOME_STATUS_DECLINED, "91"
+    resp = await srv.stub.Recommend(req, timeout=5)
+    assert resp.retry.rule_id == "visa.cat2.limit_15_30d"

@@ -115,6 +115,17 @@ Mutation = Callable[[optimizer_pb2.RecommendRequest], object]
         pytest.param(lambda r: setattr(r, "latency_budget_ms", 10_000), id="max-budget"),
         pytest.param(lambda r: setattr(r.prior_attempts[0], "response_code", "N7"), id="alnum-code"),
         pytest.param(lambda r: setattr(r.prior_attempts[0], "mastercard_mac", "24"), id="mac"),
+        pytest.param(
+            lambda r: (
+                setattr(r.prior_attempts[0], "status", attempt_pb2.OUTCOME_STATUS_ERROR),
+                setattr(r.prior_attempts[0], "response_code", ""),
+            ),
+            id="errored-prior-without-code",
+        ),
+        pytest.param(
+            lambda r: setattr(r.prior_attempts[0], "status", attempt_pb2.OUTCOME_STATUS_DECLINED),
+            id="declined-prior",
+        ),
         pytest.param(lambda r: r.prior_attempts[0].attempted_at.CopyFrom(_ts(NOW + 299)), id="small-skew"),
         pytest.param(lambda r: r.prior_attempts[0].attempted_at.CopyFrom(_ts(NOW - 399 * DAY)), id="old-ok"),
         pytest.param(lambda r: setattr(r.attempt.merchant, "id", "shop 42/eu"), id="printable-id"),
@@ -228,6 +239,20 @@ RECOMMEND_CASES = [
     ),
     (
         _set("prior_attempts.0.response_code", "051"),
+        "INVALID_RESPONSE_CODE",
+        "prior_attempts[0].response_code",
+    ),
+    (
+        _set("prior_attempts.0.status", attempt_pb2.OUTCOME_STATUS_APPROVED),
+        "INVALID_STATUS",
+        "prior_attempts[0].status",
+    ),
+    (_set("prior_attempts.0.status", 9), "INVALID_STATUS", "prior_attempts[0].status"),
+    (
+        lambda r: (
+            r.prior_attempts[0].__setattr__("status", attempt_pb2.OUTCOME_STATUS_ERROR),
+            r.prior_attempts[0].__setattr__("response_code", "5"),
+        ),
         "INVALID_RESPONSE_CODE",
         "prior_attempts[0].response_code",
     ),

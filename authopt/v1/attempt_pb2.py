@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthopt/v1/attempt.proto\x12\nauthopt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x08Merchant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03mcc\x18\x02 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x03 \x01(\t\"\xba\x01\n\x04\x43\x61rd\x12\x0b\n\x03\x62in\x18\x01 \x01(\t\x12\r\n\x05last4\x18\x02 \x01(\t\x12(\n\x07network\x18\x03 \x01(\x0e\x32\x17.authopt.v1.CardNetwork\x12(\n\x07\x66unding\x18\x04 \x01(\x0e\x32\x17.authopt.v1.CardFunding\x12\x16\n\x0eissuer_country\x18\x05 \x01(\t\x12\x15\n\rnetwork_token\x18\x06 \x01(\x08\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\"\xf4\x01\n\x07\x41ttempt\x12&\n\x08merchant\x18\x01 \x01(\x0b\x32\x14.authopt.v1.Merchant\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x1e\n\x04\x63\x61rd\x18\x04 \x01(\x0b\x32\x10.authopt.v1.Card\x12$\n\x07\x63hannel\x18\x05 \x01(\x0e\x32\x13.authopt.v1.Channel\x12(\n\tinitiator\x18\x06 \x01(\x0e\x32\x15.authopt.v1.Initiator\x12\x11\n\trecurring\x18\x07 \x01(\x08\x12\x16\n\x0e\x61ttempt_number\x18\x08 \x01(\r\">\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x63ost_bps\x18\x02 \x01(\r\x12\x17\n\x0f\x66ixed_fee_minor\x18\x03 \x01(\x03\"\xb9\x01\n\x0cPriorAttempt\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x15\n\rresponse_code\x18\x02 \x01(\t\x12\x16\n\x0emastercard_mac\x18\x03 \x01(\t\x12\x36\n\rvisa_category\x18\x04 \x01(\x0e\x32\x1f.authopt.v1.VisaDeclineCategory\x12\x30\n\x0c\x61ttempted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x02\n\x0e\x41ttemptOutcome\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12$\n\x07\x61ttempt\x18\x03 \x01(\x0b\x32\x13.authopt.v1.Attempt\x12\x10\n\x08route_id\x18\x04 \x01(\t\x12)\n\x06status\x18\x05 \x01(\x0e\x32\x19.authopt.v1.OutcomeStatus\x12\x15\n\rresponse_code\x18\x06 \x01(\t\x12\x16\n\x0emastercard_mac\x18\x07 \x01(\t\x12\x36\n\rvisa_category\x18\x08 \x01(\x0e\x32\x1f.authopt.v1.VisaDeclineCategory\x12\x12\n\nlatency_ms\x18\t \x01(\r\x12\x30\n\x0c\x61ttempted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xda\x01\n\x0b\x43\x61rdNetwork\x12\x1c\n\x18\x43\x41RD_NETWORK_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41RD_NETWORK_VISA\x10\x01\x12\x1b\n\x17\x43\x41RD_NETWORK_MASTERCARD\x10\x02\x12\x15\n\x11\x43\x41RD_NETWORK_AMEX\x10\x03\x12\x19\n\x15\x43\x41RD_NETWORK_DISCOVER\x10\x04\x12\x14\n\x10\x43\x41RD_NETWORK_JCB\x10\x05\x12\x19\n\x15\x43\x41RD_NETWORK_UNIONPAY\x10\x06\x12\x16\n\x12\x43\x41RD_NETWORK_OTHER\x10\x07*v\n\x0b\x43\x61rdFunding\x12\x1c\n\x18\x43\x41RD_FUNDING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41RD_FUNDING_CREDIT\x10\x01\x12\x16\n\x12\x43\x41RD_FUNDING_DEBIT\x10\x02\x12\x18\n\x14\x43\x41RD_FUNDING_PREPAID\x10\x03*b\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANNEL_ECOMMERCE\x10\x01\x12\x15\n\x11\x43HANNEL_RECURRING\x10\x02\x12\x10\n\x0c\x43HANNEL_MOTO\x10\x03*V\n\tInitiator\x12\x19\n\x15INITIATOR_UNSPECIFIED\x10\x00\x12\x16\n\x12INITIATOR_CUSTOMER\x10\x01\x12\x16\n\x12INITIATOR_MERCHANT\x10\x02*\xe6\x01\n\x13VisaDeclineCategory\x12%\n!VISA_DECLINE_CATEGORY_UNSPECIFIED\x10\x00\x12)\n%VISA_DECLINE_CATEGORY_1_NEVER_APPROVE\x10\x01\x12.\n*VISA_DECLINE_CATEGORY_2_CANNOT_APPROVE_NOW\x10\x02\x12(\n$VISA_DECLINE_CATEGORY_3_DATA_QUALITY\x10\x03\x12#\n\x1fVISA_DECLINE_CATEGORY_4_GENERIC\x10\x04*\x83\x01\n\rOutcomeStatus\x12\x1e\n\x1aOUTCOME_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17OUTCOME_STATUS_APPROVED\x10\x01\x12\x1b\n\x17OUTCOME_STATUS_DECLINED\x10\x02\x12\x18\n\x14OUTCOME_STATUS_ERROR\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthopt/v1/attempt.proto\x12\nauthopt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x08Merchant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03mcc\x18\x02 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x03 \x01(\t\"\xba\x01\n\x04\x43\x61rd\x12\x0b\n\x03\x62in\x18\x01 \x01(\t\x12\r\n\x05last4\x18\x02 \x01(\t\x12(\n\x07network\x18\x03 \x01(\x0e\x32\x17.authopt.v1.CardNetwork\x12(\n\x07\x66unding\x18\x04 \x01(\x0e\x32\x17.authopt.v1.CardFunding\x12\x16\n\x0eissuer_country\x18\x05 \x01(\t\x12\x15\n\rnetwork_token\x18\x06 \x01(\x08\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\"\xf4\x01\n\x07\x41ttempt\x12&\n\x08merchant\x18\x01 \x01(\x0b\x32\x14.authopt.v1.Merchant\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x1e\n\x04\x63\x61rd\x18\x04 \x01(\x0b\x32\x10.authopt.v1.Card\x12$\n\x07\x63hannel\x18\x05 \x01(\x0e\x32\x13.authopt.v1.Channel\x12(\n\tinitiator\x18\x06 \x01(\x0e\x32\x15.authopt.v1.Initiator\x12\x11\n\trecurring\x18\x07 \x01(\x08\x12\x16\n\x0e\x61ttempt_number\x18\x08 \x01(\r\">\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x63ost_bps\x18\x02 \x01(\r\x12\x17\n\x0f\x66ixed_fee_minor\x18\x03 \x01(\x03\"\xe4\x01\n\x0cPriorAttempt\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x15\n\rresponse_code\x18\x02 \x01(\t\x12\x16\n\x0emastercard_mac\x18\x03 \x01(\t\x12\x36\n\rvisa_category\x18\x04 \x01(\x0e\x32\x1f.authopt.v1.VisaDeclineCategory\x12\x30\n\x0c\x61ttempted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.authopt.v1.OutcomeStatus\"\xc6\x02\n\x0e\x41ttemptOutcome\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12$\n\x07\x61ttempt\x18\x03 \x01(\x0b\x32\x13.authopt.v1.Attempt\x12\x10\n\x08route_id\x18\x04 \x01(\t\x12)\n\x06status\x18\x05 \x01(\x0e\x32\x19.authopt.v1.OutcomeStatus\x12\x15\n\rresponse_code\x18\x06 \x01(\t\x12\x16\n\x0emastercard_mac\x18\x07 \x01(\t\x12\x36\n\rvisa_category\x18\x08 \x01(\x0e\x32\x1f.authopt.v1.VisaDeclineCategory\x12\x12\n\nlatency_ms\x18\t \x01(\r\x12\x30\n\x0c\x61ttempted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xda\x01\n\x0b\x43\x61rdNetwork\x12\x1c\n\x18\x43\x41RD_NETWORK_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41RD_NETWORK_VISA\x10\x01\x12\x1b\n\x17\x43\x41RD_NETWORK_MASTERCARD\x10\x02\x12\x15\n\x11\x43\x41RD_NETWORK_AMEX\x10\x03\x12\x19\n\x15\x43\x41RD_NETWORK_DISCOVER\x10\x04\x12\x14\n\x10\x43\x41RD_NETWORK_JCB\x10\x05\x12\x19\n\x15\x43\x41RD_NETWORK_UNIONPAY\x10\x06\x12\x16\n\x12\x43\x41RD_NETWORK_OTHER\x10\x07*v\n\x0b\x43\x61rdFunding\x12\x1c\n\x18\x43\x41RD_FUNDING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41RD_FUNDING_CREDIT\x10\x01\x12\x16\n\x12\x43\x41RD_FUNDING_DEBIT\x10\x02\x12\x18\n\x14\x43\x41RD_FUNDING_PREPAID\x10\x03*b\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANNEL_ECOMMERCE\x10\x01\x12\x15\n\x11\x43HANNEL_RECURRING\x10\x02\x12\x10\n\x0c\x43HANNEL_MOTO\x10\x03*V\n\tInitiator\x12\x19\n\x15INITIATOR_UNSPECIFIED\x10\x00\x12\x16\n\x12INITIATOR_CUSTOMER\x10\x01\x12\x16\n\x12INITIATOR_MERCHANT\x10\x02*\xe6\x01\n\x13VisaDeclineCategory\x12%\n!VISA_DECLINE_CATEGORY_UNSPECIFIED\x10\x00\x12)\n%VISA_DECLINE_CATEGORY_1_NEVER_APPROVE\x10\x01\x12.\n*VISA_DECLINE_CATEGORY_2_CANNOT_APPROVE_NOW\x10\x02\x12(\n$VISA_DECLINE_CATEGORY_3_DATA_QUALITY\x10\x03\x12#\n\x1fVISA_DECLINE_CATEGORY_4_GENERIC\x10\x04*\x83\x01\n\rOutcomeStatus\x12\x1e\n\x1aOUTCOME_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17OUTCOME_STATUS_APPROVED\x10\x01\x12\x1b\n\x17OUTCOME_STATUS_DECLINED\x10\x02\x12\x18\n\x14OUTCOME_STATUS_ERROR\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'authopt.v1.attempt_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CARDNETWORK']._serialized_start=1145
-  _globals['_CARDNETWORK']._serialized_end=1363
-  _globals['_CARDFUNDING']._serialized_start=1365
-  _globals['_CARDFUNDING']._serialized_end=1483
-  _globals['_CHANNEL']._serialized_start=1485
-  _globals['_CHANNEL']._serialized_end=1583
-  _globals['_INITIATOR']._serialized_start=1585
-  _globals['_INITIATOR']._serialized_end=1671
-  _globals['_VISADECLINECATEGORY']._serialized_start=1674
-  _globals['_VISADECLINECATEGORY']._serialized_end=1904
-  _globals['_OUTCOMESTATUS']._serialized_start=1907
-  _globals['_OUTCOMESTATUS']._serialized_end=2038
+  _globals['_CARDNETWORK']._serialized_start=1188
+  _globals['_CARDNETWORK']._serialized_end=1406
+  _globals['_CARDFUNDING']._serialized_start=1408
+  _globals['_CARDFUNDING']._serialized_end=1526
+  _globals['_CHANNEL']._serialized_start=1528
+  _globals['_CHANNEL']._serialized_end=1626
+  _globals['_INITIATOR']._serialized_start=1628
+  _globals['_INITIATOR']._serialized_end=1714
+  _globals['_VISADECLINECATEGORY']._serialized_start=1717
+  _globals['_VISADECLINECATEGORY']._serialized_end=1947
+  _globals['_OUTCOMESTATUS']._serialized_start=1950
+  _globals['_OUTCOMESTATUS']._serialized_end=2081
   _globals['_MERCHANT']._serialized_start=73
   _globals['_MERCHANT']._serialized_end=125
   _globals['_CARD']._serialized_start=128
@@ -53,7 +53,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTE']._serialized_start=563
   _globals['_ROUTE']._serialized_end=625
   _globals['_PRIORATTEMPT']._serialized_start=628
-  _globals['_PRIORATTEMPT']._serialized_end=813
-  _globals['_ATTEMPTOUTCOME']._serialized_start=816
-  _globals['_ATTEMPTOUTCOME']._serialized_end=1142
+  _globals['_PRIORATTEMPT']._serialized_end=856
+  _globals['_ATTEMPTOUTCOME']._serialized_start=859
+  _globals['_ATTEMPTOUTCOME']._serialized_end=1185
 # @@protoc_insertion_point(module_scope)

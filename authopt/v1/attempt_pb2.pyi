@@ -375,6 +375,7 @@ class PriorAttempt(_message.Message):
     MASTERCARD_MAC_FIELD_NUMBER: _builtins.int
     VISA_CATEGORY_FIELD_NUMBER: _builtins.int
     ATTEMPTED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     route_id: _builtins.str
     """Route it was sent through."""
     response_code: _builtins.str
@@ -383,6 +384,11 @@ class PriorAttempt(_message.Message):
     """Mastercard Merchant Advice Code, two digits (e.g. "03", "24"); empty when none."""
     visa_category: Global___VisaDeclineCategory.ValueType
     """Visa decline category, when the caller knows it."""
+    status: Global___OutcomeStatus.ValueType
+    """How it ended: DECLINED (also when unset) or ERROR (the route failed before an issuer answer:
+    timeout, connection or acquirer error; then response_code may be empty and the network retry
+    rules, which are about declines, do not apply). APPROVED is refused: nothing to retry.
+    """
     @_builtins.property
     def attempted_at(self) -> _timestamp_pb2.Timestamp:
         """When the attempt was made (UTC)."""
@@ -395,10 +401,11 @@ class PriorAttempt(_message.Message):
         mastercard_mac: _builtins.str = ...,
         visa_category: Global___VisaDeclineCategory.ValueType = ...,
         attempted_at: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___OutcomeStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempted_at", b"attempted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempted_at", b"attempted_at", "mastercard_mac", b"mastercard_mac", "response_code", b"response_code", "route_id", b"route_id", "visa_category", b"visa_category"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempted_at", b"attempted_at", "mastercard_mac", b"mastercard_mac", "response_code", b"response_code", "route_id", b"route_id", "status", b"status", "visa_category", b"visa_category"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,7 +74,10 @@ class SimulateSettings(BaseSettings):
         None, gt=0, description="seconds of traffic; unset: until SIGINT/SIGTERM"
     )
     max_in_flight: int = Field(
-        512, ge=1, le=100_000, description="payments being decided at once; beyond it the rate drops"
+        64,
+        ge=1,
+        le=100_000,
+        description="payments in progress at once; beyond it the rate drops (and says so)",
     )
     timeout_s: float = Field(1.0, gt=0, le=60, description="deadline of each Recommend call, seconds")
     report_interval_s: float = Field(
@@ -127,6 +130,10 @@ class Tally:
     fees_minor: float = 0.0
     p_first: float = 0.0  # sum of the true P(approve) of the first route chosen
 
+    def merge(self, other: Tally) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     @property
     def net_minor(self) -> float:
         return self.approved_minor - self.cost_minor - self.fees_minor
@@ -163,6 +170,7 @@ class PlatformStats:
     authopt: Tally = field(default_factory=Tally)
     static: Tally = field(default_factory=Tally)
     oracle_p_first: float = 0.0  # sum of the best true P(approve) over the eligible routes
+    outcomes_made: int = 0  # attempts played by authopt's decisions (each one is reported)
     reported: int = 0  # outcomes the server accepted (on the broker: acks=all)
     report_errors: Counter[str] = field(default_factory=Counter)
     report_backlog: int = 0
@@ -171,6 +179,7 @@ class PlatformStats:
     throttled: int = 0  # payments that waited for an in-flight slot
     recent: deque[tuple[float, float, float]] = field(default_factory=deque)  # (t, latency ms, feed age ms)
     end_live: dict[str, Any] | None = None  # live() when the traffic stopped
+    starts: deque[float] = field(default_factory=deque)  # when recent payments started
 
     def note_response(self, latency_ms: float, resp: optimizer_pb2.RecommendResponse) -> None:
         now = time.monotonic()
@@ -190,7 +199,10 @@ class PlatformStats:
         span = min(_WINDOW_S, max(now - self.started, 1e-9))
         lat = sorted(r[1] for r in recent)
         ages = sorted(r[2] for r in recent if r[2] >= 0)
+        while self.starts and self.starts[0] < now - _WINDOW_S:
+            self.starts.popleft()
         return {
+            "payments_per_s": len(self.starts) / span,
             "requests_per_s": len(recent) / span,
             "latency_p50_ms": _pick(lat, 0.5),
             "latency_p99_ms": _pick(lat, 0.99),
@@ -308,7 +320,7 @@ class Platform:
             k = 0
             while not stop.is_set():
                 due = start + k / s.rate
-                if s.duration_s is not None and due - start >= s.duration_s:
+                if s.duration_s is not None and max(due, time.monotonic()) - start >= s.duration_s:
                     break
                 wait = due - time.monotonic()
                 if wait > 0:
@@ -367,6 +379,8 @@ class Platform:
             resp: optimizer_pb2.RecommendResponse = await stub.Recommend(req, timeout=self.settings.timeout_s)
         except grpc.aio.AioRpcError as err:
             self.stats.request_errors[err.code().name] += 1
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the simulator's bug, not the server's
+                log.error("Recommend refused request %s: %s", req.request_id, err.details())
             return None
         self.stats.note_response((time.perf_counter() - t0) * 1000, resp)
         return resp
@@ -387,6 +401,7 @@ class Platform:
                 route_id=world.route_ids[tried.route],
                 response_code=tried.outcome.response_code,
                 mastercard_mac=tried.outcome.mastercard_mac,
+                status=tried.outcome.status,  # type: ignore[arg-type]
             )
             prior.attempted_at.FromNanoseconds(int(tried.wall * 1e9))
         if history:
@@ -408,26 +423,26 @@ class Platform:
         primary = world.merchant_primary[p.merchant]
         primary = primary if primary in routes else routes[0]
         st.payments_started += 1
+        st.starts.append(time.monotonic())
         st.sim_time = max(st.sim_time, p.at)
         first_wall = time.time()
         belief = world.prior_belief(p)
         truth = world.p_approve(p, routes, p.at, belief)
-        self._play_static(world, p, routes, primary, truth)
-        st.oracle_p_first += max(truth)
+        base = self._play_static(world, p, routes, primary, truth)
 
         resp = await self._recommend(stub, self._request(day, world, p, 1, [], window))
         route = primary if resp is None else world.route_index[resp.routes[0].route_id]
         if resp is None:
             st.sources[_CLIENT_DEFAULT] += 1
-        a = st.authopt
-        a.payments += 1
-        a.p_first += truth[routes.index(route)]
+        # Both policies' results count once this payment is done: the same payments on both sides.
+        a = Tally(payments=1, p_first=truth[routes.index(route)])
         history: list[_Tried] = []
         number = 1
         while True:
             wall = time.time()
             outcome = world.attempt(p, route, p.at + (wall - first_wall), world.draws(p, number), belief)
             history.append(_Tried(route, wall, outcome))
+            st.outcomes_made += 1
             a.attempts += 1
             a.cost_minor += world.cost_minor(route, p.amount_minor)
             if number > 1:
@@ -462,14 +477,15 @@ class Platform:
             route = world.route_index[advice.route_id]
             number += 1
         st.payments_done += 1
+        st.authopt.merge(a)
+        st.static.merge(base)
+        st.oracle_p_first += max(truth)
 
     def _play_static(
         self, world: World, p: Payment, routes: list[int], primary: int, truth: list[float]
-    ) -> None:
+    ) -> Tally:
         """The static baseline on the same payment: primary route, the ladder's retries."""
-        t = self.stats.static
-        t.payments += 1
-        t.p_first += truth[routes.index(primary)]
+        t = Tally(payments=1, p_first=truth[routes.index(primary)])
         belief = Belief(p_persist_ok=world.prior_belief(p).p_persist_ok)
         tc = world.config.traffic
         for number in (1, 2):
@@ -484,12 +500,12 @@ class Platform:
                 t.approved += 1
                 t.first_approved += number == 1
                 t.approved_minor += p.amount_minor
-                return
+                return t
             if number >= tc.max_attempts:
-                return
+                return t
             if p.recurring:  # the ladder's first merchant-initiated retry is a day later
                 t.deferred += 1
-                return
+                return t
             if number == 1 and o.status != ERROR:
                 network = NETWORK_NAME.get(int(world.card_network[p.card]), "other")
                 c = rules.evaluate_retry(
@@ -499,7 +515,8 @@ class Platform:
                     p.at,
                 )
                 if not c.allowed or c.earliest_at > p.at:
-                    return
+                    return t
+        return t
 
     # --- outcome reports ----------------------------------------------------------------------
 
@@ -567,4 +584,4 @@ class Platform:
         self.stats.report_backlog = 0
 
     def _outcomes_made(self) -> int:
-        return self.stats.authopt.attempts
+        return self.stats.outcomes_made

@@ -301,6 +301,7 @@ class Authopt:
                 route_id=w.route_ids[tried.route],
                 response_code=tried.outcome.response_code,
                 mastercard_mac=tried.outcome.mastercard_mac,
+                status=tried.outcome.status,  # type: ignore[arg-type]
             )
             prior.attempted_at.FromNanoseconds(int(tried.at * 1e9))
         if req.prior_attempts:
