@@ -31,6 +31,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{p.name.removesuffix("-values.yaml"): yaml.safe_load(p.read_text()) or {} for p in CI_FILES},
 }
 RELEASE, NAMESPACE = "authopt", "payments"
+CHART_META = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+APP_VERSION = CHART_META["appVersion"]
 # The newest Kubernetes the validator ships schemas for, and the oldest the chart supports.
 K8S_LATEST = kubernetes_validate.latest_version()
 K8S_OLDEST = "1.30.0"
@@ -156,7 +158,7 @@ def test_validator_is_strict() -> None:
 
 
 def test_chart_versions() -> None:
-    meta = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    meta = CHART_META
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert meta["apiVersion"] == "v2"
     assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
@@ -200,9 +202,9 @@ def test_labels_and_selectors(chart: helm.Chart, variant: str) -> None:
         assert labels["app.kubernetes.io/name"] == "authopt"
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
-        assert labels["app.kubernetes.io/version"] == "0.1.0"
+        assert labels["app.kubernetes.io/version"] == APP_VERSION
         assert labels["app.kubernetes.io/part-of"] == "authopt"
-        assert labels["helm.sh/chart"] == "authopt-0.1.0"
+        assert labels["helm.sh/chart"] == f"authopt-{CHART_META['version']}"
     selectors: list[dict[str, str]] = []
     for w in rendered.workloads():
         match = w["spec"]["selector"]["matchLabels"]
@@ -358,7 +360,7 @@ def test_cpu_by_default_gpu_when_enabled(chart: helm.Chart) -> None:
     cpu = render(chart, VARIANTS["default"])
     c = container(cpu.server(), "server")
     assert "nvidia.com/gpu" not in json.dumps(cpu.objects)
-    assert c["image"] == "registry.example.com/payments/authopt:0.1.0"
+    assert c["image"] == f"registry.example.com/payments/authopt:{APP_VERSION}"
     assert pod_env(cpu, cpu.server(), "server")["AUTHOPT_SERVER_DEVICE"] == "auto"
 
     gpu = render(chart, VARIANTS["gpu"])
@@ -367,7 +369,7 @@ def test_cpu_by_default_gpu_when_enabled(chart: helm.Chart) -> None:
     c = container(server, "server")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert c["resources"]["limits"]["memory"] == "8Gi"
-    assert c["image"] == "registry.example.com/payments/authopt:0.1.0-cuda"
+    assert c["image"] == f"registry.example.com/payments/authopt:{APP_VERSION}-cuda"
     assert pod_env(gpu, server, "server")["AUTHOPT_SERVER_DEVICE"] == "cuda"
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
@@ -375,7 +377,7 @@ def test_cpu_by_default_gpu_when_enabled(chart: helm.Chart) -> None:
     assert server["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     # The workers never need a GPU: the CPU image, no GPU resources.
     worker = container(gpu.worker(), "worker")
-    assert worker["image"].endswith(":0.1.0") and "nvidia.com/gpu" not in json.dumps(worker)
+    assert worker["image"].endswith(f":{APP_VERSION}") and "nvidia.com/gpu" not in json.dumps(worker)
 
 
 def test_model_delivery(chart: helm.Chart) -> None:
