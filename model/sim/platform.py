@@ -45,6 +45,7 @@ from model.sim.config import WorldConfig
 from model.sim.play import NETWORK_NAME, RuleCounters, attempt_message, outcome_message
 from model.sim.world import APPROVED, ERROR, Belief, Outcome, Payment, World
 from server import rules
+from server.errors import error_info
 
 if TYPE_CHECKING:
     from authopt.v1.optimizer_pb2_grpc import AuthorizationOptimizerServiceAsyncStub as _Stub
@@ -270,6 +271,7 @@ class Platform:
         self._counters = RuleCounters()  # the static baseline's retry counters (the world's clock)
         self._reports: asyncio.Queue[attempt_pb2.AttemptOutcome] | None = None
         self._end_wall = math.inf
+        self._no_broker = False  # the server said it has no Kafka: outcomes are counted, not sent
 
     # --- payments -----------------------------------------------------------------------------
 
@@ -524,6 +526,9 @@ class Platform:
         self, day: int, world: World, p: Payment, number: int, route: int, wall: float, o: Outcome
     ) -> None:
         assert self._reports is not None
+        if self._no_broker:
+            self.stats.unreported += 1
+            return
         msg = outcome_message(
             world,
             p,
@@ -559,6 +564,16 @@ class Platform:
                 )
             except grpc.aio.AioRpcError as err:
                 self.stats.report_errors[err.code().name] += 1
+                info = error_info(err)
+                if info is not None and info.reason == "BROKER_NOT_CONFIGURED":
+                    # A server without Kafka will never take them: count them all, once, and say so.
+                    log.warning("the server has no Kafka: outcomes are not reported (%s)", err.details())
+                    self._no_broker = True
+                    self.stats.unreported += len(batch) + queue.qsize()
+                    while not queue.empty():
+                        queue.get_nowait()
+                    batch = []
+                    continue
                 if err.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a bug in the simulator: say so loudly
                     log.error("ReportOutcomes refused a batch of %d: %s", len(batch), err.details())
                     self.stats.unreported += len(batch)

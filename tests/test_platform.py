@@ -1,0 +1,169 @@
+"""The simulated platform (`authopt simulate`) against a real server on a real channel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from authopt.v1 import attempt_pb2, events_pb2
+from model.artifacts import DEFAULT_MODEL_DIR
+from model.sim.config import load_world
+from model.sim.platform import LatencyHistogram, Platform, SimulateSettings, Tally
+from model.sim.world import World
+from streams import Entity, entity_key
+from tests.conftest import ServerFactory
+
+
+class Recording:
+    """An OutcomePublisher that keeps what it is given (the broker's part is tested elsewhere)."""
+
+    def __init__(self) -> None:
+        self.events: list[events_pb2.AttemptEvent] = []
+
+    async def publish(self, events: Sequence[events_pb2.AttemptEvent]) -> None:
+        self.events.extend(events)
+
+    async def close(self) -> None:
+        return None
+
+
+def _settings(target: str, **kw: object) -> SimulateSettings:
+    base: dict[str, object] = {"target": target, "rate": 80.0, "duration_s": 2.0, "seed": 3}
+    return SimulateSettings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+async def test_platform_plays_reports_and_retries_only_as_advised(start_server: ServerFactory) -> None:
+    published = Recording()
+    srv = await start_server(features=False, publisher=published, exploration_rate=0.05, seed=1)
+    world = load_world("default")
+    platform = Platform(_settings(f"127.0.0.1:{srv.port}"), world, run_id="t1")
+    stats = await asyncio.wait_for(platform.run(asyncio.Event()), 30)
+    doc = stats.summary()
+    # Every payment was decided by the server over gRPC, none refused as invalid.
+    assert doc["request_errors"] == {}, doc["request_errors"]
+    assert 120 <= doc["payments"] <= 170 and doc["payments"] == doc["static"]["payments"]
+    # No model here: the server says so instead of guessing.
+    assert set(doc["decision_sources"]) == {"FALLBACK_NO_MODEL"}
+    # Every attempt played was reported once, in order, with the platform's run id and wall clock.
+    assert doc["outcomes_reported"] == len(published.events) == stats.outcomes_made > doc["payments"]
+    ids = [e.outcome.event_id for e in published.events]
+    assert len(set(ids)) == len(ids) and all(i.startswith("t1-0-") for i in ids)
+    assert doc["outcomes_unreported"] == 0
+    by_payment: dict[str, list[attempt_pb2.AttemptOutcome]] = {}
+    for e in published.events:
+        by_payment.setdefault(e.outcome.event_id.rsplit("-", 1)[0], []).append(e.outcome)
+    max_attempts = world.traffic.max_attempts
+    for outcomes in by_payment.values():
+        numbers = [o.attempt.attempt_number for o in outcomes]
+        assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) <= max_attempts
+        # Nothing after an approval; every retry followed a decline or an error.
+        statuses = [o.status for o in outcomes]
+        assert attempt_pb2.OUTCOME_STATUS_APPROVED not in statuses[:-1]
+    a = doc["authopt"]
+    assert a["retries"] == len(published.events) - doc["payments"]
+    assert 0.5 < a["first_attempt_approval"] < 1 and 0.5 < doc["static"]["first_attempt_approval"] < 1
+    assert doc["oracle_expected_first_attempt_approval"] >= a["expected_first_attempt_approval"] - 1e-9
+    assert doc["oracle_expected_first_attempt_approval"] >= doc["static"]["expected_first_attempt_approval"]
+
+
+async def test_with_the_model_and_features_authopt_routes_like_the_model(start_server: ServerFactory) -> None:
+    srv = await start_server(model_dir=DEFAULT_MODEL_DIR, publisher=Recording(), features=False, seed=1)
+    world = load_world("default")
+    for r in world.routes:  # fresh route rows for the world's routes
+        srv.features.put(*_route_row(r.id))
+    stats = await asyncio.wait_for(
+        Platform(_settings(f"127.0.0.1:{srv.port}"), world).run(asyncio.Event()), 30
+    )
+    doc = stats.summary()
+    assert doc["model_share"] > 0.9, doc["decision_sources"]
+    assert doc["latency_ms"]["p50"] > 0 and doc["server_time_ms"]["p50"] > 0
+
+
+def _route_row(route_id: str) -> tuple[Entity, str, dict[str, float]]:
+    return (
+        Entity.ROUTE,
+        entity_key(Entity.ROUTE, route=route_id),
+        {"approval_rate_1h": 0.85, "attempts_1h": 500.0},
+    )
+
+
+async def test_a_server_without_kafka_is_said_and_the_run_still_ends(start_server: ServerFactory) -> None:
+    srv = await start_server(features=False)  # no publisher: BROKER_NOT_CONFIGURED
+    platform = Platform(_settings(f"127.0.0.1:{srv.port}", duration_s=1.0), load_world("default"))
+    stats = await asyncio.wait_for(platform.run(asyncio.Event()), 20)
+    doc = stats.summary()
+    assert doc["payments"] > 0 and doc["outcomes_reported"] == 0
+    assert doc["outcomes_unreported"] == stats.outcomes_made  # counted, not hidden
+    assert doc["report_errors"] == {"UNAVAILABLE": 1}
+
+
+async def test_stop_ends_an_unbounded_run(start_server: ServerFactory) -> None:
+    srv = await start_server(features=False, publisher=Recording())
+    stop = asyncio.Event()
+    platform = Platform(_settings(f"127.0.0.1:{srv.port}", duration_s=None), load_world("default"))
+    task = asyncio.create_task(platform.run(stop))
+    async with asyncio.timeout(20):
+        while platform.stats.payments_done < 20:
+            await asyncio.sleep(0.05)
+    stop.set()
+    stats = await asyncio.wait_for(task, 20)
+    assert stats.summary()["payments"] > 20
+
+
+async def test_an_unreachable_server_is_counted_not_fatal() -> None:
+    from streams.broker import free_port
+
+    platform = Platform(
+        _settings(f"127.0.0.1:{free_port()}", duration_s=0.5, timeout_s=0.2), load_world("default")
+    )
+    stats = await asyncio.wait_for(platform.run(asyncio.Event()), 30)
+    doc = stats.summary()
+    # Each payment's first attempt goes to the merchant's primary route; its retry advice fails too.
+    assert doc["requests"] == 0 and sum(doc["request_errors"].values()) >= doc["payments"] > 0
+    assert doc["decision_sources"] == {"CLIENT_DEFAULT": doc["payments"]}
+
+
+def test_static_baseline_is_the_primary_route_with_common_draws() -> None:
+    """The baseline plays the payment's own draws on the merchant's primary route."""
+    config = load_world("default")
+    platform = Platform(_settings("unused:1"), config)
+    world = World(config, 3)
+    for p in world.payments()[:300]:
+        routes = world.eligible_routes(p)
+        primary = world.merchant_primary[p.merchant]
+        primary = primary if primary in routes else routes[0]
+        truth = world.p_approve(p, routes, p.at, world.prior_belief(p))
+        t = platform._play_static(world, p, routes, primary, truth)
+        o = world.attempt(p, primary, p.at, world.draws(p, 1), world.prior_belief(p))
+        assert t.first_approved == (o.status == 1)
+        assert t.payments == 1 and t.attempts in (1, 2)
+        assert t.retries == t.attempts - 1
+        if p.recurring and not t.approved:
+            assert t.deferred == 1 and t.attempts == 1  # the ladder waits a day
+
+
+def test_latency_histogram_quantiles_within_two_percent() -> None:
+    h = LatencyHistogram()
+    for k in range(1, 1001):
+        h.add(k / 10)  # 0.1 .. 100 ms
+    assert h.quantile(0.5) == pytest.approx(50, rel=0.03)
+    assert h.quantile(0.99) == pytest.approx(99, rel=0.03)
+    assert h.max_ms == 100 and LatencyHistogram().quantile(0.5) == 0
+
+
+def test_tally_merge_adds_every_counter() -> None:
+    a, b = Tally(payments=1, approved=1, cost_minor=2.5), Tally(payments=2, retries=3, fees_minor=1.0)
+    a.merge(b)
+    assert (a.payments, a.approved, a.retries, a.cost_minor, a.fees_minor) == (3, 1, 3, 2.5, 1.0)
+    assert a.net_minor == -3.5
+
+
+def test_settings_refuse_nonsense() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="rate"):
+        SimulateSettings(rate=0)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="duration_s"):
+        SimulateSettings(duration_s=-1)  # type: ignore[call-arg]
