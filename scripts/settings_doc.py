@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
+from model.sim.platform import SimulateSettings
 from server.settings import ServerSettings
 from streams.kafka import KafkaSettings
 from streams.worker import WorkerSettings
@@ -39,7 +40,8 @@ def render() -> str:
     return (
         f"{BEGIN}\n### `authopt serve`\n\n{table(ServerSettings)}\n\n"
         f"### `authopt worker`\n\n{table(WorkerSettings)}\n\n"
-        f"### Kafka (every process)\n\n{table(KafkaSettings)}\n{END}"
+        f"### Kafka (every process)\n\n{table(KafkaSettings)}\n\n"
+        f"### `authopt simulate` (the traffic `authopt up` plays too)\n\n{table(SimulateSettings)}\n{END}"
     )
 
 
