@@ -31,6 +31,7 @@ def main() -> None:
         web_enabled=False,
         autodiscover=False,
         consumer_auto_offset_reset="earliest",
+        datadir=str(out.parent / f"bench-bare-{os.getpid()}-data"),  # not the working directory
         **FAUST_SETTINGS,
     )
     topic = app.topic(ATTEMPTS_TOPIC, key_type=bytes, value_type=bytes, value_serializer="raw")
