@@ -49,11 +49,11 @@ async def test_platform_plays_reports_and_retries_only_as_advised(start_server: 
     # Every attempt played was reported once, in order, with the platform's run id and wall clock.
     assert doc["outcomes_reported"] == len(published.events) == stats.outcomes_made > doc["payments"]
     ids = [e.outcome.event_id for e in published.events]
-    assert len(set(ids)) == len(ids) and all(i.startswith("t1-0-") for i in ids)
+    assert len(set(ids)) == len(ids) and all(i.startswith("t1.d0.p") for i in ids)
     assert doc["outcomes_unreported"] == 0
     by_payment: dict[str, list[attempt_pb2.AttemptOutcome]] = {}
     for e in published.events:
-        by_payment.setdefault(e.outcome.event_id.rsplit("-", 1)[0], []).append(e.outcome)
+        by_payment.setdefault(e.outcome.event_id.rsplit(".", 1)[0], []).append(e.outcome)
     max_attempts = world.traffic.max_attempts
     for outcomes in by_payment.values():
         numbers = [o.attempt.attempt_number for o in outcomes]
@@ -167,3 +167,17 @@ def test_settings_refuse_nonsense() -> None:
         SimulateSettings(rate=0)  # type: ignore[call-arg]
     with pytest.raises(ValidationError, match="duration_s"):
         SimulateSettings(duration_s=-1)  # type: ignore[call-arg]
+
+
+def test_generated_ids_never_look_like_card_numbers() -> None:
+    """Ids joined from numbers by dashes can pass Luhn; the server would refuse them (PAN_DETECTED)."""
+    from authopt.v1 import optimizer_pb2
+    from server.validation import find_card_number
+
+    config = load_world("default")
+    platform = Platform(_settings("unused:1"), config, run_id="run123456")
+    world = World(config, 3)
+    for p in world.payments()[:2000]:
+        for number in (1, 4):
+            rid = platform._id(123, p, number)
+            assert find_card_number(optimizer_pb2.RecommendRequest(request_id=rid)) is None, rid

@@ -266,12 +266,17 @@ class Platform:
     def __init__(self, settings: SimulateSettings, world: WorldConfig, *, run_id: str | None = None) -> None:
         self.settings = settings
         self.config = world
-        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.run_id = run_id or "run" + uuid.uuid4().hex[:6]
         self.stats = PlatformStats(settings.rate)
         self._counters = RuleCounters()  # the static baseline's retry counters (the world's clock)
         self._reports: asyncio.Queue[attempt_pb2.AttemptOutcome] | None = None
         self._end_wall = math.inf
         self._no_broker = False  # the server said it has no Kafka: outcomes are counted, not sent
+
+    def _id(self, day: int, p: Payment, number: int) -> str:
+        """`<run>.d<day>.p<payment>.a<attempt>`: letters between the numbers, because digits joined
+        by dashes ("1234-5678-...") can pass Luhn and the server refuses anything like a card number."""
+        return f"{self.run_id}.d{day}.p{p.index}.a{number}"
 
     # --- payments -----------------------------------------------------------------------------
 
@@ -390,7 +395,7 @@ class Platform:
     def _request(
         self, day: int, world: World, p: Payment, number: int, history: list[_Tried], window_s: float
     ) -> optimizer_pb2.RecommendRequest:
-        req = optimizer_pb2.RecommendRequest(request_id=f"{self.run_id}-{day}-{p.index}-{number}")
+        req = optimizer_pb2.RecommendRequest(request_id=self._id(day, p, number))
         req.attempt.CopyFrom(attempt_message(world, p, number))
         for r in world.eligible_routes(p):
             req.candidates.add(
@@ -536,8 +541,8 @@ class Platform:
             route,
             wall,
             o,
-            event_id=f"{self.run_id}-{day}-{p.index}-{number}",
-            request_id=f"{self.run_id}-{day}-{p.index}-{number}",
+            event_id=self._id(day, p, number),
+            request_id=self._id(day, p, number),
         )
         self.stats.report_backlog = self._reports.qsize()
         await self._reports.put(msg)  # waits (slows the traffic) when the server cannot keep up
