@@ -225,7 +225,9 @@ _WORLD_HELP_UP = _WORLD_HELP + " Its payments are played as a time-lapse at --ra
     "--seed", type=int, default=1, show_default=True, help="World seed: population, incidents, payments."
 )
 @click.option(
-    "--no-dashboard", is_flag=True, help="Plain status lines (for logs and CI) instead of the dashboard."
+    "--no-dashboard",
+    is_flag=True,
+    help="Status lines every 5 s (logs, CI) instead of the dashboard; also when output is not a terminal.",
 )
 @click.option(
     "--summary-json",
@@ -273,7 +275,7 @@ def up(
         seed=seed,
         rate=rate,
         duration_s=duration_s,
-        dashboard=not no_dashboard,
+        dashboard=not no_dashboard and sys.stdout.isatty(),  # a pipe or a log file gets status lines
         summary_json=summary_json,
         workdir=workdir,
         port=port,

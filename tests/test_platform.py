@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+from typing import Any
 
+import grpc
 import pytest
 
-from authopt.v1 import attempt_pb2, events_pb2
+from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from model.artifacts import DEFAULT_MODEL_DIR
 from model.sim.config import load_world
 from model.sim.platform import LatencyHistogram, Platform, SimulateSettings, Tally
@@ -181,3 +184,63 @@ def test_generated_ids_never_look_like_card_numbers() -> None:
         for number in (1, 4):
             rid = platform._id(123, p, number)
             assert find_card_number(optimizer_pb2.RecommendRequest(request_id=rid)) is None, rid
+
+
+class _AlwaysRetryLater(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer):
+    """A server double (real gRPC) that declines nothing itself but advises every retry `after_s` later."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+
+    async def Recommend(self, request: Any, context: Any) -> optimizer_pb2.RecommendResponse:
+        resp = optimizer_pb2.RecommendResponse(request_id=request.request_id)
+        resp.routes.add(route_id=request.candidates[0].id, approval_probability=0.5)
+        if request.prior_attempts:
+            resp.retry.action = optimizer_pb2.RETRY_ACTION_RETRY_AT
+            resp.retry.route_id = request.candidates[0].id
+            resp.retry.retry_at.FromNanoseconds(int((time.time() + self.after_s) * 1e9))
+        return resp
+
+    async def ReportOutcomes(self, request: Any, context: Any) -> optimizer_pb2.ReportOutcomesResponse:
+        return optimizer_pb2.ReportOutcomesResponse(accepted=len(request.outcomes))
+
+
+@pytest.mark.parametrize("after_s", [2.0, 86_400.0], ids=["soon", "tomorrow"])
+async def test_payments_waiting_for_a_retry_do_not_stall_the_traffic(after_s: float) -> None:
+    """A retry advised for later must not hold an in-flight slot (nor, a day later, be waited for):
+    with two slots the traffic keeps flowing, and stop still ends the run."""
+    server = grpc.aio.server()
+    optimizer_pb2_grpc.add_AuthorizationOptimizerServiceServicer_to_server(_AlwaysRetryLater(after_s), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        stop = asyncio.Event()
+        settings = _settings(f"127.0.0.1:{port}", duration_s=None, max_in_flight=2, rate=100.0)
+        platform = Platform(settings, load_world("default"))
+        task = asyncio.create_task(platform.run(stop))
+        async with asyncio.timeout(20):
+            while platform.stats.payments_started < 60:
+                await asyncio.sleep(0.05)
+        stop.set()
+        stats = await asyncio.wait_for(task, 20)
+        a = stats.summary()["authopt"]
+        if after_s < settings.max_retry_wait_s:
+            assert a["retries"] + a["retries_deferred"] > 0  # played, or halted at the stop
+        else:
+            assert a["retries"] == 0  # past the window (customer) or deferred (merchant-initiated)
+    finally:
+        await server.stop(0)
+
+
+async def test_acquire_unless_gives_up_when_stopped() -> None:
+    from model.sim.platform import _acquire_unless
+
+    sem, stop = asyncio.Semaphore(1), asyncio.Event()
+    assert await _acquire_unless(sem, stop)  # free: taken
+    waiter = asyncio.create_task(_acquire_unless(sem, stop))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    stop.set()
+    assert await asyncio.wait_for(waiter, 1) is False
+    sem.release()
+    assert not sem.locked()  # nothing held by the waiter that gave up

@@ -81,6 +81,11 @@ class SimulateSettings(BaseSettings):
         description="payments in progress at once; beyond it the rate drops (and says so)",
     )
     timeout_s: float = Field(1.0, gt=0, le=60, description="deadline of each Recommend call, seconds")
+    max_retry_wait_s: float = Field(
+        300.0,
+        ge=0,
+        description="retries advised for later than this are counted as deferred, not waited for",
+    )
     report_interval_s: float = Field(
         0.05, gt=0, le=10, description="outcomes are sent in batches at least this often"
     )
@@ -260,6 +265,44 @@ class _Tried:
     outcome: Outcome
 
 
+class _Slot:
+    """One payment's hold on the in-flight bound, released while it waits for a retry time."""
+
+    def __init__(self, sem: asyncio.Semaphore) -> None:
+        self.sem, self.held = sem, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.sem.release()
+
+    async def acquire(self) -> None:
+        await self.sem.acquire()
+        self.held = True
+
+
+async def _acquire_unless(sem: asyncio.Semaphore, stop: asyncio.Event) -> bool:
+    """Acquire `sem`, unless `stop` is set first (then False, holding nothing)."""
+    if stop.is_set():
+        return False
+    if not sem.locked():
+        await sem.acquire()
+        return True
+    acquiring = asyncio.ensure_future(sem.acquire())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not acquiring.done():
+        acquiring.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquiring
+    got = acquiring.done() and not acquiring.cancelled()
+    if got and stop.is_set():
+        sem.release()
+        return False
+    return got
+
+
 class Platform:
     """Plays a world's payments against a server; `await run(stop)` until the duration or `stop`."""
 
@@ -339,10 +382,11 @@ class Platform:
                     await asyncio.sleep(0)  # behind schedule: catch up, but let the payments run too
                 if slots.locked():
                     self.stats.throttled += 1
-                await slots.acquire()
+                if not await _acquire_unless(slots, stop):
+                    break
                 day, world, payment = pending or next(source)
                 pending = None
-                task = asyncio.create_task(self._payment(stub, day, world, payment, slots, halt))
+                task = asyncio.create_task(self._payment(stub, day, world, payment, _Slot(slots), halt))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 k += 1
@@ -365,18 +409,18 @@ class Platform:
         day: int,
         world: World,
         p: Payment,
-        slots: asyncio.Semaphore,
+        slot: _Slot,
         halt: asyncio.Event,
     ) -> None:
         try:
-            await self._play(stub, day, world, p, halt)
+            await self._play(stub, day, world, p, slot, halt)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not stop the traffic; it is counted and logged
             log.exception("payment %d-%d failed in the simulator", day, p.index)
             self.stats.request_errors["SIMULATOR"] += 1
         finally:
-            slots.release()
+            slot.release()
 
     async def _recommend(
         self, stub: _Stub, req: optimizer_pb2.RecommendRequest
@@ -421,6 +465,7 @@ class Platform:
         day: int,
         world: World,
         p: Payment,
+        slot: _Slot,
         halt: asyncio.Event,
     ) -> None:
         st = self.stats
@@ -471,14 +516,17 @@ class Platform:
                 at = advice.retry_at.ToNanoseconds() / 1e9
                 if at - first_wall > window:  # the advice never does this; the platform would not wait
                     break
-                if at > self._end_wall or halt.is_set():
+                wait = at - time.time()
+                if at > self._end_wall or wait > self.settings.max_retry_wait_s or halt.is_set():
                     a.deferred += 1
                     break
+                slot.release()  # a payment waiting for its retry time is not in progress
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(halt.wait(), max(0.0, at - time.time()))
+                    await asyncio.wait_for(halt.wait(), max(0.0, wait))
                 if halt.is_set():
                     a.deferred += 1
                     break
+                await slot.acquire()
             elif advice.action != optimizer_pb2.RETRY_ACTION_RETRY_NOW:
                 break
             route = world.route_index[advice.route_id]
