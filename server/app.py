@@ -32,10 +32,13 @@ from server.telemetry import Metrics
 from streams.kafka import KafkaSettings
 from streams.replica import FeatureReplica
 
-__all__ = ["AuthoptServer", "configure_process", "create_server", "freeze_heap", "serve"]
+__all__ = ["LIVENESS_SERVICE", "AuthoptServer", "configure_process", "create_server", "freeze_heap", "serve"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = optimizer_pb2.DESCRIPTOR.services_by_name["AuthorizationOptimizerService"].full_name
+#: grpc.health.v1 name for liveness probes: SERVING from start to exit. "" and SERVICE_NAME are the
+#: readiness: NOT_SERVING until the feature replica has caught up, and while draining.
+LIVENESS_SERVICE = "liveness"
 _TRANSPORT_LIMIT = 4 * 1024 * 1024  # hard cap in gRPC core; the settings' limit is checked per RPC
 
 
@@ -63,6 +66,9 @@ class AuthoptServer:
         await self.batcher.start()
         self._tasks.append(asyncio.create_task(self.registry.run(), name="model-watcher"))
         await self.grpc_server.start()
+        # Liveness: the process is up with its model warm; never withdrawn for a catch-up or a drain
+        # (Kubernetes restarts on liveness, and neither is a reason to).
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)  # type: ignore[arg-type]
         if self.replica is None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         else:

@@ -257,10 +257,14 @@ def test_server_probes_and_drain(chart: helm.Chart) -> None:
     (grpc_port,) = [p["containerPort"] for p in c["ports"] if p["name"] == "grpc"]
     assert int(env["AUTHOPT_SERVER_PORT"]) == grpc_port == 50051
     assert env["AUTHOPT_SERVER_HOST"] == "0.0.0.0"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        # The kubelet's native gRPC probe on grpc.health.v1 ("" = the whole server), which the
-        # server reports NOT_SERVING until warm and caught up, and while draining.
-        assert c[probe]["grpc"] == {"port": grpc_port, "service": ""}, probe
+    # The kubelet's native gRPC probe on grpc.health.v1: readiness on "" (the whole server, which
+    # reports NOT_SERVING until caught up and while draining), startup and liveness on the name the
+    # server keeps SERVING from warm-up to exit (a catch-up or a drain is no reason to restart).
+    from server.app import LIVENESS_SERVICE
+
+    assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": ""}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": grpc_port, "service": LIVENESS_SERVICE}, probe
     startup = c["startupProbe"]
     # Model load + warm-up + the features replica's catch-up: minutes, not the liveness budget.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
@@ -473,6 +477,7 @@ def test_grpc_tls_probe_mode(chart: helm.Chart) -> None:
     rendered = render(chart, values)
     c = container(rendered.server(), "server")
     assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": "", "mode": "TLS"}
+    assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": "liveness", "mode": "TLS"}
     kubernetes_validate.validate(rendered.server(), K8S_LATEST, strict=True)
 
 

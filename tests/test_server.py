@@ -248,6 +248,11 @@ async def test_graceful_drain_finishes_in_flight(start_server: ServerFactory, mo
     await asyncio.sleep(0.02)
     health = asyncio.create_task(srv.server.stop(grace=5))
     await asyncio.sleep(0.01)
+    # Draining: not ready, still alive (the servicer, as the transport refuses new calls now).
+    ready = await srv.server.health.Check(health_pb2.HealthCheckRequest(), None)  # type: ignore[arg-type]
+    alive = await srv.server.health.Check(health_pb2.HealthCheckRequest(service="liveness"), None)  # type: ignore[arg-type]
+    assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert alive.status == health_pb2.HealthCheckResponse.SERVING
     done = await asyncio.gather(*in_flight)
     assert all(r.routes for r in done)
     await health

@@ -216,6 +216,9 @@ async def test_server_ready_only_after_the_replica_caught_up(
             # Not ready before the replica has read the topic (the server answers, from fallbacks).
             first = await server.health.Check(health_pb2.HealthCheckRequest(), None)  # type: ignore[arg-type]
             assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # ... but alive: a liveness probe must not restart a pod that is catching up.
+            alive = await health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+            assert alive.status == health_pb2.HealthCheckResponse.SERVING
             while True:
                 status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
                 statuses.append(status)
