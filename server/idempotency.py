@@ -67,18 +67,20 @@ class IdempotencyCache:
         fp = _fingerprint(req)
         pending = self._inflight.get(key)
         if pending is not None:
-            stored_fp, waiting = pending
-            if stored_fp != fp:
-                raise _reused()
-            return await asyncio.shield(waiting)
+            return await self._join(pending, fp)
         cached = await self._cache.get(key)
         if cached is not None:
             stored_fp, payload = cached
             if stored_fp != fp:
                 raise _reused()
             return optimizer_pb2.RecommendResponse.FromString(payload)
+        # The cache lookup yielded: a duplicate may have started deciding meanwhile. Join it.
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await self._join(pending, fp)
         fut: asyncio.Future[optimizer_pb2.RecommendResponse] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = (fp, fut)
+        entry = (fp, fut)
+        self._inflight[key] = entry
         try:
             resp = await decide()
             await self._cache.set(key, (fp, resp.SerializeToString()), ttl=self._ttl_s)
@@ -89,4 +91,14 @@ class IdempotencyCache:
             fut.exception()  # mark retrieved: nobody else may be waiting
             raise
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is entry:
+                del self._inflight[key]
+
+    @staticmethod
+    async def _join(
+        pending: tuple[bytes, asyncio.Future[optimizer_pb2.RecommendResponse]], fp: bytes
+    ) -> optimizer_pb2.RecommendResponse:
+        stored_fp, waiting = pending
+        if stored_fp != fp:
+            raise _reused()
+        return await asyncio.shield(waiting)
