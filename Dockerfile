@@ -23,7 +23,8 @@ COPY model ./model
 # Not editable: the packages and the bundled default model (model/artifacts) land in the venv,
 # compiled to bytecode by pip (the read-only root filesystem never needs to write any). pip and
 # setuptools go afterwards: nothing installs at run time.
-# The rocksdb extra lets the same image run workers on the RocksDB store.
+# The rocksdb extra lets the same image run workers on the RocksDB store; the local (broker
+# binary) and eval (plots) extras stay out: Kubernetes points at a real Kafka.
 # DL3013 (pin versions) does not apply: this is the project itself, whose dependencies' ranges are
 # in pyproject.toml.
 # hadolint ignore=DL3013

@@ -281,9 +281,11 @@ def up(
         port=port,
         model_dir=model_dir,
     )
+    from streams.broker import BrokerError
+
     try:
         code, _ = run_up(opts, lambda line: click.echo(line, err=False))
-    except UpError as exc:
+    except (UpError, BrokerError) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)
 
@@ -464,6 +466,13 @@ def evaluate(
 
     Writes OUT/results.json (machine-readable), OUT/report.md and PNG plots.
     """
+    try:
+        import matplotlib  # noqa: F401  # the report's plots
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            "authopt evaluate needs matplotlib for its plots: pip install 'authopt[eval]' "
+            "(scripts/setup installs it)"
+        ) from exc
     from model.evaluate import evaluate_world, write_results
     from model.sim.policies import load_policy_model
     from server.models import ModelRejected

