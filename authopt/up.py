@@ -274,8 +274,21 @@ def status_line(stats: PlatformStats, stack: Stack, elapsed: float) -> str:
     )
 
 
-def dashboard(stats: PlatformStats, stack: Stack, opts: UpOptions, elapsed: float) -> Any:
+def incidents_line(platform: Platform) -> str:
+    """The world's incidents at its clock now, in words."""
+    now = platform.incidents_now()
+    if not now:
+        return "no incident in the world now"
+    return "incidents now: " + ", ".join(
+        f"{i.kind} {i.id} {'outage' if i.kind == 'issuer' else 'degraded'} ({100 * i.severity:.0f} %, "
+        f"until {datetime.fromtimestamp(i.end, UTC):%H:%M})"
+        for i in now
+    )
+
+
+def dashboard(platform: Platform, stack: Stack, opts: UpOptions, elapsed: float) -> Any:
     """The rich renderable of the live dashboard."""
+    stats = platform.stats
     from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
@@ -336,13 +349,26 @@ def dashboard(stats: PlatformStats, stack: Stack, opts: UpOptions, elapsed: floa
         procs.add_row(c.name, str(c.process.pid), f"[{style}]{c.status()}[/{style}]", details.get(c.name, ""))
     from rich.columns import Columns
 
+    incidents = incidents_line(platform)
     return Group(
         head,
+        f"[yellow]{incidents}[/yellow]" if incidents.startswith("incidents") else f"[dim]{incidents}[/dim]",
         Columns(
             [Panel(traffic, title="traffic", expand=False), Panel(results, title="approval", expand=False)]
         ),
         Panel(procs, title="processes", expand=False),
     )
+
+
+def _incidents_text(incidents: list[dict[str, Any]]) -> str:
+    if not incidents:
+        return "none"
+    shown = [
+        f"{i['kind']} {i['id']} {i['start'][11:16]}-{i['end'][11:16]} ({100 * i['severity']:.0f} %)"
+        for i in incidents[:6]
+    ]
+    more = f" and {len(incidents) - 6} more" if len(incidents) > 6 else ""
+    return ", ".join(shown) + more
 
 
 def format_platform(doc: dict[str, Any]) -> str:
@@ -365,6 +391,7 @@ def format_platform(doc: dict[str, Any]) -> str:
             f"({a['retries_deferred']:,} deferred past the end), static {_pct(s['approval']).strip()} "
             f"with {s['retries']:,}; net revenue (minor units, all currencies) authopt "
             f"{a['net_revenue_minor']:,.0f}, static {s['net_revenue_minor']:,.0f}",
+            f"  world incidents played through: {_incidents_text(p.get('incidents', []))}",
             f"  feature age at the end: p50 {_ms(p['feature_age_ms']['p50'])}, "
             f"max {_ms(p['feature_age_ms']['max'])}; outcomes reported {p['outcomes_reported']:,}, "
             f"not reported {p['outcomes_unreported']:,}",
@@ -391,6 +418,33 @@ def format_summary(doc: dict[str, Any]) -> str:
 
 
 # --- the run ------------------------------------------------------------------------------------
+
+
+async def _show(
+    task: asyncio.Task[Any],
+    platform: Platform,
+    stack: Stack,
+    opts: UpOptions,
+    started: float,
+    echo: Callable[[str], None],
+) -> None:
+    """The dashboard (4 frames/s), or a status line every `status_interval_s`, until `task` ends."""
+    if opts.dashboard:
+        from rich.live import Live
+
+        with Live(dashboard(platform, stack, opts, 0), refresh_per_second=4) as view:
+            while not task.done():
+                await asyncio.wait([task], timeout=0.25)
+                view.update(dashboard(platform, stack, opts, time.monotonic() - started))
+        return
+    next_line = started + opts.status_interval_s
+    while not task.done():
+        await asyncio.wait([task], timeout=max(0.0, next_line - time.monotonic()))
+        if time.monotonic() >= next_line:
+            echo(status_line(platform.stats, stack, time.monotonic() - started))
+            if platform.incidents_now():
+                echo("        " + incidents_line(platform))
+            next_line += opts.status_interval_s
 
 
 async def _session(
@@ -425,20 +479,7 @@ async def _session(
 
     watcher = asyncio.create_task(watch())
     try:
-        if opts.dashboard:
-            from rich.live import Live
-
-            with Live(dashboard(platform.stats, stack, opts, 0), refresh_per_second=4) as view:
-                while not task.done():
-                    await asyncio.wait([task], timeout=0.25)
-                    view.update(dashboard(platform.stats, stack, opts, time.monotonic() - started))
-        else:
-            next_line = started + opts.status_interval_s
-            while not task.done():
-                await asyncio.wait([task], timeout=max(0.0, next_line - time.monotonic()))
-                if time.monotonic() >= next_line:
-                    echo(status_line(platform.stats, stack, time.monotonic() - started))
-                    next_line += opts.status_interval_s
+        await _show(task, platform, stack, opts, started, echo)
         await task
         produced = platform.stats.reported
         echo(f"traffic stopped; waiting for the worker to take all {produced:,} reported outcomes")

@@ -244,3 +244,18 @@ async def test_acquire_unless_gives_up_when_stopped() -> None:
     assert await asyncio.wait_for(waiter, 1) is False
     sem.release()
     assert not sem.locked()  # nothing held by the waiter that gave up
+
+
+def test_incidents_played_are_those_the_world_time_crossed() -> None:
+    config = load_world("default")
+    platform = Platform(_settings("unused:1", seed=1, duration_s=None), config)
+    next(platform.payments())  # the first day's world
+    t0 = config.start.timestamp()
+    platform._spans[0] = [t0 + 13.9 * 3600, t0 + 14.1 * 3600]
+    played = platform.incidents_played()
+    assert {"day": 0, "kind": "issuer", "id": "us-bank-a", "severity": 0.85}.items() <= played[0].items()
+    assert played[0]["start"].startswith("2026-11-02T14:00")
+    platform.stats.sim_time = t0 + 14.2 * 3600
+    assert [i.id for i in platform.incidents_now()] == ["us-bank-a"]
+    platform.stats.sim_time = t0 + 15 * 3600
+    assert "us-bank-a" not in [i.id for i in platform.incidents_now()]

@@ -277,3 +277,16 @@ def test_no_simulated_card_looks_like_a_card_number(name: str) -> None:
         assert find_card_number(attempt_pb2.Card(**w.card_fields(card))) is None, w.card_fields(card)  # type: ignore[arg-type]
     for p in w.payments()[:500]:
         assert find_card_number(attempt_message(w, p, 1)) is None
+
+
+def test_incidents_are_listed_by_time_and_overlap() -> None:
+    config = load_world("default")
+    w = World(config, 1)
+    t0 = config.start.timestamp()
+    day = w.incidents(t0, t0 + 86_400)
+    fixed = [i for i in day if i.kind == "issuer" and i.id == "us-bank-a"]
+    assert [(i.start - t0, i.end - i.start, i.severity) for i in fixed] == [(14 * 3600, 35 * 60, 0.85)]
+    assert [i.start for i in day] == sorted(i.start for i in day)
+    inside = w.incidents(t0 + 14.2 * 3600, t0 + 14.2 * 3600 + 1)
+    assert any(i.id == "us-bank-a" for i in inside)
+    assert not any(i.id == "us-bank-a" for i in w.incidents(t0 + 15 * 3600, t0 + 16 * 3600))

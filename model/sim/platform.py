@@ -34,6 +34,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -43,7 +44,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
 from model.sim.config import WorldConfig
 from model.sim.play import NETWORK_NAME, RuleCounters, attempt_message, outcome_message
-from model.sim.world import APPROVED, ERROR, Belief, Outcome, Payment, World
+from model.sim.world import APPROVED, ERROR, Belief, Incident, Outcome, Payment, World
 from server import rules
 from server.errors import error_info
 
@@ -185,6 +186,7 @@ class PlatformStats:
     throttled: int = 0  # payments that waited for an in-flight slot
     recent: deque[tuple[float, float, float]] = field(default_factory=deque)  # (t, latency ms, feed age ms)
     end_live: dict[str, Any] | None = None  # live() when the traffic stopped
+    incidents: list[dict[str, Any]] = field(default_factory=list)  # those the run played through
     starts: deque[float] = field(default_factory=deque)  # when recent payments started
 
     def note_response(self, latency_ms: float, resp: optimizer_pb2.RecommendResponse) -> None:
@@ -247,6 +249,10 @@ class PlatformStats:
             "outcomes_unreported": self.unreported,
             "report_errors": dict(self.report_errors),
             "throttled_payments": self.throttled,
+            "world_clock": {
+                "end": datetime.fromtimestamp(self.sim_time, UTC).isoformat() if self.sim_time else None,
+            },
+            "incidents": self.incidents,
         }
 
 
@@ -315,6 +321,9 @@ class Platform:
         self._reports: asyncio.Queue[attempt_pb2.AttemptOutcome] | None = None
         self._end_wall = math.inf
         self._no_broker = False  # the server said it has no Kafka: outcomes are counted, not sent
+        self.world: World | None = None  # the day being played
+        self._incidents: dict[int, list[Incident]] = {}  # per day: every incident of its world
+        self._spans: dict[int, list[float]] = {}  # per day: first and last world time played
 
     def _id(self, day: int, p: Payment, number: int) -> str:
         """`<run>.d<day>.p<payment>.a<attempt>`: letters between the numbers, because digits joined
@@ -342,8 +351,33 @@ class Platform:
 
     def payments(self) -> Iterator[tuple[int, World, Payment]]:
         for k, world in enumerate(self.worlds()):
+            self.world = world
+            self._incidents[k] = world.incidents(-math.inf, math.inf)
             for p in world.payments():
                 yield k, world, p
+
+    def incidents_now(self) -> list[Incident]:
+        """The incidents of the world at its clock now (the newest first attempt)."""
+        t = self.stats.sim_time
+        return [] if self.world is None or not t else self.world.incidents(t, t + 1e-9)
+
+    def incidents_played(self) -> list[dict[str, Any]]:
+        """Every incident that overlapped the world time played, as JSON-ready dicts."""
+        out = []
+        for day, (first, last) in sorted(self._spans.items()):
+            for i in self._incidents.get(day, []):
+                if i.start <= last and i.end > first:
+                    out.append(
+                        {
+                            "day": day,
+                            "kind": i.kind,
+                            "id": i.id,
+                            "start": datetime.fromtimestamp(i.start, UTC).isoformat(),
+                            "end": datetime.fromtimestamp(i.end, UTC).isoformat(),
+                            "severity": i.severity,
+                        }
+                    )
+        return out
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -398,6 +432,7 @@ class Platform:
                 for t in tasks:
                     t.cancel()
             self.stats.stopped = time.monotonic()
+            self.stats.incidents = self.incidents_played()
             await self._drain_reports(reporter)
             if own:
                 await chan.close(None)
@@ -477,6 +512,8 @@ class Platform:
         st.payments_started += 1
         st.starts.append(time.monotonic())
         st.sim_time = max(st.sim_time, p.at)
+        span = self._spans.setdefault(day, [p.at, p.at])
+        span[0], span[1] = min(span[0], p.at), max(span[1], p.at)
         first_wall = time.time()
         belief = world.prior_belief(p)
         truth = world.p_approve(p, routes, p.at, belief)

@@ -32,7 +32,18 @@ import numpy as np
 
 from model.sim.config import Episode, RandomEpisodes, WorldConfig
 
-__all__ = ["APPROVED", "DECLINED", "ERROR", "STAGES", "Belief", "Draws", "Outcome", "Payment", "World"]
+__all__ = [
+    "APPROVED",
+    "DECLINED",
+    "ERROR",
+    "STAGES",
+    "Belief",
+    "Draws",
+    "Incident",
+    "Outcome",
+    "Payment",
+    "World",
+]
 
 APPROVED, DECLINED, ERROR = 1, 2, 3  # authopt.v1.OutcomeStatus numbers
 STAGES = ("approved", "error", "unavailable", "funds", "persistent", "transient")
@@ -112,6 +123,17 @@ class Payment:
     channel: int  # authopt.v1.Channel number
     u_funds: float  # per-payment draw of check 3
     u_persist: float  # per-payment draw of check 4
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """An issuer outage or a route degradation: `severity` of its attempts fail while it lasts."""
+
+    kind: str  # "issuer" | "route"
+    id: str
+    start: float  # epoch seconds, world time
+    end: float
+    severity: float
 
 
 @dataclass(slots=True)
@@ -626,6 +648,22 @@ class World:
         self._code_pos = {c: k for k, c in enumerate(self.codes_all)}
 
     # --- description ------------------------------------------------------------------------------
+
+    def incidents(self, start: float, end: float) -> list[Incident]:
+        """Issuer outages and route degradations overlapping [start, end), by start time."""
+        out = [
+            Incident("issuer", self.issuer_ids[i], a, b, sev)
+            for i, episodes in enumerate(self.issuer_outages)
+            for a, b, sev in episodes
+            if a < end and b > start
+        ]
+        out += [
+            Incident("route", self.route_ids[r], a, b, sev)
+            for r, episodes in enumerate(self.route_degradations)
+            for a, b, sev in episodes
+            if a < end and b > start
+        ]
+        return sorted(out, key=lambda x: (x.start, x.kind, x.id))
 
     def card_fields(self, card: int) -> dict[str, object]:
         return {
