@@ -82,7 +82,8 @@ def serve(
     try:
         asyncio.run(run_server(settings))
     finally:
-        provider.shutdown()
+        if provider is not None:
+            provider.shutdown()
 
 
 @main.command()
@@ -157,7 +158,8 @@ def worker(
     try:
         run_worker(settings, kafka)
     finally:
-        provider.shutdown()
+        if provider is not None:
+            provider.shutdown()
 
 
 @main.command()

@@ -151,6 +151,8 @@ def _servers(levels: list[int], large_hidden: int) -> dict[str, tuple[Server, li
         "authopt (batching)": (("recommend", [], all_spans, "models"), levels),
         "authopt (no batching)": (("recommend", ["--no-batching"], all_spans, "models"), levels),
         "authopt (batching, 1% traced)": (("recommend", [], one_percent, "models"), levels),
+        # `authopt serve` without an exporter installs no SDK: the API's non-recording spans.
+        "authopt (batching, no exporter)": (("recommend", ["--no-sdk"], {}, "models"), levels),
         "echo (bare grpc.aio)": (("echo", [], {}, "models"), levels),
     }
     if large_hidden:

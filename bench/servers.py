@@ -36,14 +36,17 @@ class _DiscardExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-async def _recommend(port: int, model_dir: Path, batching: bool, metrics_port: int, delay_us: int) -> None:
+async def _recommend(
+    port: int, model_dir: Path, batching: bool, metrics_port: int, delay_us: int, sdk: bool = True
+) -> None:
     from server import InMemoryFeatureStore, ServerSettings, create_server
     from server.app import configure_process, freeze_heap
     from streams import Entity
 
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(_DiscardExporter(), max_queue_size=65536))
-    trace.set_tracer_provider(provider)
+    if sdk:  # without: the API's non-recording spans, as `authopt serve` runs with no exporter
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(_DiscardExporter(), max_queue_size=65536))
+        trace.set_tracer_provider(provider)
     store = InMemoryFeatureStore()
     for i, route in enumerate(ROUTES):
         store.put(Entity.ROUTE, route, {"approval_rate_1h": 0.9 - 0.05 * i, "attempts_1h": 400.0})
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--no-batching", action="store_true")
     parser.add_argument("--metrics-port", type=int, default=-1)
     parser.add_argument("--queue-delay-us", type=int, default=0)
+    parser.add_argument("--no-sdk", action="store_true", help="no TracerProvider: non-recording spans")
     args = parser.parse_args()
     time.sleep(0)  # keep imports above out of the measured window; nothing else to do here
     if args.mode == "echo":
@@ -97,7 +101,12 @@ def main() -> None:
     else:
         asyncio.run(
             _recommend(
-                args.port, args.model_dir, not args.no_batching, args.metrics_port, args.queue_delay_us
+                args.port,
+                args.model_dir,
+                not args.no_batching,
+                args.metrics_port,
+                args.queue_delay_us,
+                sdk=not args.no_sdk,
             )
         )
 

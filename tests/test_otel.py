@@ -29,3 +29,16 @@ def test_console_and_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ValueError, match="otlp, console or none"):
         exporter_from_env()
+
+
+def test_no_exporter_installs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an exporter, spans stay the API's non-recording ones (no cost per decision)."""
+    from opentelemetry import trace
+
+    from authopt.otel import configure_tracing
+
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    before = trace.get_tracer_provider()
+    assert configure_tracing("authopt-test") is None
+    assert trace.get_tracer_provider() is before
