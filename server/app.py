@@ -56,6 +56,8 @@ class AuthoptServer:
     metrics: Metrics
     metrics_http: Any = None  # the Prometheus HTTP server, when enabled
     replica: FeatureReplica | None = None  # follows authopt.features.v1 into `features`
+    health_server: grpc.aio.Server | None = None  # plaintext, health only (settings.health_port)
+    health_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _draining: bool = False
@@ -66,6 +68,8 @@ class AuthoptServer:
         await self.batcher.start()
         self._tasks.append(asyncio.create_task(self.registry.run(), name="model-watcher"))
         await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         # Liveness: the process is up with its model warm; never withdrawn for a catch-up or a drain
         # (Kubernetes restarts on liveness, and neither is a reason to).
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)  # type: ignore[arg-type]
@@ -98,6 +102,8 @@ class AuthoptServer:
         log.info("draining: health NOT_SERVING, finishing in-flight RPCs within %.1fs", grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.stop(grace)
+        if self.health_server is not None:  # last: probes see NOT_SERVING for the whole drain
+            await self.health_server.stop(None)
         if self.replica is not None:
             await self.replica.stop()
         for task in self._tasks:
@@ -239,6 +245,16 @@ async def create_server(
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    health_server, health_port = None, None
+    if settings.health_port >= 0:
+        # A second server with the health service alone, in plaintext: the kubelet's gRPC probe
+        # cannot speak TLS, and nothing else is reachable here.
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_address = f"{settings.host}:{settings.health_port}"
+        health_port = health_server.add_insecure_port(health_address)
+        if health_port == 0:
+            raise OSError(f"could not bind {health_address}")
     metrics.queue_depth.set_function(lambda: batcher.queue_depth)
     metrics.model_loaded.set_function(lambda: 1.0 if registry.current is not None else 0.0)
     metrics_http = None
@@ -247,7 +263,18 @@ async def create_server(
             settings.metrics_port, addr=settings.host, registry=metrics.registry
         )
     built = AuthoptServer(
-        server, settings, health_servicer, registry, batcher, pub, store, metrics, metrics_http, replica
+        server,
+        settings,
+        health_servicer,
+        registry,
+        batcher,
+        pub,
+        store,
+        metrics,
+        metrics_http,
+        replica,
+        health_server=health_server,
+        health_port=health_port,
     )
     return built, port
 

@@ -76,6 +76,12 @@ class ServerSettings(BaseSettings):
     )
     grace_period_s: float = Field(10.0, ge=0, description="drain time on SIGTERM; below the pod's grace")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus port; -1 off, 0 a free one")
+    health_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="plaintext port with only grpc.health.v1 (probes when the API is TLS); -1 off, 0 free",
+    )
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with the key, serve TLS")
     tls_key_file: Path | None = Field(None, description="PEM private key")
     tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle; when set, require client certs")

@@ -347,7 +347,7 @@ def test_schema_offers_every_setting() -> None:
 
     server_managed = {
         "host", "port", "model_dir", "device", "grace_period_s", "metrics_port", "tls_cert_file",
-        "tls_key_file", "tls_client_ca_file", "kafka_bootstrap", "replica_id",
+        "tls_key_file", "tls_client_ca_file", "kafka_bootstrap", "replica_id", "health_port",
         "seed",  # tests and simulations only
     }  # fmt: skip
     worker_managed = {
@@ -462,14 +462,31 @@ def test_tls_secrets_and_probes(chart: helm.Chart) -> None:
     assert secrets["AUTHOPT_SERVER_CACHE_URL"] == ("authopt-redis", "url")
     assert secrets["OTEL_EXPORTER_OTLP_HEADERS"] == ("authopt-otel", "headers")
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
-    # The kubelet's gRPC probe cannot present a client certificate: TCP checks on the port.
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["tcpSocket"] == {"port": "grpc"} and "grpc" not in c[probe]
+    # The kubelet's gRPC probe speaks plaintext: the probes go to the server's plaintext
+    # health-only port (AUTHOPT_SERVER_HEALTH_PORT), which tests/test_tls.py shows answering.
+    health_port = int(env["AUTHOPT_SERVER_HEALTH_PORT"])
+    assert {"name": "health", "containerPort": health_port, "protocol": "TCP"} in c["ports"]
+    assert c["readinessProbe"]["grpc"] == {"port": health_port, "service": ""}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": health_port, "service": "liveness"}, probe
+    # The health port is for the kubelet: no Service exposes it.
+    assert all(p["name"] != "health" for svc in rendered.all("Service") for p in svc["spec"]["ports"])
     assert all("appProtocol" not in p for s in rendered.all("Service") for p in s["spec"].get("ports", []))
     monitor = rendered.one("ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
+
+
+def test_tcp_probe_mode(chart: helm.Chart) -> None:
+    values = {"server": {"tls": {"enabled": True, "secretName": "tls", "probeMode": "tcp"}}}
+    rendered = render(chart, values)
+    c = container(rendered.server(), "server")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["tcpSocket"] == {"port": "grpc"} and "grpc" not in c[probe]
+    assert "AUTHOPT_SERVER_HEALTH_PORT" not in pod_env(rendered, rendered.server(), "server")
+    assert all(p["name"] != "health" for p in c["ports"])
+    assert "probes are TCP checks" in rendered.notes
 
 
 def test_grpc_tls_probe_mode(chart: helm.Chart) -> None:
@@ -517,7 +534,7 @@ def test_notes(chart: helm.Chart) -> None:
     assert f"dns:///{RELEASE}-headless.{NAMESPACE}.svc:50051" in notes
     assert "kafka.bootstrap is empty" in notes and "NetworkPolicy is off" in notes
     notes = render(chart, VARIANTS["tls"]).notes
-    assert "client certificates required" in notes and "probes are TCP checks" in notes
+    assert "client certificates required" in notes and "probes are TCP checks" not in notes
     assert "NetworkPolicy is off" not in notes
 
 
@@ -563,7 +580,7 @@ BAD_VALUES = {
                 "tls": {"enabled": True, "secretName": "t", "clientAuth": True, "probeMode": "grpc-tls"}
             }
         },
-        "at '/server/tls/probeMode': value must be 'tcp'",
+        "at '/server/tls/probeMode': value must be one of 'health-port', 'tcp'",
     ),
     "bootstrap not host:port": ({"kafka": {"bootstrap": "kafka"}}, "at '/kafka/bootstrap'"),
 }

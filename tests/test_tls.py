@@ -1,0 +1,86 @@
+"""TLS on the API port, and the plaintext health-only port the kubelet's probes use with it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authopt.v1 import optimizer_pb2, optimizer_pb2_grpc
+from tests.conftest import ServerFactory, make_request
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 (openssl, as an operator would make one)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls_api_and_plaintext_health_port(
+    start_server: ServerFactory, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    # A 100 ms batching delay keeps a request in flight while the drain starts (see below).
+    srv = await start_server(
+        tls_cert_file=cert, tls_key_file=key, health_port=0, batch_max_queue_delay_us=100_000
+    )
+    assert srv.server.health_port
+    # The API speaks TLS only: a plaintext call fails, a TLS one with the CA is answered.
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await srv.stub.Recommend(make_request("plain"), timeout=2)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    async with (
+        grpc.aio.secure_channel(f"localhost:{srv.port}", creds) as tls,
+        grpc.aio.insecure_channel(f"127.0.0.1:{srv.server.health_port}") as plain,
+    ):
+        api = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(tls)
+        assert (await api.Recommend(make_request("tls"), timeout=5)).routes
+        # The health port answers in plaintext, with the server's statuses, and nothing else.
+        health = health_pb2_grpc.HealthStub(plain)
+
+        async def status(name: str) -> int:
+            return int((await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2)).status)
+
+        for name in ("", "liveness", "authopt.v1.AuthorizationOptimizerService"):
+            assert await status(name) == SERVING, name
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(plain).Recommend(
+                optimizer_pb2.RecommendRequest(), timeout=2
+            )
+        assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # While draining (an open stream holds the drain), the probes still reach it: not ready,
+        # alive.
+        stream = api.RecommendStream()
+        await stream.write(optimizer_pb2.RecommendStreamRequest(request=make_request("s-1")))
+        assert (await stream.read()).response.routes
+        stopping = asyncio.create_task(srv.server.stop(grace=5))
+        await asyncio.sleep(0.1)
+        assert not stopping.done()
+        assert await status("") == NOT_SERVING and await status("liveness") == SERVING
+        await stream.done_writing()
+        await stopping
+
+
+def test_a_key_without_a_certificate_is_refused(tmp_path: Path) -> None:
+    from server import ServerSettings
+    from server.app import _credentials
+
+    key = tmp_path / "key.pem"
+    key.write_text("not used")
+    with pytest.raises(ValueError, match="both AUTHOPT_SERVER_TLS_CERT_FILE and AUTHOPT_SERVER_TLS_KEY_FILE"):
+        _credentials(ServerSettings(tls_key_file=key))  # type: ignore[call-arg]
