@@ -371,12 +371,11 @@ async def _simulate(platform: object, interval_s: float) -> dict[str, object]:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    started = time.monotonic()
     task = asyncio.create_task(platform.run(stop))
     while not task.done():
         await asyncio.wait([task], timeout=interval_s)
         if not task.done():
-            click.echo(platform_line(platform.stats, time.monotonic() - started))
+            click.echo(platform_line(platform.stats, time.monotonic() - platform.stats.started))
     await task
     return platform.stats.summary()
 

@@ -435,13 +435,13 @@ async def _show(
         with Live(dashboard(platform, stack, opts, 0), refresh_per_second=4) as view:
             while not task.done():
                 await asyncio.wait([task], timeout=0.25)
-                view.update(dashboard(platform, stack, opts, time.monotonic() - started))
+                view.update(dashboard(platform, stack, opts, time.monotonic() - platform.stats.started))
         return
     next_line = started + opts.status_interval_s
     while not task.done():
         await asyncio.wait([task], timeout=max(0.0, next_line - time.monotonic()))
         if time.monotonic() >= next_line:
-            echo(status_line(platform.stats, stack, time.monotonic() - started))
+            echo(status_line(platform.stats, stack, time.monotonic() - platform.stats.started))
             if platform.incidents_now():
                 echo("        " + incidents_line(platform))
             next_line += opts.status_interval_s
