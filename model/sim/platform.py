@@ -353,6 +353,9 @@ class Platform:
         for k, world in enumerate(self.worlds()):
             self.world = world
             self._incidents[k] = world.incidents(-math.inf, math.inf)
+            # A new day is a new population: the baseline's per-card counters start afresh (this
+            # also bounds their memory to one day's payments in a long run).
+            self._counters = RuleCounters()
             for p in world.payments():
                 yield k, world, p
 
