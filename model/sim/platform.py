@@ -43,7 +43,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
 from model.sim.config import WorldConfig
-from model.sim.play import NETWORK_NAME, RuleCounters, attempt_message, outcome_message
+from model.sim.play import NETWORK_NAME, RuleCounters, add_prior_attempt, attempt_message, outcome_message
 from model.sim.world import APPROVED, ERROR, Belief, Incident, Outcome, Payment, World
 from server import rules
 from server.errors import error_info
@@ -486,13 +486,7 @@ class Platform:
                 fixed_fee_minor=int(world.route_fixed[r]),
             )
         for tried in history:
-            prior = req.prior_attempts.add(
-                route_id=world.route_ids[tried.route],
-                response_code=tried.outcome.response_code,
-                mastercard_mac=tried.outcome.mastercard_mac,
-                status=tried.outcome.status,  # type: ignore[arg-type]
-            )
-            prior.attempted_at.FromNanoseconds(int(tried.wall * 1e9))
+            add_prior_attempt(req, world, tried.route, tried.outcome, tried.wall)
         if history:
             req.retry_window_s = max(1, int(history[0].wall + window_s - time.time()))
         return req

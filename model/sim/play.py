@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import BinaryIO, Protocol
 
-from authopt.v1 import attempt_pb2, events_pb2
+from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
 from model.sim.world import APPROVED, ERROR, Belief, Outcome, Payment, World
 from server import rules
 from streams.replay import FeatureReplay, append_record
@@ -32,6 +32,7 @@ __all__ = [
     "Policy",
     "RetryPlan",
     "RuleCounters",
+    "add_prior_attempt",
     "attempt_message",
     "outcome_message",
     "play",
@@ -137,6 +138,19 @@ def attempt_message(world: World, payment: Payment, number: int) -> attempt_pb2.
         recurring=payment.recurring,
         attempt_number=number,
     )
+
+
+def add_prior_attempt(
+    req: optimizer_pb2.RecommendRequest, world: World, route: int, o: Outcome, at: float
+) -> None:
+    """Append an attempt made on `route` at `at` with outcome `o` to `req.prior_attempts`."""
+    prior = req.prior_attempts.add(
+        route_id=world.route_ids[route],
+        response_code=o.response_code,
+        mastercard_mac=o.mastercard_mac,
+        status=o.status,  # type: ignore[arg-type]
+    )
+    prior.attempted_at.FromNanoseconds(int(at * 1e9))
 
 
 def outcome_message(

@@ -27,7 +27,14 @@ import torch
 
 from authopt.v1 import optimizer_pb2
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, LAYOUT_VERSION, encode_flat
-from model.sim.play import NETWORK_NAME, AttemptView, Decision, RetryPlan, attempt_message
+from model.sim.play import (
+    NETWORK_NAME,
+    AttemptView,
+    Decision,
+    RetryPlan,
+    add_prior_attempt,
+    attempt_message,
+)
 from model.sim.world import APPROVED, ERROR, Outcome
 from server import policy as server_policy
 from server import rules
@@ -297,13 +304,7 @@ class Authopt:
         req = optimizer_pb2.RecommendRequest(request_id=f"pay-{pay.index}-{number}")
         req.attempt.CopyFrom(attempt_message(w, pay, number))
         for tried in view.history if with_history else view.history[: view.number - 1]:
-            prior = req.prior_attempts.add(
-                route_id=w.route_ids[tried.route],
-                response_code=tried.outcome.response_code,
-                mastercard_mac=tried.outcome.mastercard_mac,
-                status=tried.outcome.status,  # type: ignore[arg-type]
-            )
-            prior.attempted_at.FromNanoseconds(int(tried.at * 1e9))
+            add_prior_attempt(req, w, tried.route, tried.outcome, tried.at)
         if req.prior_attempts:
             remaining = _deadline(view) - view.history[-1].at
             req.retry_window_s = max(1, int(remaining))
