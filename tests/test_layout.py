@@ -1,0 +1,71 @@
+"""The generated per-entity encoders against the definition they compile: a plain loop over the contract."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+import pytest
+
+from model.layout import ATTEMPT_FEATURES, ROUTE_FEATURES, entity_values
+from streams.contract import FEATURES, SMOOTHING_PSEUDO_ATTEMPTS, Entity
+
+
+def _reference(
+    entity: Entity, row: Mapping[str, float] | None, at: float, route: Mapping[str, float] | None
+) -> list[float]:
+    out: list[float] = []
+    get = (row or {}).get
+    for f in (f for f in FEATURES if f.entity is entity):
+        value = float(get(f.name, f.default))
+        if f.dtype == "category":
+            out += [1.0 if value == i else 0.0 for i in range(len(f.categories))]
+        elif f.dtype == "epoch_s":
+            out.append(-1.0 if value < 0 else max(at - value, 0.0))
+        elif f.smoothed_toward:
+            prior = float((route or {}).get(f.smoothed_toward.split(".", 1)[1], f.default))
+            n = float(get("attempts_" + f.name.rsplit("_", 1)[1], 0.0))
+            approved = value * n if row is not None else 0.0
+            out.append((approved + SMOOTHING_PSEUDO_ATTEMPTS * prior) / (n + SMOOTHING_PSEUDO_ATTEMPTS))
+        else:
+            out.append(value)
+    return out
+
+
+def _random_row(rng: random.Random, entity: Entity) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for f in FEATURES:
+        if f.entity is not entity or rng.random() < 0.2:  # some values missing
+            continue
+        if f.dtype == "category":
+            row[f.name] = rng.choice([*map(float, range(-1, len(f.categories) + 1)), 2.5])  # and out of range
+        elif f.dtype == "epoch_s":
+            row[f.name] = rng.choice([-1.0, 1_700_000_000.0 + rng.uniform(-1e5, 1e5)])
+        elif f.name.startswith("attempts_"):
+            row[f.name] = float(rng.randrange(0, 500))
+        else:
+            row[f.name] = rng.random()
+    return row
+
+
+@pytest.mark.parametrize("entity", list(Entity))
+def test_generated_encoder_matches_the_contract_loop(entity: Entity) -> None:
+    rng = random.Random(7)
+    at = 1_700_000_000.0
+    for _ in range(300):
+        row = _random_row(rng, entity) if rng.random() < 0.8 else None
+        route = _random_row(rng, Entity.ROUTE) if rng.random() < 0.8 else None
+        assert entity_values(entity, row, at, route) == _reference(entity, row, at, route)
+
+
+def test_encoder_widths_add_up_to_the_layout() -> None:
+    at = 1_700_000_000.0
+    route_width = sum(
+        len(entity_values(e, None, at)) for e in (Entity.ROUTE, Entity.ROUTE_ISSUER, Entity.ROUTE_BIN)
+    )
+    assert route_width + 2 == len(ROUTE_FEATURES)  # + cost and is-last-declined-route
+    attempt_width = sum(
+        len(entity_values(e, None, at))
+        for e in (Entity.ISSUER, Entity.MERCHANT, Entity.CARD_MERCHANT, Entity.CARD_MERCHANT_AMOUNT)
+    )
+    assert attempt_width == sum(1 for n in ATTEMPT_FEATURES if not n.startswith("attempt."))
