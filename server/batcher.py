@@ -4,12 +4,25 @@ Its configuration mirrors Triton's dynamic batcher: ``max_batch_rows`` (preferre
 ``max_queue_delay_us`` (how long the oldest request may wait for company; 0 = never wait) and
 ``queue_size`` (pending requests before new ones are refused with `QueueFull`).
 
-How batches form: one collector task waits for the first pending request, optionally waits up to
-``max_queue_delay_us`` (from that request's arrival) for more, then greedily takes whatever is queued,
-in arrival order, up to ``max_batch_rows`` rows (a single larger request runs alone). The forward runs
-on one dedicated worker thread (`run_in_executor`) while the event loop keeps accepting requests, so
-under concurrency the next batch fills up naturally while this one computes — with zero added delay.
-One executor call per batch: concatenation, the forward and the split all happen on the worker.
+How batches form: at most one batch is in flight. A request arriving while none is schedules a
+flush for the end of the current event-loop pass (or, with a queue delay, for the oldest request's
+arrival + ``max_queue_delay_us``, sooner once ``max_batch_rows`` rows wait), so every request
+submitted in the same pass shares it. The flush takes whatever is queued, in arrival order, up to
+``max_batch_rows`` rows (a single larger request runs alone), and runs it on one dedicated worker
+thread while the event loop keeps accepting requests: under concurrency the next batch fills up
+while this one computes, with zero added delay. When a batch finishes, the next one starts at once.
+Concatenation, the forward and the split all happen on the worker, so the event loop makes no
+torch call per request.
+
+The hot path is plain callbacks, not a collector task: a batch costs the loop one flush callback and
+one completion callback (from the worker, via ``call_soon_threadsafe``), whatever its size. Deadlines
+are watched by a single timer at the earliest deadline of any queued or in-flight request (not one
+per request): a request whose deadline passes, queued or in flight, fails at once with
+`DeadlineExceeded` and its caller answers from the fallback.
+
+Requests come as tensors (`submit`; the result is the request's ``[k, out]`` tensor) or as flat
+float32 buffers (`submit_flat`, what the server sends: ``array('f')`` rows back to back; the result is
+a ``k``-long list of output rows as Python floats, split from one ``tolist()`` of the batch).
 
 The model is not part of the batcher: ``infer`` is any ``[N, D] -> [N, out]`` callable and is
 **called afresh for every batch**, so a server binds a function that reads the registry's current
@@ -19,13 +32,17 @@ fails every request of that batch with that exception.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
+import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +52,7 @@ _log = logging.getLogger(__name__)
 
 Infer = Callable[[torch.Tensor], torch.Tensor]
 OnBatch = Callable[[int, int, float], None]
+OutputRows = list[list[float]]
 
 
 class QueueFull(Exception):
@@ -42,7 +60,7 @@ class QueueFull(Exception):
 
 
 class DeadlineExceeded(Exception):
-    """The request's deadline had passed when its batch was formed; its rows were not run."""
+    """The request's deadline passed before its batch had answered; its result is not used."""
 
 
 class BatcherClosed(RuntimeError):
@@ -56,10 +74,8 @@ class BatcherConfig:
     max_batch_rows: int = 256  # (max_batch_size) rows, not requests: one request carries k routes
     max_queue_delay_us: int = 0  # (max_queue_delay_microseconds) 0: never wait for more requests
     queue_size: int = 2048  # (max_queue_size) pending requests
-    # Run the forward on the event loop instead of the inference thread. For a small CPU model the
-    # forward (~0.1 ms) is cheaper than the thread hand-off, and with two threads wanting the GIL
-    # every hand-off can wait out the interpreter's 5 ms switch interval (measured: 2.5 requests per
-    # forward at 16 in flight, p50 29 ms). A GPU forward blocks on the device: keep the thread there.
+    # Run the forward on the event loop instead of the inference thread: no hand-off, but the loop
+    # accepts nothing while it runs, so batches only merge what was queued before it started.
     inline: bool = False
 
     def __post_init__(self) -> None:
@@ -87,18 +103,22 @@ class BatchStats:
 
 
 class _Request:
-    __slots__ = ("arrived", "deadline", "future", "rows", "stats", "x")
+    __slots__ = ("arrived", "deadline", "flat", "future", "rows", "stats", "width", "x")
 
     def __init__(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | array.array[float],
+        rows: int,
+        width: int,
         deadline: float | None,
-        future: asyncio.Future[torch.Tensor],
+        future: asyncio.Future[Any],
         arrived: float,
         stats: BatchStats | None,
     ) -> None:
         self.x = x
-        self.rows = x.shape[0]
+        self.flat = not isinstance(x, torch.Tensor)
+        self.rows = rows
+        self.width = width
         self.deadline = deadline
         self.future = future
         self.arrived = arrived
@@ -109,20 +129,45 @@ class _SplitMismatch(RuntimeError):
     pass
 
 
-def _run_batch(
-    infer: Infer, xs: Sequence[torch.Tensor], sizes: Sequence[int]
-) -> tuple[list[torch.Tensor], float]:
-    """Worker-thread side of one batch: concatenate, forward, check and split."""
+def _run_batch(infer: Infer, batch: Sequence[_Request]) -> tuple[list[Any], float]:
+    """Worker side of one batch: concatenate, forward, check and split (one part per request)."""
     t0 = time.perf_counter()
-    x = xs[0] if len(xs) == 1 else torch.cat(list(xs), dim=0)
+    sizes = [r.rows for r in batch]
+    total = sum(sizes)
+    if all(r.flat for r in batch):
+        # One writable buffer (torch.frombuffer warns on read-only ones), one tensor for the batch.
+        joined = bytearray().join(r.x for r in batch)  # type: ignore[misc]
+        x = torch.frombuffer(joined, dtype=torch.float32).view(total, batch[0].width)
+    else:
+        parts_in = [_as_tensor(r) for r in batch]
+        x = parts_in[0] if len(parts_in) == 1 else torch.cat(parts_in, dim=0)
     y = infer(x)
-    total = x.shape[0]
     if y.dim() < 1 or y.shape[0] != total:
         raise _SplitMismatch(f"batch of {total} rows returned {list(y.shape)}; cannot split per request")
-    parts = list(torch.split(y, list(sizes), dim=0))
-    if len(parts) != len(sizes) or any(p.shape[0] != n for p, n in zip(parts, sizes, strict=True)):
-        raise _SplitMismatch(f"split of {list(y.shape)} does not match request rows {list(sizes)}")
-    return parts, time.perf_counter() - t0
+    out: list[Any] = []
+    listed: list[Any] | None = None
+    tensors: list[torch.Tensor] | None = None
+    start = 0
+    for i, r in enumerate(batch):
+        end = start + r.rows
+        if r.flat:
+            if listed is None:
+                listed = y.tolist()
+            out.append(listed[start:end])
+        else:
+            if tensors is None:
+                tensors = list(torch.split(y, sizes, dim=0))
+            out.append(tensors[i])
+        start = end
+    if len(out) != len(batch) or any(len(p) != r.rows for p, r in zip(out, batch, strict=True)):
+        raise _SplitMismatch(f"split of {list(y.shape)} does not match request rows {sizes}")
+    return out, time.perf_counter() - t0
+
+
+def _as_tensor(r: _Request) -> torch.Tensor:
+    if isinstance(r.x, torch.Tensor):
+        return r.x
+    return torch.frombuffer(bytearray(r.x), dtype=torch.float32).view(r.rows, r.width)
 
 
 def _fail(batch: Sequence[_Request], exc: BaseException) -> None:
@@ -150,11 +195,16 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._pending: collections.deque[_Request] = collections.deque()
         self._pending_rows = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._inflight: list[_Request] | None = None  # the batch being computed
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_at: float | None = None  # when the scheduled flush runs (None: this pass)
+        self._watch_handle: asyncio.TimerHandle | None = None
+        self._watch_at = float("inf")
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
         self._closing = False
+        self._idle: asyncio.Event | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -163,24 +213,31 @@ class MicroBatcher:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done() and not self._closing
+        return self._started and not self._closing
 
     async def start(self) -> None:
-        """Start the collector task and the inference thread (idempotent)."""
-        if self._task is not None and not self._task.done():
+        """Start the inference thread (idempotent)."""
+        if self.running:
             return
         self._loop = asyncio.get_running_loop()
         self._closing = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authopt-infer")
-        self._task = self._loop.create_task(self._collect(), name="micro-batcher")
+        self._idle = asyncio.Event()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authopt-infer")
+        self._started = True
 
     async def stop(self) -> None:
-        """Refuse new requests, finish everything already queued, then end the task and the thread."""
+        """Refuse new requests, finish everything already queued, then end the inference thread."""
+        if not self._started:
+            return
         self._closing = True
-        self._wake()
-        task, self._task = self._task, None
-        if task is not None:
-            await task
+        if self._pending or self._inflight is not None:
+            assert self._idle is not None
+            self._idle.clear()
+            self._schedule_flush(now=True)
+            await self._idle.wait()
+        self._cancel_timers()
+        self._started = False
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -191,85 +248,168 @@ class MicroBatcher:
         """Run `rows` ``[k, D]`` in the next batch; returns this request's ``[k, out]``.
 
         `deadline` is absolute, on the event loop's clock (``loop.time()``). Raises `QueueFull` at
-        once when ``queue_size`` requests are waiting, `DeadlineExceeded` if the deadline had passed
-        when the batch formed, or whatever ``infer`` raised for the batch.
+        once when ``queue_size`` requests are waiting, `DeadlineExceeded` once the deadline passes
+        before the result is there, or whatever ``infer`` raised for the batch.
         """
-        return await self._submit(rows, deadline, None)
+        result: torch.Tensor = await self._enqueue_tensor(rows, deadline, None)
+        return result
 
     async def submit_with_stats(
         self, rows: torch.Tensor | list[list[float]], deadline: float | None = None
     ) -> tuple[torch.Tensor, BatchStats]:
         """`submit`, also returning when the request was queued / batched and how big its batch was."""
         stats = BatchStats(queued_ns=time.time_ns())
-        return await self._submit(rows, deadline, stats), stats
+        result: torch.Tensor = await self._enqueue_tensor(rows, deadline, stats)
+        return result, stats
 
-    async def _submit(
+    def submit_flat(
+        self,
+        flat: array.array[float],
+        rows: int,
+        deadline: float | None = None,
+        stats: BatchStats | None = None,
+    ) -> asyncio.Future[OutputRows]:
+        """Queue `rows` rows given as one row-major float32 buffer; await the returned future for
+        the ``rows`` output rows (lists of floats). Errors as `submit`; `QueueFull`, `BatcherClosed`
+        and a bad shape are raised here, at once."""
+        if rows < 1 or len(flat) % rows:
+            raise ValueError(f"a flat request needs a whole number of rows: {len(flat)} values, {rows} rows")
+        return self._enqueue(flat, rows, len(flat) // rows, deadline, stats)
+
+    def _enqueue_tensor(
         self, rows: torch.Tensor | list[list[float]], deadline: float | None, stats: BatchStats | None
-    ) -> torch.Tensor:
-        if not self.running or self._loop is None:
-            raise BatcherClosed("micro-batcher is not running")
-        if len(self._pending) >= self.config.queue_size:
-            raise QueueFull(f"{len(self._pending)} requests waiting for inference (queue_size)")
+    ) -> asyncio.Future[Any]:
         x = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.float32)
         if x.dim() != 2 or x.shape[0] < 1:
             raise ValueError(f"rows must be a non-empty [k, D] batch, got shape {list(x.shape)}")
         if x.dtype != torch.float32:
             x = x.to(torch.float32)
+        return self._enqueue(x, x.shape[0], x.shape[1], deadline, stats)
+
+    def _enqueue(
+        self,
+        x: torch.Tensor | array.array[float],
+        rows: int,
+        width: int,
+        deadline: float | None,
+        stats: BatchStats | None,
+    ) -> asyncio.Future[Any]:
         loop = self._loop
-        fut: asyncio.Future[torch.Tensor] = loop.create_future()
-        self._pending.append(_Request(x, deadline, fut, loop.time(), stats))
-        self._pending_rows += x.shape[0]
-        if self._pending_rows >= self.config.max_batch_rows or len(self._pending) == 1:
-            self._wake()
-        return await fut
+        if not self.running or loop is None:
+            raise BatcherClosed("micro-batcher is not running")
+        pending = self._pending
+        if len(pending) >= self.config.queue_size:
+            raise QueueFull(f"{len(pending)} requests waiting for inference (queue_size)")
+        now = loop.time()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        fut: asyncio.Future[Any] = loop.create_future()
+        pending.append(_Request(x, rows, width, deadline, fut, now, stats))
+        self._pending_rows += rows
+        if deadline is not None and deadline < self._watch_at:
+            self._watch(deadline)
+        if self._inflight is None:
+            delay = self.config.max_queue_delay_us
+            if not delay or self._pending_rows >= self.config.max_batch_rows:
+                self._schedule_flush(now=True)
+            elif self._flush_handle is None:
+                self._schedule_flush(at=pending[0].arrived + delay / 1e6)
+        return fut
 
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+    # --- flushing ----------------------------------------------------------------------------------
 
-    async def _wait(self, timeout: float | None = None) -> None:
-        assert self._loop is not None
-        self._waiter = self._loop.create_future()
-        handle = self._loop.call_later(timeout, self._wake) if timeout is not None else None
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-            if handle is not None:
-                handle.cancel()
-
-    async def _collect(self) -> None:
-        try:
-            await self._collect_loop()
-        finally:  # normally empty; non-empty only if the task was cancelled
-            _fail(list(self._pending), BatcherClosed("micro-batcher stopped"))
-            self._pending.clear()
-            self._pending_rows = 0
-
-    async def _collect_loop(self) -> None:
-        assert self._loop is not None
+    def _schedule_flush(self, *, now: bool = False, at: float | None = None) -> None:
         loop = self._loop
-        delay_s = self.config.max_queue_delay_us / 1e6
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                await self._wait()
-                continue
-            if delay_s > 0 and not self._closing:
-                # Triton semantics: the oldest request waits at most max_queue_delay for company.
-                until = self._pending[0].arrived + delay_s
-                while self._pending_rows < self.config.max_batch_rows and not self._closing:
-                    remaining = until - loop.time()
-                    if remaining <= 0:
-                        break
-                    await self._wait(remaining)
-            batch = self._take()
-            if batch:
-                inline = await self._execute(batch)
-                if inline:
-                    await asyncio.sleep(0)  # let callers resume and new requests queue up
+        assert loop is not None
+        handle = self._flush_handle
+        if handle is not None:
+            if self._flush_at is None or (at is not None and at >= self._flush_at):
+                return  # already due at least as soon
+            handle.cancel()
+        if now or at is None:
+            self._flush_handle, self._flush_at = loop.call_soon(self._flush), None
+        else:
+            self._flush_handle, self._flush_at = loop.call_at(at, self._flush), at
+
+    def _flush(self) -> None:
+        self._flush_handle = self._flush_at = None
+        if self._inflight is not None:
+            return  # the running batch starts the next one when it finishes
+        batch = self._take()
+        if not batch:
+            self._maybe_idle()
+            return
+        self._inflight = batch
+        started_ns = time.time_ns()
+        if self._inline():
+            try:
+                result = _run_batch(self._infer, batch)
+            except Exception as exc:
+                self._complete(batch, started_ns, None, exc)
+            else:
+                self._complete(batch, started_ns, result, None)
+            return
+        assert self._executor is not None and self._loop is not None
+        loop = self._loop
+        try:
+            cf = self._executor.submit(_run_batch, self._infer, batch)
+        except RuntimeError as exc:  # the executor is shut down
+            self._complete(batch, started_ns, None, exc)
+            return
+
+        def done(f: concurrent.futures.Future[tuple[list[Any], float]]) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(self._complete_future, batch, started_ns, f)
+
+        cf.add_done_callback(done)
+
+    def _complete_future(
+        self, batch: list[_Request], started_ns: int, f: concurrent.futures.Future[tuple[list[Any], float]]
+    ) -> None:
+        exc = f.exception()
+        if exc is not None:
+            self._complete(batch, started_ns, None, exc)
+        else:
+            self._complete(batch, started_ns, f.result(), None)
+
+    def _complete(
+        self,
+        batch: list[_Request],
+        started_ns: int,
+        result: tuple[list[Any], float] | None,
+        exc: BaseException | None,
+    ) -> None:
+        self._inflight = None
+        if result is None:
+            _fail(batch, exc if exc is not None else RuntimeError("batch produced no result"))
+        else:
+            parts, seconds = result
+            total = 0
+            finished_ns = time.time_ns()
+            n = len(batch)
+            for r in batch:
+                total += r.rows
+            for r, part in zip(batch, parts, strict=True):
+                st = r.stats
+                if st is not None:
+                    st.started_ns, st.finished_ns = started_ns, finished_ns
+                    st.batch_rows, st.batch_requests = total, n
+                if not r.future.done():
+                    r.future.set_result(part)
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(total, n, seconds)
+                except Exception:
+                    _log.exception("micro-batcher on_batch callback failed")
+        if self._pending:
+            delay = self.config.max_queue_delay_us
+            oldest = self._pending[0].arrived + delay / 1e6
+            if not delay or self._closing or self._pending_rows >= self.config.max_batch_rows:
+                self._schedule_flush(now=True)
+            else:
+                self._schedule_flush(at=oldest)
+        else:
+            self._maybe_idle()
 
     def _take(self) -> list[_Request]:
         """Pop the next batch: FIFO, up to max_batch_rows; drop cancelled and expired requests."""
@@ -282,7 +422,7 @@ class MicroBatcher:
         width = -1
         while pending:
             req = pending[0]
-            if req.future.done():  # the caller gave up (cancelled)
+            if req.future.done():  # the caller gave up (cancelled), or its deadline failed it
                 pending.popleft()
                 self._pending_rows -= req.rows
                 continue
@@ -291,50 +431,56 @@ class MicroBatcher:
                 self._pending_rows -= req.rows
                 req.future.set_exception(DeadlineExceeded("deadline passed before inference"))
                 continue
-            if batch and (rows + req.rows > limit or req.x.shape[1] != width):
+            if batch and (rows + req.rows > limit or req.width != width):
                 break  # a request of another width (a malformed one) waits for its own batch
             pending.popleft()
             self._pending_rows -= req.rows
             batch.append(req)
             rows += req.rows
-            width = req.x.shape[1]
+            width = req.width
         return batch
 
     def _inline(self) -> bool:
         return self._inline_when() if self._inline_when is not None else self.config.inline
 
-    async def _execute(self, batch: list[_Request]) -> bool:
-        """Run one batch; returns whether it ran inline on the event loop."""
+    def _maybe_idle(self) -> None:
+        if self._idle is not None and not self._pending and self._inflight is None:
+            self._idle.set()
+            self._cancel_watch()
+
+    # --- deadlines ---------------------------------------------------------------------------------
+
+    def _watch(self, at: float) -> None:
         assert self._loop is not None
-        inline = self._inline()
-        xs = [r.x for r in batch]
-        sizes = [r.rows for r in batch]
-        started_ns = time.time_ns()
-        try:
-            if inline:
-                parts, seconds = _run_batch(self._infer, xs, sizes)
-            else:
-                parts, seconds = await self._loop.run_in_executor(
-                    self._executor, _run_batch, self._infer, xs, sizes
-                )
-        except asyncio.CancelledError:
-            _fail(batch, BatcherClosed("micro-batcher cancelled during inference"))
-            raise
-        except Exception as exc:
-            _fail(batch, exc)
-            return inline
-        total = sum(sizes)
-        finished_ns = time.time_ns()
-        for r, part in zip(batch, parts, strict=True):
-            st = r.stats
-            if st is not None:
-                st.started_ns, st.finished_ns = started_ns, finished_ns
-                st.batch_rows, st.batch_requests = total, len(batch)
-            if not r.future.done():
-                r.future.set_result(part)
-        if self._on_batch is not None:
-            try:
-                self._on_batch(total, len(batch), seconds)
-            except Exception:
-                _log.exception("micro-batcher on_batch callback failed")
-        return inline
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+        self._watch_at = at
+        self._watch_handle = self._loop.call_at(at, self._expire)
+
+    def _cancel_watch(self) -> None:
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+        self._watch_handle, self._watch_at = None, float("inf")
+
+    def _cancel_timers(self) -> None:
+        self._cancel_watch()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_handle = self._flush_at = None
+
+    def _expire(self) -> None:
+        """Fail every queued or in-flight request whose deadline has passed; re-arm for the next."""
+        assert self._loop is not None
+        self._watch_handle, self._watch_at = None, float("inf")
+        now = self._loop.time()
+        earliest = float("inf")
+        for reqs in (self._pending, self._inflight or ()):
+            for r in reqs:
+                if r.deadline is None or r.future.done():
+                    continue
+                if r.deadline <= now:
+                    r.future.set_exception(DeadlineExceeded("deadline passed before inference answered"))
+                elif r.deadline < earliest:
+                    earliest = r.deadline
+        if earliest != float("inf"):
+            self._watch(earliest)

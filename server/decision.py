@@ -14,14 +14,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from authopt.v1 import attempt_pb2, optimizer_pb2
 from model.layout import DELAY_BUCKETS_S, encode_flat
 from server import policy, rules
-from server.batcher import DeadlineExceeded, MicroBatcher, QueueFull
+from server.batcher import BatchStats, DeadlineExceeded, MicroBatcher, QueueFull
 from server.features import FeatureLookup, FeatureStore, attempt_context, lookup_features
 from server.models import ModelRegistry
 from server.telemetry import tracer
@@ -95,15 +94,18 @@ class DecisionEngine:
     ) -> optimizer_pb2.RecommendResponse:
         """Decide for `req`; `deadline` and `started` are event-loop times (seconds)."""
         now = time.time()
-        attempt = req.attempt
         cands = self.candidates(req)
-        # Stage spans are recorded with explicit times rather than entered as the current span:
-        # nothing below them needs a context, and entering one costs per request.
-        t0 = time.time_ns()
-        feats = lookup_features(self._store, attempt, [c.route_id for c in cands])
-        tracer.start_span("features", start_time=t0).end()
-        scores = await self._score(req, cands, feats, deadline, now)
-        t0 = time.time_ns()
+        # Stage spans are recorded with explicit times rather than entered as the current span
+        # (nothing below them needs a context), and only under a recording RPC span: children of an
+        # unsampled one would be dropped anyway, and even a non-recording span costs per request.
+        rpc_span = trace.get_current_span()
+        traced = rpc_span.is_recording()
+        t0 = time.time_ns() if traced else 0
+        feats = lookup_features(self._store, req.attempt, [c.route_id for c in cands])
+        if traced:
+            tracer.start_span("features", start_time=t0).end()
+        scores = await self._score(req, cands, feats, deadline, now, traced)
+        t0 = time.time_ns() if traced else 0
         try:
             resp = self._apply_policy(req, cands, feats, scores, now)
         except Exception:
@@ -113,16 +115,20 @@ class DecisionEngine:
             log.exception("policy over model scores failed; answering from the fallback policy")
             scores = self._fallback(Source.DECISION_SOURCE_FALLBACK_ERROR, req, cands, feats)
             resp = self._apply_policy(req, cands, feats, scores, now)
-        tracer.start_span(
-            "policy",
-            start_time=t0,
-            attributes={"authopt.route": resp.routes[0].route_id if resp.routes else ""},
-        ).end()
-        loop = asyncio.get_running_loop()
-        resp.server_time_us = int((loop.time() - started) * 1e6)
-        if scores.batch_rows is not None:
-            trace.get_current_span().set_attribute("authopt.batch_size", scores.batch_rows)
+        if traced:
+            tracer.start_span(
+                "policy",
+                start_time=t0,
+                attributes={"authopt.route": resp.routes[0].route_id if resp.routes else ""},
+            ).end()
+            if scores.batch_rows is not None:
+                rpc_span.set_attribute("authopt.batch_size", scores.batch_rows)
+        resp.server_time_us = int((self._loop_time() - started) * 1e6)
         return resp
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
     async def _score(
         self,
@@ -131,6 +137,7 @@ class DecisionEngine:
         feats: FeatureLookup,
         deadline: float,
         now: float,
+        traced: bool = False,
     ) -> Scores:
         model = self._registry.current
         if model is None:
@@ -139,40 +146,41 @@ class DecisionEngine:
             feats.routes_as_of is not None and now - feats.routes_as_of > self._config.feature_max_age_s
         ):
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_FEATURES, req, cands, feats)
-        loop = asyncio.get_running_loop()
-        remaining = deadline - loop.time() - _POLICY_RESERVE_S
-        if remaining < model.latency.estimate(len(cands)):
+        # Everything the model must answer by: the batcher fails the request when this passes,
+        # queued or mid-forward, so the policy always has its reserve left.
+        until = deadline - _POLICY_RESERVE_S
+        if until - self._loop_time() < model.latency.estimate(len(cands)):
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_BUDGET, req, cands, feats)
         ctx = attempt_context(req.attempt, req.prior_attempts)
         routes = [(c.route_id, c.cost_bps, rows) for c, rows in zip(cands, feats.route_rows, strict=True)]
-        x = torch.frombuffer(encode_flat(ctx, routes, feats.attempt_rows), dtype=torch.float32).view(
-            len(routes), -1
-        )
+        stats = BatchStats(time.time_ns()) if traced else None
         try:
-            async with asyncio.timeout_at(deadline - _POLICY_RESERVE_S):
-                out, stats = await self._batcher.submit_with_stats(x, deadline - _POLICY_RESERVE_S)
-        except (DeadlineExceeded, TimeoutError):
+            out = await self._batcher.submit_flat(
+                encode_flat(ctx, routes, feats.attempt_rows), len(routes), until, stats
+            )
+        except DeadlineExceeded:
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_BUDGET, req, cands, feats)
         except QueueFull:
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_OVERLOAD, req, cands, feats)
         except Exception:
             log.exception("inference failed; answering from the fallback policy")
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_ERROR, req, cands, feats)
-        # The batched work happened on the batcher's thread; record it as this request's children.
-        tracer.start_span("queue_wait", start_time=stats.queued_ns).end(end_time=stats.started_ns)
-        inference = tracer.start_span(
-            "inference",
-            start_time=stats.started_ns,
-            attributes={
-                "authopt.model_version": model.version,
-                "authopt.batch_size": stats.batch_rows,
-                "authopt.batch_requests": stats.batch_requests,
-                "authopt.device": str(model.device),
-            },
-        )
-        inference.end(end_time=stats.finished_ns)
-        scores = model_scores(out.tolist(), model.version, model.manifest.delay_buckets_s)
-        scores.batch_rows = stats.batch_rows
+        scores = model_scores(out, model.version, model.manifest.delay_buckets_s)
+        if stats is not None:
+            # The batched work happened on the batcher's thread; record it as this request's children.
+            tracer.start_span("queue_wait", start_time=stats.queued_ns).end(end_time=stats.started_ns)
+            inference = tracer.start_span(
+                "inference",
+                start_time=stats.started_ns,
+                attributes={
+                    "authopt.model_version": model.version,
+                    "authopt.batch_size": stats.batch_rows,
+                    "authopt.batch_requests": stats.batch_requests,
+                    "authopt.device": str(model.device),
+                },
+            )
+            inference.end(end_time=stats.finished_ns)
+            scores.batch_rows = stats.batch_rows
         return scores
 
     def _fallback(

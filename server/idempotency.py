@@ -58,6 +58,11 @@ class IdempotencyCache:
         self._ttl_s = ttl_s
         self._inflight: dict[str, tuple[bytes, asyncio.Future[optimizer_pb2.RecommendResponse]]] = {}
 
+    @property
+    def enabled(self) -> bool:
+        """False with a TTL of 0: every request is decided afresh (callers may skip the wrapper)."""
+        return self._ttl_s != 0
+
     async def get_or_decide(
         self, req: optimizer_pb2.RecommendRequest, decide: Decide
     ) -> optimizer_pb2.RecommendResponse:

@@ -54,6 +54,10 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         self._require_candidates = not has_configured_routes
         self._replica_id = replica_id
         self._latency = {m: metrics.rpc_latency.labels(m) for m in ("Recommend", "ReportOutcome")}
+        # Bound once: a labels() lookup per request costs more than the increment.
+        self._decisions = {
+            v.number: metrics.decisions.labels(v.name) for v in optimizer_pb2.DecisionSource.DESCRIPTOR.values
+        }
 
     def _check_size(self, msg: optimizer_pb2.RecommendRequest | optimizer_pb2.ReportOutcomesRequest) -> None:
         size = msg.ByteSize()
@@ -77,8 +81,11 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         if time_remaining is not None:
             budget = min(budget, time_remaining)
         deadline = started + budget
-        resp = await self._idem.get_or_decide(req, lambda: self._engine.decide(req, deadline, started))
-        self._metrics.decisions.labels(optimizer_pb2.DecisionSource.Name(resp.decision_source)).inc()
+        if self._idem.enabled:
+            resp = await self._idem.get_or_decide(req, lambda: self._engine.decide(req, deadline, started))
+        else:
+            resp = await self._engine.decide(req, deadline, started)
+        self._decisions[resp.decision_source].inc()
         return resp
 
     async def Recommend(

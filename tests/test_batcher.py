@@ -317,3 +317,57 @@ async def test_submit_with_stats_reports_queueing_and_batch(make_batcher: Factor
     assert (s2.batch_rows, s2.batch_requests) == (5, 2)
     assert s2.queued_ns <= s1.finished_ns <= s2.started_ns <= s2.finished_ns
     assert s2.started_ns - s2.queued_ns >= 5_000_000  # it waited behind the first batch
+
+
+async def test_flat_requests_get_their_own_rows_as_lists(make_batcher: Factory) -> None:
+    import array
+
+    gate = Gate(lambda x: x[:, :2].clone())
+    rec = Recorder()
+    b = make_batcher(gate, on_batch=rec)
+    await b.start()
+    first = asyncio.ensure_future(b.submit(_rows(99, 1)))
+    await gate.wait_entered()
+    flats = []
+    for i in range(12):
+        k = 1 + i % 4
+        flats.append((i, k, b.submit_flat(array.array("f", _rows(i, k).flatten().tolist()), k)))
+    tensor = asyncio.ensure_future(b.submit(_rows(50, 2)))  # tensors and flat buffers share a batch
+    await asyncio.sleep(0.01)
+    gate.open.set()
+    await first
+    for i, k, fut in flats:
+        out = await fut
+        assert isinstance(out, list) and len(out) == k
+        assert out == [[float(i), float(j)] for j in range(k)]
+    assert (await tensor)[:, 0].tolist() == [50.0, 50.0]
+    assert gate.seen_rows == [1, sum(1 + i % 4 for i in range(12)) + 2]
+    assert [n for _, n, _ in rec.batches] == [1, 13]
+    with pytest.raises(ValueError, match="whole number of rows"):
+        b.submit_flat(array.array("f", [1.0, 2.0, 3.0]), 2)
+
+
+async def test_deadline_passing_mid_forward_fails_the_request_at_once(make_batcher: Factory) -> None:
+    gate = Gate()
+    b = make_batcher(gate)
+    await b.start()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    slow = asyncio.ensure_future(b.submit(_rows(0, 1), deadline=t0 + 0.05))
+    relaxed = asyncio.ensure_future(b.submit(_rows(1, 1), deadline=t0 + 30))
+    await gate.wait_entered()  # both are in the forward, which blocks until the gate opens
+    with pytest.raises(DeadlineExceeded):
+        await slow
+    assert loop.time() - t0 < 1.0  # failed when its deadline passed, not when the forward ended
+    assert not relaxed.done()
+    gate.open.set()
+    assert (await relaxed).shape == (1, 2)
+
+
+async def test_inline_batches_merge_what_one_loop_pass_submits(make_batcher: Factory) -> None:
+    rec = Recorder()
+    b = make_batcher(lambda x: x[:, :1], inline=True, on_batch=rec)
+    await b.start()
+    outs = await asyncio.gather(*(b.submit(_rows(i, 2)) for i in range(6)))
+    assert [y[:, 0].tolist() for y in outs] == [[float(i)] * 2 for i in range(6)]
+    assert [n for _, n, _ in rec.batches] == [6]
