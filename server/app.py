@@ -138,24 +138,6 @@ def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-# Below this measured single-request forward time the thread hand-off costs more than the forward.
-_INLINE_MAX_FORWARD_S = 200e-6
-
-
-def _inline_auto(registry: ModelRegistry) -> bool:
-    """`auto` executor: run a small CPU model's forward on the event loop, anything else on the thread.
-
-    Measured on 2 cores: with the tiny model (~0.1 ms forward) the hand-off to the inference thread
-    waited on the GIL switch interval (p50 29 ms at 16 in flight); with a 512-wide model (~0.2-3 ms
-    forwards) the thread let batches form while the loop kept accepting (1.7 requests per forward).
-    A CUDA forward blocks on the device, so it always gets the thread.
-    """
-    model = registry.current
-    return (
-        model is not None and model.device.type == "cpu" and model.latency.estimate(1) < _INLINE_MAX_FORWARD_S
-    )
-
-
 async def create_server(
     settings: ServerSettings,
     *,
@@ -190,7 +172,6 @@ async def create_server(
             inline=settings.inference_executor == "inline",
         ),
         on_batch=on_batch,
-        inline_when=(lambda: _inline_auto(registry)) if settings.inference_executor == "auto" else None,
     )
     replica: FeatureReplica | None = None
     if features is not None:

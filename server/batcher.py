@@ -35,12 +35,11 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
-import concurrent.futures
-import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,19 +128,21 @@ class _SplitMismatch(RuntimeError):
     pass
 
 
-def _run_batch(infer: Infer, batch: Sequence[_Request]) -> tuple[list[Any], float]:
-    """Worker side of one batch: concatenate, forward, check and split (one part per request)."""
-    t0 = time.perf_counter()
-    sizes = [r.rows for r in batch]
-    total = sum(sizes)
+def _batch_input(batch: Sequence[_Request]) -> torch.Tensor:
+    """The batch's rows as one ``[N, D]`` float32 tensor (on the event loop: no thread waits on it)."""
     if all(r.flat for r in batch):
+        total = sum(r.rows for r in batch)
         # One writable buffer (torch.frombuffer warns on read-only ones), one tensor for the batch.
         joined = bytearray().join(r.x for r in batch)  # type: ignore[misc]
-        x = torch.frombuffer(joined, dtype=torch.float32).view(total, batch[0].width)
-    else:
-        parts_in = [_as_tensor(r) for r in batch]
-        x = parts_in[0] if len(parts_in) == 1 else torch.cat(parts_in, dim=0)
-    y = infer(x)
+        return torch.frombuffer(joined, dtype=torch.float32).view(total, batch[0].width)
+    parts = [_as_tensor(r) for r in batch]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _split(y: torch.Tensor, batch: Sequence[_Request]) -> list[Any]:
+    """One output part per request: a tensor for a tensor request, a list of rows for a flat one."""
+    sizes = [r.rows for r in batch]
+    total = sum(sizes)
     if y.dim() < 1 or y.shape[0] != total:
         raise _SplitMismatch(f"batch of {total} rows returned {list(y.shape)}; cannot split per request")
     out: list[Any] = []
@@ -159,15 +160,57 @@ def _run_batch(infer: Infer, batch: Sequence[_Request]) -> tuple[list[Any], floa
                 tensors = list(torch.split(y, sizes, dim=0))
             out.append(tensors[i])
         start = end
-    if len(out) != len(batch) or any(len(p) != r.rows for p, r in zip(out, batch, strict=True)):
+    if len(out) != len(batch) or any(len(p) != n for p, n in zip(out, sizes, strict=True)):
         raise _SplitMismatch(f"split of {list(y.shape)} does not match request rows {sizes}")
-    return out, time.perf_counter() - t0
+    return out
 
 
 def _as_tensor(r: _Request) -> torch.Tensor:
     if isinstance(r.x, torch.Tensor):
         return r.x
     return torch.frombuffer(bytearray(r.x), dtype=torch.float32).view(r.rows, r.width)
+
+
+_Done = Callable[[torch.Tensor | None, BaseException | None, float], None]
+
+
+class _InferenceThread:
+    """The one thread forwards run on: it takes ``(infer, x, done)`` jobs and posts
+    ``done(y, error, seconds)`` back to the event loop.
+
+    It runs nothing but the forward. Every other step of a batch (building the input, checking and
+    splitting the output) runs on the event loop, because a second thread must win the GIL back for
+    each step it takes in Python, and while the loop is busy that wait lasts up to the interpreter's
+    switch interval (5 ms), stalling the whole batch. The thread stays in inference mode for life.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[tuple[Infer, torch.Tensor, _Done] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="authopt-infer", daemon=True)
+        self._thread.start()
+
+    def submit(self, infer: Infer, x: torch.Tensor, done: _Done) -> None:
+        self._jobs.put((infer, x, done))
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        perf = time.perf_counter
+        post = self._loop.call_soon_threadsafe
+        with torch.inference_mode():
+            while (job := self._jobs.get()) is not None:
+                infer, x, done = job
+                t0 = perf()
+                try:
+                    y, err = infer(x), None
+                except BaseException as exc:  # handed to the batch's requests, never lost here
+                    y, err = None, exc
+                try:
+                    post(done, y, err, perf() - t0)
+                except RuntimeError:  # a closed loop: nobody is waiting any more
+                    return
 
 
 def _fail(batch: Sequence[_Request], exc: BaseException) -> None:
@@ -200,7 +243,7 @@ class MicroBatcher:
         self._flush_at: float | None = None  # when the scheduled flush runs (None: this pass)
         self._watch_handle: asyncio.TimerHandle | None = None
         self._watch_at = float("inf")
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: _InferenceThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closing = False
@@ -222,8 +265,8 @@ class MicroBatcher:
         self._loop = asyncio.get_running_loop()
         self._closing = False
         self._idle = asyncio.Event()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authopt-infer")
+        if self._thread is None:
+            self._thread = _InferenceThread(self._loop)
         self._started = True
 
     async def stop(self) -> None:
@@ -238,9 +281,9 @@ class MicroBatcher:
             await self._idle.wait()
         self._cancel_timers()
         self._started = False
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
 
     async def submit(
         self, rows: torch.Tensor | list[list[float]], deadline: float | None = None
@@ -341,49 +384,45 @@ class MicroBatcher:
             return
         self._inflight = batch
         started_ns = time.time_ns()
-        if self._inline():
-            try:
-                result = _run_batch(self._infer, batch)
-            except Exception as exc:
-                self._complete(batch, started_ns, None, exc)
-            else:
-                self._complete(batch, started_ns, result, None)
-            return
-        assert self._executor is not None and self._loop is not None
-        loop = self._loop
         try:
-            cf = self._executor.submit(_run_batch, self._infer, batch)
-        except RuntimeError as exc:  # the executor is shut down
-            self._complete(batch, started_ns, None, exc)
+            x = _batch_input(batch)
+        except Exception as exc:
+            self._complete(batch, started_ns, None, exc, 0.0)
+            return
+        if self._inline() or self._thread is None:
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    y = self._infer(x)
+            except Exception as exc:
+                self._complete(batch, started_ns, None, exc, 0.0)
+            else:
+                self._complete(batch, started_ns, y, None, time.perf_counter() - t0)
             return
 
-        def done(f: concurrent.futures.Future[tuple[list[Any], float]]) -> None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-                loop.call_soon_threadsafe(self._complete_future, batch, started_ns, f)
+        def done(y: torch.Tensor | None, exc: BaseException | None, seconds: float) -> None:
+            self._complete(batch, started_ns, y, exc, seconds)
 
-        cf.add_done_callback(done)
-
-    def _complete_future(
-        self, batch: list[_Request], started_ns: int, f: concurrent.futures.Future[tuple[list[Any], float]]
-    ) -> None:
-        exc = f.exception()
-        if exc is not None:
-            self._complete(batch, started_ns, None, exc)
-        else:
-            self._complete(batch, started_ns, f.result(), None)
+        self._thread.submit(self._infer, x, done)
 
     def _complete(
         self,
         batch: list[_Request],
         started_ns: int,
-        result: tuple[list[Any], float] | None,
+        y: torch.Tensor | None,
         exc: BaseException | None,
+        seconds: float,
     ) -> None:
         self._inflight = None
-        if result is None:
+        parts: list[Any] | None = None
+        if y is not None:
+            try:
+                parts = _split(y, batch)
+            except Exception as split_exc:
+                exc = split_exc
+        if parts is None:
             _fail(batch, exc if exc is not None else RuntimeError("batch produced no result"))
         else:
-            parts, seconds = result
             total = 0
             finished_ns = time.time_ns()
             n = len(batch)

@@ -52,40 +52,48 @@ def lookup_features(
     """Read every entity row a decision over `route_ids` needs (keys as `streams.entity_key` builds)."""
     card, merchant = attempt.card, attempt.merchant
     fp_merchant = f"{card.fingerprint}|{merchant.id}"
-    bin6, bin8, country = card.bin[:6], card.bin[:8], card.issuer_country
+    bin_ = card.bin
+    bin6, country = bin_[:6], card.issuer_country
+    issuer = f"{country}|{bin6}"
     get = store.get
     oldest: float | None = None
-
-    def read(keys: tuple[tuple[Entity, str], ...]) -> dict[Entity, Mapping[str, float] | None]:
-        nonlocal oldest
-        rows: dict[Entity, Mapping[str, float] | None] = {}
-        for entity, key in keys:
-            row = get(entity, key)
-            rows[entity] = None if row is None else row.values
+    attempt_rows: dict[Entity, Mapping[str, float] | None] = {}
+    for entity, key in (
+        (Entity.ISSUER, issuer),
+        (Entity.MERCHANT, merchant.id),
+        (Entity.CARD_MERCHANT, fp_merchant),
+        (Entity.CARD_MERCHANT_AMOUNT, f"{fp_merchant}|{attempt.amount_minor}{attempt.currency}"),
+    ):
+        row = get(entity, key)
+        if row is None:
+            attempt_rows[entity] = None
+        else:
+            attempt_rows[entity] = row.values
+            if oldest is None or row.as_of < oldest:
+                oldest = row.as_of
+    route_rows: list[Rows] = []
+    known = 0
+    newest: float | None = None
+    bin8 = bin_[:8]
+    for rid in route_ids:
+        route = get(Entity.ROUTE, rid)
+        by_issuer = get(Entity.ROUTE_ISSUER, f"{rid}|{issuer}")
+        by_bin = get(Entity.ROUTE_BIN, f"{rid}|{bin8}")
+        if route is not None:
+            known += 1
+            if newest is None or route.as_of > newest:
+                newest = route.as_of
+        for row in (route, by_issuer, by_bin):
             if row is not None and (oldest is None or row.as_of < oldest):
                 oldest = row.as_of
-        return rows
-
-    attempt_rows = read(
-        (
-            (Entity.ISSUER, f"{country}|{bin6}"),
-            (Entity.MERCHANT, merchant.id),
-            (Entity.CARD_MERCHANT, fp_merchant),
-            (Entity.CARD_MERCHANT_AMOUNT, f"{fp_merchant}|{attempt.amount_minor}{attempt.currency}"),
+        route_rows.append(
+            {
+                Entity.ROUTE: None if route is None else route.values,
+                Entity.ROUTE_ISSUER: None if by_issuer is None else by_issuer.values,
+                Entity.ROUTE_BIN: None if by_bin is None else by_bin.values,
+            }
         )
-    )
-    route_rows: list[Rows] = [
-        read(
-            (
-                (Entity.ROUTE, rid),
-                (Entity.ROUTE_ISSUER, f"{rid}|{country}|{bin6}"),
-                (Entity.ROUTE_BIN, f"{rid}|{bin8}"),
-            )
-        )
-        for rid in route_ids
-    ]
-    known = [row.as_of for rid in route_ids if (row := get(Entity.ROUTE, rid)) is not None]
-    return FeatureLookup(attempt_rows, route_rows, oldest, len(known), max(known, default=None))
+    return FeatureLookup(attempt_rows, route_rows, oldest, known, newest)
 
 
 def attempt_context(

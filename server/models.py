@@ -143,17 +143,21 @@ class LoadedModel:
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Run a batch: float32 CPU ``[N, D]`` → CPU float32 ``[N, 1 + B]`` probabilities.
 
-        Blocking; call it from a worker thread (the micro-batcher does).
+        Blocking; the micro-batcher calls it on its inference thread. On a CPU model a float32 input
+        goes straight to the module: every further torch call here would release the GIL and, on a
+        thread, wait to win it back from a busy event loop.
         """
         if x.dim() != 2 or x.shape[1] != self.n_inputs:
             raise ValueError(f"model {self.version} expects input [N, {self.n_inputs}], got {list(x.shape)}")
-        if x.dtype != torch.float32:
-            x = x.to(torch.float32)
         with torch.inference_mode():
-            out = self.module(x.to(self.device))
+            if self.device.type == "cpu" and x.dtype == torch.float32:
+                out = self.module(x)
+            else:
+                out = self.module(x.to(self.device, torch.float32))
             if not isinstance(out, torch.Tensor):
                 raise RuntimeError(f"model {self.version} returned {type(out).__name__}, expected a Tensor")
-            y = out.to("cpu", torch.float32)
+            on_cpu = out.device.type == "cpu" and out.dtype == torch.float32
+            y = out if on_cpu else out.to("cpu", torch.float32)
         if y.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] != self.n_outputs:
             raise RuntimeError(
                 f"model {self.version} returned {list(y.shape)} for input {list(x.shape)}, "

@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from server import rules
 
@@ -46,8 +47,7 @@ RETRY_AT = "retry_at"
 DO_NOT_RETRY = "do_not_retry"
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A route the caller allows for this attempt, with its price."""
 
     route_id: str
@@ -57,8 +57,7 @@ class Candidate:
     """Fixed fee per attempt in minor currency units."""
 
 
-@dataclass(frozen=True, slots=True)
-class RankedRoute:
+class RankedRoute(NamedTuple):
     """A candidate with its predicted approval probability and value (minor units)."""
 
     route_id: str
@@ -67,8 +66,7 @@ class RankedRoute:
     cost_minor: float
 
 
-@dataclass(frozen=True, slots=True)
-class Exploration:
+class Exploration(NamedTuple):
     """The routes in the order to use them, and how the first one was chosen."""
 
     routes: list[RankedRoute]
@@ -120,12 +118,17 @@ def rank_by_value(
     if len(candidates) != len(p_approve):
         raise ValueError(f"{len(candidates)} candidates but {len(p_approve)} probabilities")
     ranked = []
-    for cand, p in zip(candidates, p_approve, strict=True):
-        _check_probability(p)
-        cost = route_cost_minor(amount_minor, cand.cost_bps, cand.fixed_fee_minor)
-        ranked.append(RankedRoute(cand.route_id, p, amount_minor * p - cost, cost))
-    ranked.sort(key=lambda r: (-r.expected_value_minor, -r.p_approve, r.route_id))
+    for (route_id, cost_bps, fixed_fee), p in zip(candidates, p_approve, strict=True):
+        if not 0.0 <= p <= 1.0:  # also rejects NaN
+            _check_probability(p)
+        cost = amount_minor * cost_bps / 10_000 + fixed_fee  # route_cost_minor, inlined: per candidate
+        ranked.append(RankedRoute(route_id, p, amount_minor * p - cost, cost))
+    ranked.sort(key=_rank_key)
     return ranked
+
+
+def _rank_key(r: RankedRoute) -> tuple[float, float, str]:
+    return (-r.expected_value_minor, -r.p_approve, r.route_id)
 
 
 def explore(ranked: list[RankedRoute], epsilon: float, rng: random.Random) -> Exploration:

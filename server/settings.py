@@ -40,7 +40,8 @@ class ServerSettings(BaseSettings):
     )
     inference_executor: Literal["auto", "inline", "thread"] = Field(
         "auto",
-        description="where forwards run: event loop or a thread; auto: inline for small CPU models",
+        description="where forwards run: the inference thread (auto) or the event loop (inline: "
+        "no hand-off, but batches only form with a queue delay)",
     )
     batch_max_rows: int = Field(256, ge=1, le=65_536, description="most (attempt, route) rows per forward")
     batch_max_queue_delay_us: int = Field(

@@ -69,3 +69,33 @@ def test_encoder_widths_add_up_to_the_layout() -> None:
         for e in (Entity.ISSUER, Entity.MERCHANT, Entity.CARD_MERCHANT, Entity.CARD_MERCHANT_AMOUNT)
     )
     assert attempt_width == sum(1 for n in ATTEMPT_FEATURES if not n.startswith("attempt."))
+
+
+def test_encode_flat_equals_encode_rows_with_rows_reused_and_replaced() -> None:
+    """The flat encoder keeps each route-level row triple's encoding: a reused row must give the
+    same values, a replacing row (the feed's update) its own."""
+    import array
+
+    from model.layout import AttemptContext, encode_flat, encode_rows
+
+    rng = random.Random(11)
+    at = 1_700_000_000.0
+    routes = {r: _random_row(rng, Entity.ROUTE) for r in ("a", "b", "c")}
+    by_issuer = {r: _random_row(rng, Entity.ROUTE_ISSUER) for r in ("a", "b")}
+    for step in range(200):
+        if step % 7 == 0:  # the feed replaces a row: a new object with other values
+            r = rng.choice(list(routes))
+            routes[r] = _random_row(rng, Entity.ROUTE)
+        ctx = AttemptContext(1000 + step, 1, 2, 1, 1, False, True, step % 2 == 0, 2, 1, "51", "b", at=at)
+        cands = [
+            (
+                r,
+                100 + i,
+                {Entity.ROUTE: routes[r], Entity.ROUTE_ISSUER: by_issuer.get(r), Entity.ROUTE_BIN: None},
+            )
+            for i, r in enumerate(routes)
+        ]
+        attempt_rows = {Entity.CARD_MERCHANT: _random_row(rng, Entity.CARD_MERCHANT)}
+        flat = encode_flat(ctx, cands, attempt_rows)
+        want = array.array("f", [v for row in encode_rows(ctx, cands, attempt_rows) for v in row])
+        assert flat == want
