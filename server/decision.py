@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -82,6 +82,7 @@ class DecisionEngine:
         self._registry = registry
         self._batcher = batcher
         self._rng = rng or random.Random()
+        self._clock: Callable[[], float] | None = None
 
     def candidates(self, req: optimizer_pb2.RecommendRequest) -> list[policy.Candidate]:
         """The request's candidates, or the configured routes when it names none."""
@@ -123,12 +124,15 @@ class DecisionEngine:
             ).end()
             if scores.batch_rows is not None:
                 rpc_span.set_attribute("authopt.batch_size", scores.batch_rows)
-        resp.server_time_us = int((self._loop_time() - started) * 1e6)
+        resp.server_time_us = int((self.loop_time() - started) * 1e6)
         return resp
 
-    @staticmethod
-    def _loop_time() -> float:
-        return asyncio.get_running_loop().time()
+    def loop_time(self) -> float:
+        """The event loop's clock (deadlines are on it), its bound method kept after the first call."""
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = asyncio.get_running_loop().time
+        return clock()
 
     async def _score(
         self,
@@ -149,7 +153,7 @@ class DecisionEngine:
         # Everything the model must answer by: the batcher fails the request when this passes,
         # queued or mid-forward, so the policy always has its reserve left.
         until = deadline - _POLICY_RESERVE_S
-        if until - self._loop_time() < model.latency.estimate(len(cands)):
+        if until - self.loop_time() < model.latency.estimate(len(cands)):
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_BUDGET, req, cands, feats)
         ctx = attempt_context(req.attempt, req.prior_attempts)
         routes = [(c.route_id, c.cost_bps, rows) for c, rows in zip(cands, feats.route_rows, strict=True)]

@@ -10,7 +10,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server import validation
@@ -71,8 +73,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
     async def _recommend(
         self, req: optimizer_pb2.RecommendRequest, time_remaining: float | None
     ) -> optimizer_pb2.RecommendResponse:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self._engine.loop_time()
         self._check_size(req)
         validation.validate_recommend(
             req, self._limits, time.time(), require_candidates=self._require_candidates
@@ -93,16 +94,26 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
     ) -> optimizer_pb2.RecommendResponse:
         t0 = time.perf_counter()
         parent = extract_trace_context(context.invocation_metadata())
-        with tracer.start_as_current_span(
-            f"{_SERVICE}/Recommend", context=parent, kind=trace.SpanKind.SERVER
-        ) as span:
+        # The span made current by hand: start_as_current_span's context manager costs ~4x more.
+        span = tracer.start_span(f"{_SERVICE}/Recommend", context=parent, kind=trace.SpanKind.SERVER)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
             try:
                 resp = await self._recommend(request, context.time_remaining())
             except AuthoptError as err:
                 self._metrics.errors.labels(err.reason).inc()
                 span.set_attribute("authopt.error_reason", err.reason)
                 await abort_with(context, err)
-            annotate(span, resp)
+            if span.is_recording():
+                annotate(span, resp)
+        except BaseException as exc:
+            if span.is_recording():
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
         self._latency["Recommend"].observe(time.perf_counter() - t0)
         return resp
 
