@@ -2,12 +2,16 @@
 
   python -m bench.recommend_load [--duration 5] [--repeats 3] [--inflight 1,16,64]
 
-Needs `h2load` (Debian package nghttp2-client). For each server (authopt with batching, authopt
-without batching, echo) and each in-flight level it runs h2load `--repeats` times for `--duration`
+Needs `h2load` (Debian package nghttp2-client). Servers, each its own process, started in turn:
+authopt serving the bundled model as `authopt serve` does (no trace exporter: no SDK), with tracing
+on (SDK, 1 % of traces sampled; every span sampled), without batching, with inline forwards and a
+2 ms queue delay; a bare grpc.aio echo server with a coroutine handler (the framework's limit) and
+one with a plain-function handler (which grpc.aio runs on a thread pool; the echo of reports before
+2026-12-03). For each server and in-flight level it runs h2load `--repeats` times for `--duration`
 seconds over one HTTP/2 connection with that many concurrent streams, framing one RecommendRequest
-as gRPC, and reports the median QPS, p50 and p99 (from h2load's per-request log). It checks that the
-recommend server really answered with decisions (grpc-status 0) before measuring. Prints a table
-and the ratios; never fails on a timing. Only 127.0.0.1 is targeted.
+as gRPC, and reports the median QPS, p50 and p99 (from h2load's per-request log), and each QPS as a
+ratio to the echo's. It checks that the recommend server really answered with model decisions
+before measuring. Prints tables; never fails on a timing. Only 127.0.0.1 is targeted.
 """
 
 from __future__ import annotations
@@ -143,23 +147,33 @@ Results = dict[str, dict[int, dict[str, float]]]
 Server = tuple[str, list[str], dict[str, str], str]  # mode, extra args, env, model folder
 
 
+ECHO = "echo (bare grpc.aio)"
+
+
 def _servers(levels: list[int], large_hidden: int) -> dict[str, tuple[Server, list[int]]]:
     # Every span sampled unless said otherwise; the SDK reads OTEL_TRACES_SAMPLER itself.
     all_spans = {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
     one_percent = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
+    inline = {"AUTHOPT_SERVER_INFERENCE_EXECUTOR": "inline"}
     servers: dict[str, tuple[Server, list[int]]] = {
-        "authopt (batching)": (("recommend", [], all_spans, "models"), levels),
-        "authopt (no batching)": (("recommend", ["--no-batching"], all_spans, "models"), levels),
-        "authopt (batching, 1% traced)": (("recommend", [], one_percent, "models"), levels),
         # `authopt serve` without an exporter installs no SDK: the API's non-recording spans.
-        "authopt (batching, no exporter)": (("recommend", ["--no-sdk"], {}, "models"), levels),
-        "echo (bare grpc.aio)": (("echo", [], {}, "models"), levels),
+        "authopt (default: no exporter)": (("recommend", ["--no-sdk"], {}, "bundled"), levels),
+        "authopt (traced, 1% sampled)": (("recommend", [], one_percent, "bundled"), levels),
+        "authopt (traced, every span)": (("recommend", [], all_spans, "bundled"), levels),
+        "authopt (no batching)": (("recommend", ["--no-sdk", "--no-batching"], {}, "bundled"), levels),
+        "authopt (inline, 2 ms queue delay)": (
+            ("recommend", ["--no-sdk", "--queue-delay-us", "2000"], inline, "bundled"),
+            levels,
+        ),
+        ECHO: (("echo", [], {}, "bundled"), levels),
+        # grpc.aio runs a plain-function handler on a thread pool: the echo of earlier reports.
+        "echo (plain-function handler)": (("echo-sync", [], {}, "bundled"), levels),
     }
     if large_hidden:
         top = [max(levels)]
-        servers[f"authopt hidden {large_hidden} (batching)"] = (("recommend", [], all_spans, "large"), top)
+        servers[f"authopt hidden {large_hidden} (batching)"] = (("recommend", ["--no-sdk"], {}, "large"), top)
         servers[f"authopt hidden {large_hidden} (no batching)"] = (
-            ("recommend", ["--no-batching"], all_spans, "large"), top,
+            ("recommend", ["--no-sdk", "--no-batching"], {}, "large"), top,
         )  # fmt: skip
     return servers
 
@@ -205,7 +219,7 @@ def _measure(
 
 
 def _report(results: Results, levels: list[int], large_hidden: int) -> None:
-    echo = results["echo (bare grpc.aio)"]
+    echo = results[ECHO]
     print("\n| server | in flight | QPS | p50 ms | p99 ms | QPS / echo | MODEL share | model decisions/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, by_level in results.items():
@@ -216,7 +230,7 @@ def _report(results: Results, levels: list[int], large_hidden: int) -> None:
             cells = f"{r['qps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f} | {model}"
             print(f"| {name} | {level} | {cells} |")
     top = max(levels)
-    pairs = [("tiny model", "authopt (batching)", "authopt (no batching)")]
+    pairs = [("bundled model", "authopt (default: no exporter)", "authopt (no batching)")]
     if large_hidden:
         h = large_hidden
         pairs.append(
@@ -251,12 +265,15 @@ def main() -> None:
         return
     if shutil.which("h2load") is None:
         sys.exit("h2load not found: apt-get install nghttp2-client")
-    from model import DELAY_BUCKETS_S, INPUT_LAYOUT, ApprovalNet, export_model, make_tiny_artifact
+    from model import DELAY_BUCKETS_S, INPUT_LAYOUT, ApprovalNet, export_model
+    from model.artifacts import DEFAULT_MODEL_DIR
 
     results: Results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        make_tiny_artifact(tmpdir / "models", "bench-1")
+        shutil.copytree(
+            DEFAULT_MODEL_DIR, tmpdir / "bundled", ignore=shutil.ignore_patterns("*.py", "__pycache__")
+        )
         if args.large_hidden:
             torch.manual_seed(0)
             wide = ApprovalNet(len(INPUT_LAYOUT), len(DELAY_BUCKETS_S), hidden=args.large_hidden).eval()

@@ -3,9 +3,10 @@
   python -m bench.servers recommend --port P --model-dir D [--no-batching]
   python -m bench.servers echo|echo-sync --port P
 
-`recommend` is the real authopt server (create_server) with tracing on (SDK TracerProvider and a
-batch span processor whose exporter counts and discards spans, so export I/O is not measured) and
-fresh synthetic route features for the bench request's routes, so decisions come from the model.
+`recommend` is the real authopt server (create_server) on the model directory given, with fresh
+synthetic route features for the bench request's routes, so decisions come from the model; tracing
+is on (SDK TracerProvider and a batch span processor whose exporter counts and discards spans, so
+export I/O is not measured; OTEL_TRACES_SAMPLER picks the sampler) unless --no-sdk.
 `echo` is a bare grpc.aio server whose coroutine handler returns the request bytes on the same
 method path: the framework's physical limit for a message of the same size. `echo-sync` is the same
 with a plain-function handler, which grpc.aio runs on a thread pool (for reference: slower).
