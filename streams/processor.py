@@ -66,20 +66,29 @@ class DeadLetter:
 
 
 def _missing(event: events_pb2.AttemptEvent) -> str | None:
+    """The first required field `event` lacks, in this order; None when it has them all."""
     o = event.outcome
     a = o.attempt
-    checks = (
-        ("outcome.event_id", bool(o.event_id)),
-        ("outcome.route_id", bool(o.route_id)),
-        ("outcome.status", o.status != attempt_pb2.OUTCOME_STATUS_UNSPECIFIED),
-        ("outcome.attempted_at", o.HasField("attempted_at")),
-        ("outcome.attempt.merchant.id", bool(a.merchant.id)),
-        ("outcome.attempt.card.fingerprint", bool(a.card.fingerprint)),
-        ("outcome.attempt.card.bin", bool(a.card.bin)),
-        ("outcome.attempt.currency", bool(a.currency)),
-        ("received_at", event.HasField("received_at")),
-    )
-    return next((name for name, ok in checks if not ok), None)
+    if not o.event_id:
+        return "outcome.event_id"
+    if not o.route_id:
+        return "outcome.route_id"
+    if o.status == attempt_pb2.OUTCOME_STATUS_UNSPECIFIED:
+        return "outcome.status"
+    if not o.HasField("attempted_at"):
+        return "outcome.attempted_at"
+    if not a.merchant.id:
+        return "outcome.attempt.merchant.id"
+    card = a.card
+    if not card.fingerprint:
+        return "outcome.attempt.card.fingerprint"
+    if not card.bin:
+        return "outcome.attempt.card.bin"
+    if not a.currency:
+        return "outcome.attempt.currency"
+    if not event.HasField("received_at"):
+        return "received_at"
+    return None
 
 
 def check_event(
@@ -183,7 +192,7 @@ class FeatureProcessor:
 
         for index, value in enumerate(records):
             checked = check_event(value, lateness_s=self.lateness_s, max_future_s=self.max_future_s)
-            if isinstance(checked, tuple):
+            if not isinstance(checked, Attempt):  # (reason, detail)
                 result.dead.append(DeadLetter(index, *checked))
                 continue
             a = checked
