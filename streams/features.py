@@ -246,13 +246,12 @@ class EntityState:
         if x > _REBASE_AFTER_S:
             self.scaled, self.ref, x = self.sums if self.as_of == at else self._rebased(at), at, 0.0
         scaled = self.scaled
-        factors: dict[float, float] = {}
-        for name, inc in increments.items():
-            h = HALF_LIFE[name]
-            g = factors.get(h)
-            if g is None:
-                g = factors[h] = 2.0 ** (x / h) if x else 1.0
-            scaled[name] = scaled.get(name, 0.0) + inc * g
+        groups = increments.groups if isinstance(increments, Increments) else _groups(increments)
+        get = scaled.get
+        for h, items in groups:
+            g = 2.0 ** (x / h) if x else 1.0
+            for name, inc in items:
+                scaled[name] = get(name, 0.0) + inc * g
         self.events += 1
 
     def _rebased(self, ref: float) -> dict[str, float]:
@@ -278,27 +277,60 @@ class EntityState:
         self.events += 1
 
 
+def _groups(increments: Mapping[str, float]) -> tuple[tuple[float, tuple[tuple[str, float], ...]], ...]:
+    """`increments` grouped by half-life: one power per group when an event is added."""
+    by_h: dict[float, list[tuple[str, float]]] = {}
+    for name, inc in increments.items():
+        by_h.setdefault(HALF_LIFE[name], []).append((name, inc))
+    return tuple((h, tuple(items)) for h, items in by_h.items())
+
+
+class Increments(dict[str, float]):
+    """One event's increments (a plain mapping of accumulator name to amount) that also carries
+    their grouping by half-life, computed once: every event adds one of a few fixed sets."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self, values: Mapping[str, float]) -> None:
+        super().__init__(values)
+        self.groups = _groups(values)
+
+
 _ROUTE, _ROUTE_ISSUER, _ROUTE_BIN = Entity.ROUTE, Entity.ROUTE_ISSUER, Entity.ROUTE_BIN
 _MERCHANT, _ISSUER = Entity.MERCHANT, Entity.ISSUER
 _ROUTE_ATTEMPT = {f"attempts_{tag}": 1.0 for tag in RATE_HALF_LIVES}
 _ROUTE_APPROVED = {**_ROUTE_ATTEMPT, **{f"approved_{tag}": 1.0 for tag in RATE_HALF_LIVES}}
-_PAIR_ATTEMPT = {"attempts_1h": 1.0, "attempts_24h": 1.0}
-_PAIR_APPROVED = {**_PAIR_ATTEMPT, "approved_1h": 1.0, "approved_24h": 1.0}
-_MERCHANT_ATTEMPT = {"attempts_24h": 1.0}
-_MERCHANT_APPROVED = {**_MERCHANT_ATTEMPT, "approved_24h": 1.0}
+_PAIR_ATTEMPT = Increments({"attempts_1h": 1.0, "attempts_24h": 1.0})
+_PAIR_APPROVED = Increments({**_PAIR_ATTEMPT, "approved_1h": 1.0, "approved_24h": 1.0})
+_MERCHANT_ATTEMPT = Increments({"attempts_24h": 1.0})
+_MERCHANT_APPROVED = Increments({**_MERCHANT_ATTEMPT, "approved_24h": 1.0})
+# The route's increments by (approved, "errors_5m" or the latency bucket), and the issuer's by
+# (decline-share name, hard code), built once.
+_ROUTE_INCREMENTS = {
+    (approved, extra): Increments({**(_ROUTE_APPROVED if approved else _ROUTE_ATTEMPT), extra: 1.0})
+    for approved in (True, False)
+    for extra in ("errors_5m", *_LATENCY_NAMES)
+}
+_ISSUER_INCREMENTS = {
+    (share, hard): Increments(
+        {"declined_1h": 1.0, **({share: 1.0} if share else {}), **({"declined_hard_1h": 1.0} if hard else {})}
+    )
+    for share in (None, *set(_ISSUER_SHARES.values()))
+    for hard in (False, True)
+}
 
 
-def aggregate_updates(a: Attempt) -> list[tuple[Entity, str, dict[str, float]]]:
+def aggregate_updates(a: Attempt) -> list[tuple[Entity, str, Increments]]:
     """(entity, key, increments) of every decayed-sum entity one attempt updates."""
     # Zero increments are left out: a missing name adds nothing.
-    if a.approved:
-        route, pair, merchant = _ROUTE_APPROVED, _PAIR_APPROVED, _MERCHANT_APPROVED
-    else:
-        route, pair, merchant = _ROUTE_ATTEMPT, _PAIR_ATTEMPT, _MERCHANT_ATTEMPT
+    approved = a.approved
+    pair, merchant = (_PAIR_APPROVED, _MERCHANT_APPROVED) if approved else (_PAIR_ATTEMPT, _MERCHANT_ATTEMPT)
     if a.errored:
-        route = {**route, "errors_5m": 1.0}
+        route = _ROUTE_INCREMENTS[(approved, "errors_5m")]
     else:
-        route = {**route, _LATENCY_NAMES[bisect.bisect_left(LATENCY_EDGES_MS, a.latency_ms)]: 1.0}
+        route = _ROUTE_INCREMENTS[
+            (approved, _LATENCY_NAMES[bisect.bisect_left(LATENCY_EDGES_MS, a.latency_ms)])
+        ]
     bin6, bin8 = a.bin[:6], a.bin[:8]
     updates = [
         (_ROUTE, a.route, route),
@@ -307,12 +339,8 @@ def aggregate_updates(a: Attempt) -> list[tuple[Entity, str, dict[str, float]]]:
         (_MERCHANT, a.merchant, merchant),
     ]
     if a.declined:
-        issuer = {"declined_1h": 1.0}
-        share = _ISSUER_SHARES.get(a.response_code)
-        if share:
-            issuer[share] = 1.0
-        if a.response_code in HARD_CODES:
-            issuer["declined_hard_1h"] = 1.0
+        code = a.response_code
+        issuer = _ISSUER_INCREMENTS[(_ISSUER_SHARES.get(code) or None, code in HARD_CODES)]
         updates.append((_ISSUER, f"{a.issuer_country}|{bin6}", issuer))
     return updates
 
