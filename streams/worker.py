@@ -176,13 +176,13 @@ async def _send_changelog(app: Any, partition: int, records: Sequence[tuple[byte
         return futures
     batch = producer.create_batch()
     for key, value in records:
-        if batch.append(key=key, value=value, timestamp=None) is None:
-            if batch.record_count():
-                batch.close()
-                futures.append(await producer.send_batch(batch, FEATURES_TOPIC, partition=partition))
-                batch = producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:  # larger than a batch
-                futures.append(await app.producer.send(FEATURES_TOPIC, key, value, partition, None, None))
+        if batch.append(key=key, value=value, timestamp=None) is None:  # full: submit, start another
+            batch.close()
+            futures.append(await producer.send_batch(batch, FEATURES_TOPIC, partition=partition))
+            batch = producer.create_batch()
+            # An empty batch takes any one record (aiokafka lets the first exceed max_batch_size;
+            # the broker's message size limit still applies).
+            batch.append(key=key, value=value, timestamp=None)
     if batch.record_count():
         batch.close()
         futures.append(await producer.send_batch(batch, FEATURES_TOPIC, partition=partition))

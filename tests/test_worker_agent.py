@@ -103,3 +103,73 @@ def test_stats_file_is_written_whole(tmp_path: Path) -> None:
     doc = json.loads(path.read_text())
     assert doc["events"] == 8 and doc["applied"] == 5 and doc["dead_lettered"] == {"late": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["worker-stats.json"]  # no temp file left
+
+
+class _BatchingProducer:
+    """aiokafka's batch API over real BatchBuilders, recording what was submitted."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.submitted: list[tuple[str, int, int, bool]] = []  # topic, partition, records, closed
+
+    def create_batch(self) -> Any:
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        return BatchBuilder(self.batch_size, 0)
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+        self.submitted.append((topic, partition, batch.record_count(), batch._closed))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class _FaustProducer:
+    def __init__(self, inner: _BatchingProducer | None) -> None:
+        self._producer = inner
+        self.sent: list[tuple[str, bytes, bytes, int]] = []
+
+    async def send(
+        self, topic: str, key: bytes, value: bytes, partition: int, *_: Any
+    ) -> asyncio.Future[None]:
+        self.sent.append((topic, key, value, partition))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class _App:
+    def __init__(self, producer: _FaustProducer) -> None:
+        self.producer = producer
+
+
+@pytest.mark.parametrize(("batch_size", "expected"), [(16_384, [40]), (1, [1] * 40), (1_000, None)])
+async def test_changelog_records_go_out_in_closed_producer_batches(
+    batch_size: int, expected: list[int] | None
+) -> None:
+    from streams.kafka import FEATURES_TOPIC
+    from streams.worker import _send_changelog
+
+    inner = _BatchingProducer(batch_size)
+    app = _App(_FaustProducer(inner))
+    records = [(b"route:acq-%d#3" % i, b"x" * 90) for i in range(40)]
+    futures = await _send_changelog(app, 3, records)
+    await asyncio.gather(*futures)
+    counts = [n for _, _, n, _ in inner.submitted]
+    assert sum(counts) == 40 and all(
+        t == FEATURES_TOPIC and p == 3 and closed for t, p, _, closed in inner.submitted
+    )
+    if expected is not None:
+        assert counts == expected  # one batch; or one record per batch (the shared local broker)
+    else:
+        assert len(counts) > 1 and max(counts) < 40  # split where a batch is full
+    assert len(futures) == len(counts) and app.producer.sent == []
+
+
+async def test_changelog_records_without_a_started_producer_are_sent_one_by_one() -> None:
+    from streams.worker import _send_changelog
+
+    app = _App(_FaustProducer(None))
+    futures = await _send_changelog(app, 1, [(b"a", b"1"), (b"b", b"2")])
+    assert [k for _, k, _, _ in app.producer.sent] == [b"a", b"b"] and len(futures) == 2
+    assert await _send_changelog(app, 1, []) == []
