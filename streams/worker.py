@@ -181,8 +181,9 @@ async def _send_changelog(app: Any, partition: int, records: Sequence[tuple[byte
             futures.append(await producer.send_batch(batch, FEATURES_TOPIC, partition=partition))
             batch = producer.create_batch()
             # An empty batch takes any one record (aiokafka lets the first exceed max_batch_size;
-            # the broker's message size limit still applies).
-            batch.append(key=key, value=value, timestamp=None)
+            # the broker's message size limit still applies). Never drop one silently.
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise RuntimeError(f"changelog record {key!r} does not fit an empty producer batch")
     if batch.record_count():
         batch.close()
         futures.append(await producer.send_batch(batch, FEATURES_TOPIC, partition=partition))
