@@ -228,12 +228,8 @@ class MicroBatcher:
         config: BatcherConfig | None = None,
         *,
         on_batch: OnBatch | None = None,
-        inline_when: Callable[[], bool] | None = None,
     ) -> None:
-        """`inline_when`, if given, decides per batch instead of ``config.inline`` (e.g. by the
-        current model's device and measured latency, which change on hot reload)."""
         self._infer = infer
-        self._inline_when = inline_when
         self.config = config or BatcherConfig()
         self._on_batch = on_batch
         self._pending: collections.deque[_Request] = collections.deque()
@@ -389,7 +385,7 @@ class MicroBatcher:
         except Exception as exc:
             self._complete(batch, started_ns, None, exc, 0.0)
             return
-        if self._inline() or self._thread is None:
+        if self.config.inline or self._thread is None:
             t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
@@ -478,9 +474,6 @@ class MicroBatcher:
             rows += req.rows
             width = req.width
         return batch
-
-    def _inline(self) -> bool:
-        return self._inline_when() if self._inline_when is not None else self.config.inline
 
     def _maybe_idle(self) -> None:
         if self._idle is not None and not self._pending and self._inflight is None:
