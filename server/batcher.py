@@ -11,8 +11,11 @@ submitted in the same pass shares it. The flush takes whatever is queued, in arr
 ``max_batch_rows`` rows (a single larger request runs alone), and runs it on one dedicated worker
 thread while the event loop keeps accepting requests: under concurrency the next batch fills up
 while this one computes, with zero added delay. When a batch finishes, the next one starts at once.
-Concatenation, the forward and the split all happen on the worker, so the event loop makes no
-torch call per request.
+The thread runs nothing but the forward: the loop joins the batch's buffers into one tensor and
+splits the output (a few torch calls per batch, none per request), because every step a second
+thread takes in Python first waits for the GIL behind the busy loop. With ``inline`` the forward
+runs on the loop instead (no hand-off; batches then only merge what one pass or the queue delay
+gathered).
 
 The hot path is plain callbacks, not a collector task: a batch costs the loop one flush callback and
 one completion callback (from the worker, via ``call_soon_threadsafe``), whatever its size. Deadlines
