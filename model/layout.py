@@ -230,11 +230,7 @@ def attempt_vector(ctx: AttemptContext, rows: Rows) -> list[float]:
 
 def route_vector(route_id: str, cost_bps: int, ctx: AttemptContext, rows: Rows) -> list[float]:
     """The route part of a row, from the route's rolling features (`rows`, keyed by entity)."""
-    route = rows.get(Entity.ROUTE)
-    at = ctx.at
-    out = _encode_route(route, at, route)
-    out += _encode_route_issuer(rows.get(Entity.ROUTE_ISSUER), at, route)
-    out += _encode_route_bin(rows.get(Entity.ROUTE_BIN), at, route)
+    out = _route_values(rows.get(Entity.ROUTE), rows.get(Entity.ROUTE_ISSUER), rows.get(Entity.ROUTE_BIN))
     out += [float(cost_bps), 1.0 if ctx.last_route_id and route_id == ctx.last_route_id else 0.0]
     return out
 
@@ -246,6 +242,21 @@ def route_vector(route_id: str, cost_bps: int, ctx: AttemptContext, rows: Rows) 
 # an entry keeps its rows alive, so an id can never point at another row while its entry lives.
 assert not any(f.dtype == "epoch_s" for f in FEATURES if f.entity in _ROUTE_ENTITIES)
 _ROUTE_MEMO_SIZE = 8192
+
+
+def _route_values(
+    route: Mapping[str, float] | None,
+    by_issuer: Mapping[str, float] | None,
+    by_bin: Mapping[str, float] | None,
+) -> list[float]:
+    """The route-level entities' inputs (the decision time does not enter: see the assert above)."""
+    return (
+        _encode_route(route, 0.0, route)
+        + _encode_route_issuer(by_issuer, 0.0, route)
+        + _encode_route_bin(by_bin, 0.0, route)
+    )
+
+
 _route_memo: dict[tuple[int, int, int], tuple[object, object, object, array.array[float]]] = {}
 
 
@@ -258,12 +269,7 @@ def _route_entities(
     hit = _route_memo.get(key)
     if hit is not None and hit[0] is route and hit[1] is by_issuer and hit[2] is by_bin:
         return hit[3]
-    values = array.array(
-        "f",
-        _encode_route(route, 0.0, route)
-        + _encode_route_issuer(by_issuer, 0.0, route)
-        + _encode_route_bin(by_bin, 0.0, route),
-    )
+    values = array.array("f", _route_values(route, by_issuer, by_bin))
     if len(_route_memo) >= _ROUTE_MEMO_SIZE:
         _route_memo.clear()
     _route_memo[key] = (route, by_issuer, by_bin, values)

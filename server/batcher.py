@@ -91,7 +91,8 @@ class BatcherConfig:
 
 @dataclass(slots=True)
 class BatchStats:
-    """What happened to one request (from `MicroBatcher.submit_with_stats`), e.g. for trace spans.
+    """What happened to one request (filled in when passed to `submit_flat`, or returned by
+    `submit_with_stats`), e.g. for trace spans.
 
     Times are wall-clock nanoseconds (``time.time_ns()``, what OpenTelemetry takes): queued from
     `queued_ns` to `started_ns`, then in the batch forward until `finished_ns`.
