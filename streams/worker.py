@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.kafka import ATTEMPTS_TOPIC, DLQ_TOPIC, FEATURES_TOPIC, KafkaSettings
 from streams.processor import DEFAULT_LATENESS_S, DEFAULT_MAX_FUTURE_S, FeatureProcessor
+from streams.progress import PartitionProgress
 
 __all__ = ["WorkerSettings", "WorkerStats", "make_app", "run_worker"]
 
@@ -67,6 +68,12 @@ class WorkerSettings(BaseSettings):
     max_future_s: float = Field(
         DEFAULT_MAX_FUTURE_S, ge=0, description="events newer than this after their receipt go to the DLQ"
     )
+    stall_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a partition with records past its position and no event for this long is sought back",
+    )
     stats_interval_s: float = Field(10.0, gt=0, description="how often the worker logs its counters")
     stats_file: Path | None = Field(
         None, description="also write the counters as JSON to this file at each stats tick and at exit"
@@ -90,6 +97,7 @@ class WorkerStats:
     duplicates: int = 0
     snapshots: int = 0
     batches: int = 0
+    repairs: int = 0
     dead: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
 
@@ -103,6 +111,7 @@ class WorkerStats:
             "dead_lettered": dead,
             "snapshots": self.snapshots,
             "batches": self.batches,
+            "repairs": self.repairs,
             "uptime_s": round(time.monotonic() - self.started, 3),
         }
 
@@ -118,7 +127,7 @@ class WorkerStats:
         return (
             f"worker: {self.applied} events applied ({rate:.0f}/s since start), "
             f"{self.duplicates} duplicates ignored, {self.snapshots} snapshots in {self.batches} batches, "
-            f"dead-lettered: {dead}"
+            f"dead-lettered: {dead}" + (f", {self.repairs} consumer repairs" if self.repairs else "")
         )
 
 
@@ -243,9 +252,38 @@ class _BatchHandler:
         stats: WorkerStats,
         *,
         end_marker: bool,
+        stall_s: float = 10.0,
     ) -> None:
         self.app, self.store, self.processor, self.dlq, self.stats = app, store, processor, dlq, stats
         self.end_marker = end_marker
+        self.progress = PartitionProgress(stall_s)
+
+    async def seek(self, partition: int, offset: int, why: str) -> None:
+        """Seek one attempts partition back (streams.progress): what comes twice changes nothing."""
+        from faust.types import TP
+
+        log.warning("worker: %s/%d %s; seeking back to offset %d", ATTEMPTS_TOPIC, partition, why, offset)
+        self.stats.repairs += 1
+        await self.app.consumer.seek(TP(ATTEMPTS_TOPIC, partition), offset)
+
+    async def watch(self) -> None:
+        """Seek back every partition that holds records past its position and has not moved for stall_s."""
+        app = self.app
+        if app.rebalancing:
+            return
+        consumer = app.consumer
+        tps = [tp for tp in consumer.assignment() if tp.topic == ATTEMPTS_TOPIC]
+        if not tps:
+            return
+        ends = {tp.partition: end for tp, end in (await consumer.highwaters(*tps)).items() if end is not None}
+        committed = {tp.partition: consumer._committed_offset.get(tp) for tp in tps}
+        stalled = self.progress.stalled(ends, committed, time.monotonic(), app.consumer_generation_id)
+        for partition, offset in stalled.items():
+            await self.seek(
+                partition,
+                offset,
+                f"stalled ({ends[partition]} is the end, nothing taken for {self.progress.stall_s:g}s)",
+            )
 
     async def __call__(self, events: Sequence[Any]) -> None:
         from faust.streams import _current_event
@@ -254,7 +292,13 @@ class _BatchHandler:
         for event in events:
             by_partition.setdefault(event.message.partition, []).append(event)
         deliveries = []
+        gaps: dict[int, int] = {}
+        generation, now = self.app.consumer_generation_id, time.monotonic()
         for partition, part in by_partition.items():
+            if part[0].message.generation_id in (generation, None):  # fetched before a rebalance: stale
+                seek = self.progress.observe(partition, [e.message.offset for e in part], now, generation)
+                if seek is not None:
+                    gaps[partition] = seek
             # Table writes go to the changelog partition of Faust's "current event"; a batch mixes
             # partitions, so make one of this partition's events current while writing its states.
             token = _current_event.set(weakref.ref(part[-1]))
@@ -302,6 +346,8 @@ class _BatchHandler:
                 from streams.local_kafka import end_changelog_batches
 
                 await end_changelog_batches(self.app, by_partition)
+        for partition, offset in gaps.items():
+            await self.seek(partition, offset, "skipped offsets never taken")
 
 
 def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, WorkerStats]:
@@ -343,12 +389,18 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
     processor = FeatureProcessor(store, lateness_s=settings.lateness_s, max_future_s=settings.max_future_s)
     stats = WorkerStats()
 
-    handle = _BatchHandler(app, store, processor, dlq, stats, end_marker=settings.local_broker)
+    handle = _BatchHandler(
+        app, store, processor, dlq, stats, end_marker=settings.local_broker, stall_s=settings.stall_s
+    )
 
     @app.agent(attempts, name="update-features", concurrency=1)  # type: ignore[untyped-decorator]
     async def update_features(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.publish_interval_s):
             await handle(events)
+
+    @app.timer(max(0.5, settings.stall_s / 4))  # type: ignore[untyped-decorator]
+    async def watch_progress() -> None:
+        await handle.watch()
 
     @app.timer(settings.stats_interval_s)  # type: ignore[untyped-decorator]
     async def log_stats() -> None:

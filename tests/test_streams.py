@@ -81,6 +81,39 @@ async def produce(
         await producer.stop()
 
 
+async def attempts_on_broker(bootstrap: str, group: str = "authopt-features") -> str:
+    """What the broker holds of the attempts topic, per partition: records read from the start,
+    the end offset it reports and the group's committed offset (for a stalled worker's report)."""
+    from aiokafka import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = sorted(consumer.partitions_for_topic(ATTEMPTS_TOPIC) or ())
+        tps = [TopicPartition(ATTEMPTS_TOPIC, p) for p in partitions]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        committed = {tp: await consumer.committed(tp) for tp in tps}
+        await consumer.seek_to_beginning(*tps)
+        seen = {tp: 0 for tp in tps}
+        last = {tp: -1 for tp in tps}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            if not batch:
+                break
+            for tp, records in batch.items():
+                seen[tp] += len(records)
+                last[tp] = records[-1].offset
+        return "; ".join(
+            f"p{tp.partition}: {seen[tp]} read (last offset {last[tp]}), "
+            f"end {ends[tp]}, committed {committed[tp]}"
+            for tp in tps
+        )
+    finally:
+        await consumer.stop()
+
+
 def _route_events(replica: FeatureReplica) -> int:
     return sum(replica.materializer.events_for(Entity.ROUTE, r) for r in ("acq-a", "acq-b", "acq-c"))
 
@@ -181,11 +214,21 @@ async def test_restart_after_a_crash_does_not_double_count(
             # restart it once more: the counts below must still be exact after two restarts.
             w2.process.send_signal(signal.SIGUSR1)  # Faust's worker logs every task's stack
             time.sleep(1)
-            print(f"restarted worker stalled at {_route_events(replica)} events; its log:")
+            print(f"restarted worker stalled at {_route_events(replica)} events")
+            print("attempts on the broker:", await attempts_on_broker(broker.bootstrap))
+            print("its log:")
             print("\n".join(w2.log_text().splitlines()[-150:]))
             w2.stop()
-            workers(**env)
-            await wait_for(lambda: _route_events(replica) >= 500, 90, "all 500 events after a second restart")
+            w3 = workers(**env)
+            try:
+                await wait_for(
+                    lambda: _route_events(replica) >= 500, 90, "the 500 events after a second restart"
+                )
+            except AssertionError:
+                print(f"second restart stalled at {_route_events(replica)} events")
+                print("attempts on the broker:", await attempts_on_broker(broker.bootstrap))
+                print("\n".join(w3.log_text().splitlines()[-60:]))
+                raise
         await asyncio.sleep(1.5)
         assert _route_events(replica) == 500
         assert_same_rows(replica.store, replay_final(first + second))

@@ -173,3 +173,26 @@ async def test_changelog_records_without_a_started_producer_are_sent_one_by_one(
     futures = await _send_changelog(app, 1, [(b"a", b"1"), (b"b", b"2")])
     assert [k for _, k, _, _ in app.producer.sent] == [b"a", b"b"] and len(futures) == 2
     assert await _send_changelog(app, 1, []) == []
+
+
+async def test_offsets_skipped_inside_faust_are_sought_back(app: tuple[Any, WorkerStats]) -> None:
+    # Faust 0.15 can drop a fetched event around a rebalance and then commit past it
+    # (streams.progress): the agent notices the hole in the partition's offsets and seeks back.
+    app, stats = app
+    sought: list[tuple[str, int, int]] = []
+
+    async def seek(tp: Any, offset: int) -> None:
+        sought.append((tp.topic, tp.partition, offset))
+
+    app.consumer.seek = seek
+    async with app.agents["update-features"].test_context() as agent:
+        for i in range(3):
+            await agent.put(event(f"e{i}", T0 + i).SerializeToString(), key=b"fp-1", partition=0)
+        await _until(lambda: stats.applied == 3)
+        assert sought == [] and stats.repairs == 0
+        agent.sent_offset += 2  # offsets 3 and 4 never reach the agent
+        await agent.put(event("e5", T0 + 5).SerializeToString(), key=b"fp-1", partition=0)
+        await _until(lambda: stats.applied == 4)
+        await _until(lambda: bool(sought))
+    assert sought == [("authopt.attempts.v1", 0, 3)]
+    assert stats.repairs == 1 and "1 consumer repairs" in stats.line()
