@@ -420,6 +420,10 @@ def train(
     and exports TorchScript + manifest as OUT/VERSION. Interrupted runs resume from OUT/.work;
     the same seed gives the same model.
     """
+    from authopt.numerics import pin_numerics
+
+    if not pin_numerics():  # before torch loads: one CPU kernel set, one model per seed (authopt/numerics.py)
+        click.echo("warning: torch was loaded before its CPU kernels could be pinned", err=True)
     from model.pipeline import TrainConfig, train_world
     from model.train import CheckpointError, TrainingDataError
 
@@ -474,6 +478,9 @@ def evaluate(
             "authopt evaluate needs matplotlib for its plots: pip install 'authopt[eval]' "
             "(scripts/setup installs it)"
         ) from exc
+    from authopt.numerics import pin_numerics
+
+    pin_numerics()  # the same kernels as training (authopt/numerics.py)
     from model.evaluate import evaluate_world, write_results
     from model.sim.policies import load_policy_model
     from server.models import ModelRejected

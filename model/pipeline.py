@@ -27,6 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from authopt.numerics import numerics
 from model.dataset import build_training_set
 from model.export import export_model
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT
@@ -145,6 +146,7 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
         "hours": hours,
         "rows": len(data.y),
         **data_summary,
+        "numerics": numerics(),
     }
     path = export_model(result.net, out, version, metrics=result.metrics, data_summary=info)
     console.print(

@@ -133,6 +133,8 @@ def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
     assert model.version == "default-s5"
     manifest = model.manifest
     assert manifest.data_summary["world"] == "default" and manifest.data_summary["events"] > 0
+    numerics = manifest.data_summary["numerics"]  # the kernels it was trained with (authopt/numerics.py)
+    assert isinstance(numerics, dict) and numerics["torch"] and numerics["cpu_capability"]
     assert 0 <= manifest.metrics["val_ece_route"] < 0.2
     # Resumable and deterministic: the work directory is reused, a second version is identical.
     train_world(
