@@ -388,6 +388,13 @@ async def _simulate(platform: object, interval_s: float) -> dict[str, object]:
 @click.option("--epochs", type=int, default=12, show_default=True)
 @click.option("--hidden", type=int, default=128, show_default=True, help="Hidden width of the net.")
 @click.option(
+    "--members",
+    type=click.IntRange(1, 16),
+    default=3,
+    show_default=True,
+    help="Nets trained from different seeds and averaged into the served model.",
+)
+@click.option(
     "--onpolicy-hours",
     type=float,
     help="Hours the first model plays on-policy before the refit [default: the world's; 0: none].",
@@ -408,6 +415,7 @@ def train(
     hours: float | None,
     epochs: int,
     hidden: int,
+    members: int,
     onpolicy_hours: float | None,
     incident_boost: float,
     version: str | None,
@@ -437,6 +445,7 @@ def train(
                 hours=hours,
                 epochs=epochs,
                 hidden=hidden,
+                members=members,
                 onpolicy_hours=onpolicy_hours,
                 incident_boost=incident_boost,
                 version=version,

@@ -17,7 +17,7 @@ from typing import Final
 import torch
 from torch import nn
 
-__all__ = ["CATEGORICAL_FIELDS", "ApprovalNet", "layout_categorical_groups"]
+__all__ = ["CATEGORICAL_FIELDS", "ApprovalNet", "EnsembleNet", "layout_categorical_groups"]
 
 _MIN_STD = 1e-6
 
@@ -60,6 +60,25 @@ def _check_groups(groups: Sequence[Sequence[int]], n_inputs: int) -> list[list[i
                 raise ValueError(f"input column {i} appears in more than one categorical group (or twice)")
             seen.add(i)
     return out
+
+
+def _set_calibration(
+    net: "ApprovalNet | EnsembleNet",
+    scale: torch.Tensor | Sequence[float],
+    bias: torch.Tensor | Sequence[float],
+) -> None:
+    a = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    b = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
+    n = 1 + net.n_buckets
+    if a.numel() != n or b.numel() != n:
+        raise ValueError(
+            f"calibration needs {n} values (1 + n_buckets), got scale {a.numel()} and bias {b.numel()}"
+        )
+    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+        raise ValueError("calibration scale/bias must be finite")
+    with torch.no_grad():
+        net.cal_scale.copy_(a)
+        net.cal_bias.copy_(b)
 
 
 class ApprovalNet(nn.Module):
@@ -174,18 +193,7 @@ class ApprovalNet(nn.Module):
         self, scale: torch.Tensor | Sequence[float], bias: torch.Tensor | Sequence[float]
     ) -> None:
         """Set the per-output-column Platt calibration: ``p = sigmoid(logit * scale + bias)``."""
-        a = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-        b = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
-        n = 1 + self.n_buckets
-        if a.numel() != n or b.numel() != n:
-            raise ValueError(
-                f"calibration needs {n} values (1 + n_buckets), got scale {a.numel()} and bias {b.numel()}"
-            )
-        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
-            raise ValueError("calibration scale/bias must be finite")
-        with torch.no_grad():
-            self.cal_scale.copy_(a)
-            self.cal_bias.copy_(b)
+        _set_calibration(self, scale, bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid, uncalibrated outputs ``[N, 1 + n_buckets]``."""
@@ -193,23 +201,100 @@ class ApprovalNet(nn.Module):
             raise ValueError(
                 "ApprovalNet expects input [N, " + str(self.n_inputs) + "], got " + str(list(x.shape))
             )
+        z, slots = self.inputs(x)
+        return self.logits_from(z, slots)
+
+    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The standardized numeric inputs and the categorical slots' one-hot (no learned weights:
+        nets with the same normalization and groups compute the same, so an ensemble does it once)."""
         # Standardized inputs are bounded: a value far outside anything seen in training (an
         # incident's error rate, a corrupt feature) must not extrapolate the net without limit.
         z = ((x - self.mean) / self.std).clamp(-6.0, 6.0)
+        slots = torch.zeros(0, 0, dtype=x.dtype, device=x.device)
         if self.embedding is not None:
             n = x.size(0)
             hot = x.index_select(1, self.group_cols).reshape(n, self.n_groups, self.max_group)
             present = (hot != 0) & self.group_valid
             idx = torch.argmax(hot.masked_fill(~self.group_valid, float("-inf")), dim=2)
             idx = torch.where(present.any(dim=2), idx, self.group_sizes)
-            # One-hot over all groups' slots times a block-diagonal table: the same numbers as an
-            # embedding lookup, but matmuls forward and backward (a lookup's backward is 2x slower).
             slots = torch.zeros(n, self.n_slots, dtype=x.dtype, device=x.device)
             slots = slots.scatter_(1, idx + self.group_offsets, 1.0)
+            z = z.index_select(1, self.numeric_cols)
+        return z, slots
+
+    def logits_from(self, z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """`logits` from what `inputs` computed."""
+        if self.embedding is not None:
+            # One-hot over all groups' slots times a block-diagonal table: the same numbers as an
+            # embedding lookup, but matmuls forward and backward (a lookup's backward is 2x slower).
             emb = slots @ (self.embedding.weight.repeat(1, self.n_groups) * self.group_block)
-            z = torch.cat([z.index_select(1, self.numeric_cols), emb], dim=1)
+            z = torch.cat([z, emb], dim=1)
         h = self.trunk(z)
         return torch.cat([self.route_head(h), self.retry_head(h)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities ``[N, 1 + n_buckets]``: column 0 route, columns 1.. retry per bucket."""
+        return torch.sigmoid(self.logits(x) * self.cal_scale + self.cal_bias)
+
+
+class EnsembleNet(nn.Module):
+    """Several `ApprovalNet`s trained alike from different seeds, served as one: the mean of their
+    logits, Platt-calibrated once for the whole.
+
+    Why: the route the policy picks is the one with the highest estimate, so whatever noise a single
+    net's training leaves in its estimates turns into an upward bias of the chosen route's P(approve)
+    and into routing mistakes (docs/model.md). Averaging nets whose noise is independent shrinks it.
+    The members' own calibrations are not used.
+    """
+
+    n_inputs: Final[int]
+    n_buckets: Final[int]
+    shared_inputs: Final[bool]
+    cal_scale: torch.Tensor
+    cal_bias: torch.Tensor
+
+    def __init__(self, members: Sequence[ApprovalNet]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        first = members[0]
+        if any(m.n_inputs != first.n_inputs or m.n_buckets != first.n_buckets for m in members):
+            raise ValueError("ensemble members must share n_inputs and n_buckets")
+        self.n_inputs = first.n_inputs
+        self.n_buckets = first.n_buckets
+        self.members = nn.ModuleList(members)
+        # Members fitted on one split share their normalization and groups: `inputs` once for all.
+        buffers = ("mean", "std", "numeric_cols", "group_cols", "group_valid", "group_sizes", "group_offsets")
+        self.shared_inputs = all(
+            (m.embedding is None) == (first.embedding is None)
+            and all(torch.equal(getattr(m, b), getattr(first, b)) for b in buffers)
+            for m in members
+        )
+        self.register_buffer("cal_scale", torch.ones(1 + self.n_buckets, dtype=torch.float32))
+        self.register_buffer("cal_bias", torch.zeros(1 + self.n_buckets, dtype=torch.float32))
+
+    @torch.jit.unused
+    def set_calibration(
+        self, scale: torch.Tensor | Sequence[float], bias: torch.Tensor | Sequence[float]
+    ) -> None:
+        """Set the per-output-column Platt calibration of the mean logit."""
+        _set_calibration(self, scale, bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' mean pre-sigmoid, uncalibrated outputs ``[N, 1 + n_buckets]``."""
+        total = torch.zeros(x.size(0), 1 + self.n_buckets, dtype=x.dtype, device=x.device)
+        z, slots = x, x
+        first = True
+        for member in self.members:
+            assert isinstance(member, ApprovalNet)  # TorchScript refines the type too
+            if not self.shared_inputs:
+                total = total + member.logits(x)
+                continue
+            if first:
+                z, slots = member.inputs(x)
+                first = False
+            total = total + member.logits_from(z, slots)
+        return total / float(len(self.members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities ``[N, 1 + n_buckets]``: column 0 route, columns 1.. retry per bucket."""

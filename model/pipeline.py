@@ -35,7 +35,7 @@ from model.net import layout_categorical_groups
 from model.sim.config import RandomEpisodes, WorldConfig
 from model.sim.emit import emit_log
 from model.sim.world import World
-from model.train import FitResult, TrainingSet, calibrate, fit
+from model.train import FitResult, TrainingSet, calibrate, fit_ensemble
 from streams.replay import read_log
 
 __all__ = ["TrainConfig", "train_world"]
@@ -47,6 +47,7 @@ class TrainConfig:
     hours: float | None = None  # None: 4x the world's own span
     epochs: int = 12
     hidden: int = 128
+    members: int = 3  # nets averaged into the served model (model.net.EnsembleNet); 1: a single net
     onpolicy_hours: float | None = None  # None: the world's own span; 0: no on-policy round
     onpolicy_exploration: float = 0.1
     incident_boost: float = 3.0  # random incidents per day x this in the training traffic
@@ -156,8 +157,9 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
 
 
 def _fit(data: TrainingSet, cfg: TrainConfig, checkpoint: Path) -> FitResult:
-    return fit(
+    return fit_ensemble(
         data,
+        members=cfg.members,
         n_buckets=len(DELAY_BUCKETS_S),
         seed=cfg.seed,
         epochs=cfg.epochs,

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.text import Text
 
-from model.net import ApprovalNet
+from model.net import ApprovalNet, EnsembleNet
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -150,7 +150,7 @@ def _check_route_head(column: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:
 class FitResult:
     """A trained net (eval mode, normalization and calibration set), its metrics and per-epoch history."""
 
-    net: ApprovalNet
+    net: ApprovalNet | EnsembleNet
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -217,6 +217,7 @@ def fit(
     progress: bool = True,
     categorical_groups: Sequence[Sequence[int]] = (),
     threads: int = 1,
+    split_seed: int | None = None,
 ) -> FitResult:
     """Train an `ApprovalNet` on `data`; keep the best epoch by validation loss; calibrate; evaluate.
 
@@ -244,13 +245,15 @@ def fit(
         )
     n_outputs = 1 + n_buckets
     data.validate(n_outputs)
-    train, val = _split(data, val_fraction, seed)
+    split_seed = seed if split_seed is None else split_seed
+    train, val = _split(data, val_fraction, split_seed)
     groups = [[int(i) for i in g] for g in categorical_groups]
     config: dict[str, Any] = {
         "n_rows": len(data.y),
         "n_inputs": int(data.x.shape[1]),
         "n_buckets": n_buckets,
         "seed": seed,
+        **({} if split_seed == seed else {"split_seed": split_seed}),
         "hidden": hidden,
         "batch_size": batch_size,
         "lr": lr,
@@ -286,6 +289,61 @@ def fit(
         val_loss=state.best_loss,
     )
     return FitResult(net=net, metrics=metrics, history=state.history)
+
+
+def fit_ensemble(
+    data: TrainingSet,
+    *,
+    members: int,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    checkpoint_dir: Path | None = None,
+    threads: int = 1,
+    **kwargs: Any,
+) -> FitResult:
+    """`members` nets fitted like `fit` (seeds seed, seed + 1, ...) on one train/validation split,
+    averaged into an `EnsembleNet` and Platt-calibrated on that validation split.
+
+    Each member checkpoints under ``checkpoint_dir/member-<k>`` (so an interrupted run resumes);
+    with ``members == 1`` this is `fit`. Metrics are the ensemble's, plus each member's validation
+    loss as ``member_<k>_val_loss``.
+    """
+    if members < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
+    if members == 1:
+        return fit(
+            data,
+            seed=seed,
+            val_fraction=val_fraction,
+            checkpoint_dir=checkpoint_dir,
+            threads=threads,
+            **kwargs,
+        )
+    results = [
+        fit(
+            data,
+            seed=seed + k,
+            split_seed=seed,
+            val_fraction=val_fraction,
+            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"member-{k}",
+            threads=threads,
+            **kwargs,
+        )
+        for k in range(members)
+    ]
+    nets = [r.net for r in results]
+    assert all(isinstance(n, ApprovalNet) for n in nets)
+    ensemble = EnsembleNet([n for n in nets if isinstance(n, ApprovalNet)]).eval()
+    _, val = _split(data, val_fraction, seed)
+    with _reproducible(threads):
+        metrics = _calibrate_and_evaluate(ensemble, val, 1 + ensemble.n_buckets)
+    first = results[0].metrics
+    metrics.update({k: first[k] for k in ("train_rows", "val_rows", "epochs") if k in first})
+    metrics["members"] = float(members)
+    for k, r in enumerate(results):
+        metrics[f"member_{k}_val_loss"] = r.metrics["val_loss"]
+    metrics["val_loss"] = _mean_loss(ensemble, val)
+    return FitResult(net=ensemble, metrics=metrics, history=results[0].history)
 
 
 @contextmanager
@@ -436,7 +494,7 @@ def _train_epoch(state: _State, train: _Data, batch_size: int, bar: Progress, ta
     return total / len(train)
 
 
-def _val_logits(net: ApprovalNet, data: _Data) -> torch.Tensor:
+def _val_logits(net: ApprovalNet | EnsembleNet, data: _Data) -> torch.Tensor:
     """Uncalibrated logit of each row's own column, ``[N]``."""
     net.eval()
     with torch.no_grad():
@@ -447,7 +505,7 @@ def _val_logits(net: ApprovalNet, data: _Data) -> torch.Tensor:
     return torch.cat(parts).squeeze(1)
 
 
-def _mean_loss(net: ApprovalNet, data: _Data) -> float:
+def _mean_loss(net: ApprovalNet | EnsembleNet, data: _Data) -> float:
     z = _val_logits(net, data)
     return float(F.binary_cross_entropy_with_logits(z.double(), data.y.double()))
 
@@ -486,7 +544,7 @@ def _fit_platt(
     return torch.where(ok, a, 1.0), torch.where(ok, b, 0.0)
 
 
-def calibrate(net: ApprovalNet, data: TrainingSet) -> dict[str, float]:
+def calibrate(net: ApprovalNet | EnsembleNet, data: TrainingSet) -> dict[str, float]:
     """Refit the net's Platt calibration on `data` (e.g. held-out rows of the traffic it will serve);
     returns ECE (and AUC) on those rows after and before, as `val_*` metrics."""
     data.validate(1 + net.n_buckets)
@@ -499,7 +557,7 @@ def calibrate(net: ApprovalNet, data: TrainingSet) -> dict[str, float]:
     return _calibrate_and_evaluate(net, rows, 1 + net.n_buckets)
 
 
-def _calibrate_and_evaluate(net: ApprovalNet, val: _Data, n_outputs: int) -> dict[str, float]:
+def _calibrate_and_evaluate(net: ApprovalNet | EnsembleNet, val: _Data, n_outputs: int) -> dict[str, float]:
     z = _val_logits(net, val)
     scale, bias = _fit_platt(z, val.column, val.y, n_outputs)
     net.set_calibration(scale, bias)

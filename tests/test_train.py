@@ -12,7 +12,7 @@ import torch
 import model.train as train_mod
 from model import DELAY_BUCKETS_S, INPUT_LAYOUT, ApprovalNet, export_model, quiet_torchscript_deprecation
 from model.export import MODEL_FILE
-from model.net import layout_categorical_groups
+from model.net import EnsembleNet, layout_categorical_groups
 from model.train import (
     CheckpointError,
     TrainingDataError,
@@ -346,3 +346,46 @@ def test_roc_auc_on_hand_computed_cases() -> None:
     assert roc_auc([0.9, 0.1], [0, 1]) == 0.0
     with pytest.raises(ValueError, match="both classes"):
         roc_auc([0.2, 0.3], [1, 1])
+
+
+def test_an_ensemble_averages_its_members_and_beats_their_mean_loss(tmp_path: Path) -> None:
+    data = _synthetic(4_000, seed=9, d=len(INPUT_LAYOUT), n_buckets=len(DELAY_BUCKETS_S))
+    args: dict[str, Any] = {
+        "n_buckets": len(DELAY_BUCKETS_S), "epochs": 2, "hidden": 16, "batch_size": 256, "progress": False
+    }  # fmt: skip
+    result = train_mod.fit_ensemble(data, members=3, seed=4, checkpoint_dir=tmp_path / "ckpt", **args)
+    net = result.net
+    assert isinstance(net, EnsembleNet) and len(net.members) == 3
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["member-0", "member-1", "member-2"]
+    # members differ (seeds 4, 5, 6) but share the split: each is `fit` with that seed and split
+    alone = fit(data, seed=5, split_seed=4, **args).net
+    assert isinstance(alone, ApprovalNet)
+    member = net.members[1]
+    assert isinstance(member, ApprovalNet) and _same_weights(member, alone)
+    assert not _same_weights(net.members[0], member)  # type: ignore[arg-type]
+    x = torch.from_numpy(data.x[:64])
+    with torch.no_grad():
+        mean = torch.stack([m.logits(x) for m in net.members]).mean(dim=0)  # type: ignore[operator]
+        torch.testing.assert_close(net.logits(x), mean)
+    # BCE is convex in the logit: the mean logit's loss is at most the members' mean loss
+    losses = [result.metrics[f"member_{k}_val_loss"] for k in range(3)]
+    assert result.metrics["val_loss"] <= sum(losses) / 3 + 1e-12
+    assert result.metrics["members"] == 3 and 0 <= result.metrics["val_ece_route"] < 0.1
+    # one TorchScript module, calibrated as trained
+    path = export_model(net, tmp_path / "models", "ens")
+    with torch.no_grad():
+        eager = net(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(_load(path / MODEL_FILE)(x), eager, atol=1e-5, rtol=0)
+    # deterministic and resumable: the same call again reads the finished checkpoints
+    again = train_mod.fit_ensemble(data, members=3, seed=4, checkpoint_dir=tmp_path / "ckpt", **args).net
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), eager, atol=0, rtol=0)
+
+
+def test_an_ensemble_of_one_is_a_plain_fit() -> None:
+    data = _synthetic(1_000, seed=3)
+    one = train_mod.fit_ensemble(data, members=1, n_buckets=B, epochs=1, hidden=8, progress=False).net
+    assert isinstance(one, ApprovalNet)
+    with pytest.raises(ValueError, match="members"):
+        train_mod.fit_ensemble(data, members=0, n_buckets=B)
