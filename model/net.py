@@ -285,15 +285,16 @@ class EnsembleNet(nn.Module):
         total = torch.zeros(x.size(0), 1 + self.n_buckets, dtype=x.dtype, device=x.device)
         z, slots = x, x
         first = True
+        # No isinstance(member, ApprovalNet) here: TorchScript resolves it against the first
+        # ApprovalNet type it compiled in the process, and a net of another shape then fails it.
         for member in self.members:
-            assert isinstance(member, ApprovalNet)  # TorchScript refines the type too
             if not self.shared_inputs:
-                total = total + member.logits(x)
+                total = total + member.logits(x)  # type: ignore[operator]
                 continue
             if first:
-                z, slots = member.inputs(x)
+                z, slots = member.inputs(x)  # type: ignore[operator]
                 first = False
-            total = total + member.logits_from(z, slots)
+            total = total + member.logits_from(z, slots)  # type: ignore[operator]
         return total / float(len(self.members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
