@@ -424,9 +424,10 @@ def train(
     """Train the approval model on a simulated world and export it for the server.
 
     Simulates an exploring logging policy, replays its event log through the streams' feature
-    code (point in time), fits and calibrates the net, plays it on-policy and refits on both logs,
-    and exports TorchScript + manifest as OUT/VERSION. Interrupted runs resume from OUT/.work;
-    the same seed gives the same model.
+    code (point in time), fits and calibrates the nets (--members, averaged), plays them on-policy
+    and refits on both logs, and exports TorchScript + manifest as OUT/VERSION. Interrupted runs
+    resume from OUT/.work; the same seed gives the same model (torch runs on AVX2 kernels:
+    authopt/numerics.py).
     """
     from authopt.numerics import pin_numerics
 
