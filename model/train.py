@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -331,9 +331,7 @@ def fit_ensemble(
         )
         for k in range(members)
     ]
-    nets = [r.net for r in results]
-    assert all(isinstance(n, ApprovalNet) for n in nets)
-    ensemble = EnsembleNet([n for n in nets if isinstance(n, ApprovalNet)]).eval()
+    ensemble = EnsembleNet([cast(ApprovalNet, r.net) for r in results]).eval()  # `fit` makes ApprovalNets
     _, val = _split(data, val_fraction, seed)
     with _reproducible(threads):
         metrics = _calibrate_and_evaluate(ensemble, val, 1 + ensemble.n_buckets)

@@ -35,7 +35,7 @@ class PartitionProgress:
     sought: dict[int, int] = field(default_factory=dict)
     generation: int | None = None
 
-    def _generation(self, generation: int | None, now: float) -> None:
+    def _generation(self, generation: int | None) -> None:
         # A rebalance restarts every partition from its committed offset (possibly handled by
         # another worker in between): what was expected before says nothing about what follows.
         if generation != self.generation:
@@ -51,7 +51,7 @@ class PartitionProgress:
 
         Returns the offset to seek back to when they skipped offsets never taken (a gap), else None.
         """
-        self._generation(generation, now)
+        self._generation(generation)
         expected = self.next.get(partition)
         seek: int | None = None
         for offset in offsets:
@@ -84,7 +84,7 @@ class PartitionProgress:
         `ends` are the broker's end offsets, `committed` the group's committed offsets (the position of a
         partition nothing was taken from yet). A partition is reported at most once per `stall_s`.
         """
-        self._generation(generation, now)
+        self._generation(generation)
         out: dict[int, int] = {}
         for partition, end in ends.items():
             position = self.next.get(partition)

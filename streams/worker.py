@@ -276,6 +276,7 @@ class _BatchHandler:
         if not tps:
             return
         ends = {tp.partition: end for tp, end in (await consumer.highwaters(*tps)).items() if end is not None}
+        # Faust keeps the offsets it sought to at assignment here; it has no public accessor.
         committed = {tp.partition: consumer._committed_offset.get(tp) for tp in tps}
         stalled = self.progress.stalled(ends, committed, time.monotonic(), app.consumer_generation_id)
         for partition, offset in stalled.items():
