@@ -406,6 +406,13 @@ async def _simulate(platform: object, interval_s: float) -> dict[str, object]:
     show_default=True,
     help="Random incidents per day x this in the training traffic, so the model sees incidents.",
 )
+@click.option(
+    "--selection-rounds",
+    type=click.IntRange(0, 10),
+    default=2,
+    show_default=True,
+    help="Plays of the final model to fit its selection correction on (0: none).",
+)
 @click.option("--version", "version", help="Model version name [default: <world>-s<seed>].")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train(
@@ -418,6 +425,7 @@ def train(
     members: int,
     onpolicy_hours: float | None,
     incident_boost: float,
+    selection_rounds: int,
     version: str | None,
     quiet: bool,
 ) -> None:
@@ -425,7 +433,9 @@ def train(
 
     Simulates an exploring logging policy, replays its event log through the streams' feature
     code (point in time), fits and calibrates the nets (--members, averaged), plays them on-policy
-    and refits on both logs, and exports TorchScript + manifest as OUT/VERSION. Interrupted runs
+    and refits on both logs, fits the correction of the chosen route's probability for the
+    ranking's selection on plays of the final model (--selection-rounds), and exports
+    TorchScript + manifest as OUT/VERSION. Interrupted runs
     resume from OUT/.work; the same seed gives the same model (torch runs on AVX2 kernels:
     authopt/numerics.py).
     """
@@ -449,6 +459,7 @@ def train(
                 members=members,
                 onpolicy_hours=onpolicy_hours,
                 incident_boost=incident_boost,
+                selection_rounds=selection_rounds,
                 version=version,
                 progress=not quiet,
             ),

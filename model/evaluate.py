@@ -126,6 +126,8 @@ def _ope(log: _OpeLog, logged: PlayResult, model: LoadedModel, epsilon: float) -
     ips, dr = [], []
     for k in range(len(log.chosen)):
         p = model.infer(log.x[k])[:, 0].tolist()
+        if model.selection is not None:  # as the server ranks
+            p = model.selection.apply(p)
         q = [log.amount[k] * pi - c for pi, c in zip(p, log.costs[k], strict=True)]
         kk = len(q)
         greedy = max(range(kk), key=lambda i: (q[i], -i))

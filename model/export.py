@@ -76,6 +76,8 @@ class Manifest:
     created_at: str
     metrics: dict[str, float] = field(default_factory=dict)
     data_summary: dict[str, object] = field(default_factory=dict)
+    route_selection: dict[str, float] = field(default_factory=dict)
+    """`server.policy.SelectionCorrection` of the route column (``model/selection.py``); {}: none."""
     format: str = "torchscript"
     framework: str = field(default_factory=_framework)
 
@@ -109,6 +111,7 @@ class Manifest:
             created_at=_timestamp(doc, "created_at"),
             metrics=_metrics(doc.get("metrics", {})),
             data_summary=_object(doc.get("data_summary", {}), "data_summary"),
+            route_selection=_selection(doc.get("route_selection", {})),
             format=_str(doc, "format", nonempty=True) if "format" in doc else "torchscript",
             framework=_str(doc, "framework") if "framework" in doc else "",
         )
@@ -164,6 +167,31 @@ def _metrics(value: object) -> dict[str, float]:
     return out
 
 
+_SELECTION_KEYS = ("intercept", "mean_scale", "spread_scale")
+
+
+def _selection(value: object) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError("manifest field 'route_selection' must be an object of numbers")
+    if not value:
+        return {}
+    if sorted(value) != sorted(_SELECTION_KEYS):
+        raise ValueError(
+            f"manifest field 'route_selection' must have exactly the keys {list(_SELECTION_KEYS)}, "
+            f"got {sorted(value)}"
+        )
+    out: dict[str, float] = {}
+    for k in _SELECTION_KEYS:
+        v = value[k]
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"manifest route_selection.{k} must be a finite number, got {v!r}")
+        out[k] = float(v)
+    for k in ("mean_scale", "spread_scale"):
+        if out[k] <= 0:  # a non-positive scale would reverse or erase the model's ranking
+            raise ValueError(f"manifest route_selection.{k} must be positive, got {out[k]!r}")
+    return out
+
+
 def _object(value: object, key: str) -> dict[str, object]:
     if not isinstance(value, dict):
         raise ValueError(f"manifest field {key!r} must be an object")
@@ -210,6 +238,7 @@ def export_model(
     layout_version: str = LAYOUT_VERSION,
     metrics: Mapping[str, float] | None = None,
     data_summary: Mapping[str, object] | None = None,
+    route_selection: Mapping[str, float] | None = None,
 ) -> Path:
     """Export `module` as ``model_dir/<version>/`` (``model.pt`` + ``manifest.json``); returns that path.
 
@@ -231,6 +260,9 @@ def export_model(
         created_at=_now_iso(),
         metrics={str(k): float(v) for k, v in (metrics or {}).items()},
         data_summary=dict(data_summary or {}),
+        route_selection=_selection(
+            dict(route_selection) if isinstance(route_selection, Mapping) else (route_selection or {})
+        ),
     )
     manifest_text = manifest.to_json()  # fail on NaN metrics before touching the disk
     scripted = _script(module)

@@ -22,10 +22,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from authopt.numerics import numerics
 from model.dataset import build_training_set
@@ -50,6 +51,8 @@ class TrainConfig:
     members: int = 3  # nets averaged into the served model (model.net.EnsembleNet); 1: a single net
     onpolicy_hours: float | None = None  # None: the world's own span; 0: no on-policy round
     onpolicy_exploration: float = 0.1
+    selection_rounds: int = 2  # rounds of play to fit the route column's selection correction; 0: none
+    selection_seeds: int = 2  # world seeds (days) the last round plays (seed + 2, seed + 3, ...)
     incident_boost: float = 3.0  # random incidents per day x this in the training traffic
     version: str | None = None
     progress: bool = True
@@ -141,6 +144,16 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
         result = _fit(data, cfg, work / "checkpoint-onpolicy")
         recal = calibrate(result.net, held)
         result.metrics.update({k.replace("val_", "onpolicy_"): v for k, v in recal.items()})
+    selection: dict[str, float] = {}
+    if cfg.selection_rounds > 0:
+        served = work / "served-model"
+        if not (served / "v1").exists():
+            export_model(result.net, served, "v1", metrics=result.metrics)
+        fit = _selection(real_config, served / "v1", cfg, work, console)
+        selection = {k: float(v) for k, v in fit["correction"].items()}
+        result.metrics["selection_ece_before"] = fit["ece_before"]
+        result.metrics["selection_ece_after"] = fit["ece_after"]
+        data_summary["selection"] = {k: fit[k] for k in ("seeds", "hours", "rounds", "decisions")}
     info: dict[str, object] = {
         "world": config.name,
         "world_seed": cfg.seed,
@@ -149,7 +162,9 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
         **data_summary,
         "numerics": numerics(),
     }
-    path = export_model(result.net, out, version, metrics=result.metrics, data_summary=info)
+    path = export_model(
+        result.net, out, version, metrics=result.metrics, data_summary=info, route_selection=selection
+    )
     console.print(
         f"exported {path} — " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()))
     )
@@ -207,6 +222,52 @@ def _onpolicy_rows(
         os.replace(tmp, rows_path)
     loaded = np.load(rows_path)
     return TrainingSet(x=loaded["x"], column=loaded["column"], y=loaded["y"])
+
+
+def _selection(
+    config: WorldConfig, model_dir: Path, cfg: TrainConfig, work: Path, console: Console
+) -> dict[str, Any]:
+    """The selection correction of the served model (`model.selection`), fitted on plays of the
+    world's own span at seeds from seed + 2 (neither training's seeds nor evaluation's); cached."""
+    import torch
+
+    from model.selection import fit_selection
+
+    path = work / f"selection-r{cfg.selection_rounds}-n{cfg.selection_seeds}.json"
+    if not path.exists():
+        torch.set_num_threads(1)
+        seeds, hours = [cfg.seed + 2 + k for k in range(cfg.selection_seeds)], config.traffic.hours
+        with _bar(cfg.progress, console) as bar:
+            tasks: dict[str, TaskID] = {}
+
+            def show(label: str, done: int, total: int) -> None:
+                if label not in tasks:
+                    tasks[label] = bar.add_task(label, total=total)
+                bar.update(tasks[label], completed=done)
+
+            fit = fit_selection(
+                config, model_dir, seeds=seeds, hours=hours, rounds=cfg.selection_rounds, progress=show
+            )
+        fitted = {
+            "correction": fit.as_dict(),
+            "ece_before": fit.ece_before,
+            "ece_after": fit.ece_after,
+            "seeds": seeds,
+            "hours": hours,
+            "rounds": cfg.selection_rounds,
+            "decisions": fit.decisions,
+        }
+        tmp = _atomic(path)
+        tmp.write_text(json.dumps(fitted, indent=2))
+        os.replace(tmp, path)
+    doc: dict[str, Any] = json.loads(path.read_text())
+    console.print(
+        "selection correction: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in doc["correction"].items())
+        + f" (chosen-route ECE {doc['ece_before']:.4f} -> {doc['ece_after']:.4f}"
+        + f" on {doc['decisions']:,} decisions)"
+    )
+    return doc
 
 
 def boost_incidents(config: WorldConfig, factor: float) -> WorldConfig:

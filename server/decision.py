@@ -169,7 +169,7 @@ class DecisionEngine:
         except Exception:
             log.exception("inference failed; answering from the fallback policy")
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_ERROR, req, cands, feats)
-        scores = model_scores(out, model.version, model.manifest.delay_buckets_s)
+        scores = model_scores(out, model.version, model.manifest.delay_buckets_s, model.selection)
         if stats is not None:
             # The batched work happened on the batcher's thread; record it as this request's children.
             tracer.start_span("queue_wait", start_time=stats.queued_ns).end(end_time=stats.started_ns)
@@ -208,11 +208,19 @@ class DecisionEngine:
         return respond(req, cands, feats, scores, now, self._config.exploration_rate, self._rng)
 
 
-def model_scores(rows: list[list[float]], model_version: str, buckets_s: Sequence[int]) -> Scores:
-    """Scores from a model's output rows (column 0 route, 1.. retry per delay bucket)."""
-    return Scores(
-        Source.DECISION_SOURCE_MODEL, [r[0] for r in rows], [r[1:] for r in rows], buckets_s, model_version
-    )
+def model_scores(
+    rows: list[list[float]],
+    model_version: str,
+    buckets_s: Sequence[int],
+    selection: policy.SelectionCorrection | None = None,
+) -> Scores:
+    """Scores from a model's output rows for one request (column 0 route, 1.. retry per delay
+    bucket); `selection` (the model's, from its manifest) corrects the route column for the
+    ranking's selection."""
+    p = [r[0] for r in rows]
+    if selection is not None:
+        p = selection.apply(p)
+    return Scores(Source.DECISION_SOURCE_MODEL, p, [r[1:] for r in rows], buckets_s, model_version)
 
 
 def fallback_scores(

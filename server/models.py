@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import cast
 
@@ -32,6 +33,7 @@ from model import (
     Manifest,
     quiet_torchscript_deprecation,
 )
+from server.policy import SelectionCorrection
 from streams.contract import CONTRACT_HASH
 
 __all__ = [
@@ -135,6 +137,12 @@ class LoadedModel:
     @property
     def n_inputs(self) -> int:
         return len(self.manifest.input_layout)
+
+    @cached_property
+    def selection(self) -> SelectionCorrection | None:
+        """The route column's selection correction from the manifest (None: none recorded)."""
+        s = self.manifest.route_selection
+        return SelectionCorrection(**s) if s else None
 
     @property
     def n_outputs(self) -> int:

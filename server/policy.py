@@ -4,6 +4,10 @@
   then epsilon-greedy exploration over the first position with a logged propensity (:func:`explore`).
 - Retry: every (route, delay bucket) the network rules permit is valued the same way and the best one
   is advised, or no retry when nothing is worth its cost (:func:`advise_retry`).
+- Selection: the route ranked first is the one with the highest of several noisy estimates, so its
+  estimate is biased upward (the optimizer's curse); :class:`SelectionCorrection` shrinks each
+  candidate's logit toward the candidates' mean by a factor fitted on the model's own served
+  decisions (``model/selection.py``), which keeps their order and removes that bias.
 - Fallback when the model is unavailable: smoothed success rates per route
   (:func:`success_rate_scores`) and a transparent retry heuristic (:func:`heuristic_retry_probabilities`).
 
@@ -29,6 +33,7 @@ __all__ = [
     "RankedRoute",
     "RetryDecision",
     "RetryOption",
+    "SelectionCorrection",
     "advise_retry",
     "explore",
     "heuristic_retry_probabilities",
@@ -74,6 +79,33 @@ class Exploration(NamedTuple):
     """True iff the first route differs from the greedy (highest-value) one."""
     propensity: float
     """Probability with which this first route was chosen (for off-policy evaluation)."""
+
+
+class SelectionCorrection(NamedTuple):
+    """Route probabilities corrected for the ranking's selection, per request.
+
+    With ``z`` the candidates' logits and ``m`` their mean, each becomes
+    ``intercept + mean_scale × m + spread_scale × (z − m)``: the candidates' differences shrink
+    (``spread_scale < 1``) and so does the upward bias of the highest one, while their order is
+    kept. The identity (the defaults) changes nothing.
+    """
+
+    intercept: float = 0.0
+    mean_scale: float = 1.0
+    spread_scale: float = 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.intercept == 0.0 and self.mean_scale == 1.0 and self.spread_scale == 1.0
+
+    def apply(self, p_approve: Sequence[float]) -> list[float]:
+        """The corrected probabilities of one request's candidates (same order)."""
+        if self.is_identity or not p_approve:
+            return list(p_approve)
+        z = [_logit(p) for p in p_approve]
+        mean = math.fsum(z) / len(z)
+        base = self.intercept + self.mean_scale * mean
+        return [_sigmoid(base + self.spread_scale * (zi - mean)) for zi in z]
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +379,15 @@ def _check_retry_shapes(
 def _check_probability(p: float) -> None:
     if not 0.0 <= p <= 1.0:  # also rejects NaN
         raise ValueError(f"probability must be in [0, 1], got {p}")
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def _clip(p: float) -> float:

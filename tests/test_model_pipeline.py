@@ -136,6 +136,11 @@ def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
     numerics = manifest.data_summary["numerics"]  # the kernels it was trained with (authopt/numerics.py)
     assert isinstance(numerics, dict) and numerics["torch"] and numerics["cpu_capability"]
     assert 0 <= manifest.metrics["val_ece_route"] < 0.2
+    # The selection correction was fitted on plays of the served model (model/selection.py).
+    selection = manifest.data_summary["selection"]
+    assert isinstance(selection, dict) and selection["rounds"] == 2 and selection["decisions"] > 0
+    assert set(manifest.route_selection) in ({"intercept", "mean_scale", "spread_scale"}, set())
+    assert "selection_ece_after" in manifest.metrics
     # Resumable and deterministic: the work directory is reused, a second version is identical.
     train_world(
         tiny(), trained, TrainConfig(seed=5, hours=4, epochs=2, hidden=16, version="again", progress=False)
@@ -146,6 +151,7 @@ def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
     a = model.infer(torch.from_numpy(x))
     b = load_policy_model(trained / "again").infer(torch.from_numpy(x))
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert load_policy_model(trained / "again").manifest.route_selection == manifest.route_selection
     with pytest.raises(FileExistsError, match="already exists"):
         train_world(tiny(), trained, TrainConfig(seed=5, hours=4, epochs=2, hidden=16, progress=False))
 

@@ -157,7 +157,10 @@ class RankedRoute(_message.Message):
     route_id: _builtins.str
     """Route identifier."""
     approval_probability: _builtins.float
-    """Predicted probability that the issuer approves on this route, in [0, 1]."""
+    """Predicted probability that the issuer approves on this route, in [0, 1]. From the model,
+    corrected for the ranking's selection (the highest of several estimates is biased upward):
+    docs/model.md.
+    """
     expected_value_minor: _builtins.float
     """Expected value in minor units: amount x P(approve) - cost."""
     cost_minor: _builtins.float

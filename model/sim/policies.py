@@ -22,6 +22,7 @@ import random
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -289,8 +290,12 @@ class Authopt:
         feature_max_age_s: float = 3600.0,
         retries: str = "model",
         seed: int = 0,
+        selection: server_policy.SelectionCorrection | Literal["model"] | None = "model",
     ) -> None:
         self.model = model
+        # "model": the correction in the model's manifest, as the server applies it
+        self.selection = model.selection if selection == "model" else selection
+        self.last_route_p: list[float] | None = None  # the last decision's uncorrected route column
         self.exploration_rate = exploration_rate
         self.feature_max_age_s = feature_max_age_s
         self.retries = retries
@@ -319,6 +324,7 @@ class Authopt:
         now = view.now
         stale = feats.routes_as_of is not None and now - feats.routes_as_of > self.feature_max_age_s
         if feats.routes_known == 0 or stale:
+            self.last_route_p = None
             scores = fallback_scores(
                 Source.DECISION_SOURCE_FALLBACK_FEATURES, req, cands, feats, self.model.version
             )
@@ -326,8 +332,10 @@ class Authopt:
             ctx = attempt_context(req.attempt, req.prior_attempts, at=now)
             routes = [(c.route_id, c.cost_bps, rows) for c, rows in zip(cands, feats.route_rows, strict=True)]
             x = torch.frombuffer(encode_flat(ctx, routes, feats.attempt_rows), dtype=torch.float32)
-            out = self.model.infer(x.view(len(routes), -1))
-            scores = model_scores(out.tolist(), self.model.version, self.model.manifest.delay_buckets_s)
+            rows = self.model.infer(x.view(len(routes), -1)).tolist()
+            self.last_route_p = [r[0] for r in rows]
+            buckets = self.model.manifest.delay_buckets_s
+            scores = model_scores(rows, self.model.version, buckets, self.selection)
         return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng)
 
     def route(self, view: AttemptView) -> Decision:
