@@ -1,11 +1,13 @@
-"""Forward time of the served model: one `ApprovalNet` against an `EnsembleNet` of several.
+"""Forward time of the served model: one `ApprovalNet` against an ensemble of several, as
+`EnsembleNet` (the members one after another) and as `FusedEnsembleNet` (what export serves).
 
   python -m bench.model_forward [--members 3] [--hidden 128] [--batches 1,8,32]
 
-Both are exported and loaded as the server loads them (TorchScript, frozen; one torch thread) with
-the real input layout and random weights (the time does not depend on the weights). For each batch
-size: the median over 7 rounds of 300 forwards, in microseconds, and the ratio. Prints a table;
-never fails on a timing.
+All are exported and loaded as the server loads them (TorchScript, frozen; one torch thread) with
+the real input layout and random weights (the time does not depend on the weights); the unfused
+ensemble is exported through the same code with the fusion turned off. For each batch size: the
+median over 9 rounds of 300 forwards, in microseconds (the three take turns within each
+round), and the ratios to one net. Prints a table; never fails on a timing.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
 from model import DELAY_BUCKETS_S, INPUT_LAYOUT, ApprovalNet, export_model
-from model.net import EnsembleNet, layout_categorical_groups
+from model.net import EnsembleNet, FusedEnsembleNet, layout_categorical_groups
 from model.sim.policies import load_policy_model
 
 
@@ -29,17 +32,21 @@ def _net(hidden: int, seed: int) -> ApprovalNet:
     return ApprovalNet(len(INPUT_LAYOUT), len(DELAY_BUCKETS_S), hidden, categorical_groups=groups).eval()
 
 
-def _time(model: object, x: torch.Tensor) -> float:
-    infer = model.infer  # type: ignore[attr-defined]
-    for _ in range(50):
-        infer(x)
-    rounds = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(300):
+def _time(models: list[object], x: torch.Tensor, rounds: int = 9) -> list[float]:
+    """Median µs per forward of each model; the models take turns within every round, so drift of
+    a shared machine falls on all of them alike."""
+    infers = [m.infer for m in models]  # type: ignore[attr-defined]
+    for infer in infers:
+        for _ in range(50):
             infer(x)
-        rounds.append((time.perf_counter() - t0) / 300 * 1e6)
-    return statistics.median(rounds)
+    times: list[list[float]] = [[] for _ in infers]
+    for _ in range(rounds):
+        for k, infer in enumerate(infers):
+            t0 = time.perf_counter()
+            for _ in range(300):
+                infer(x)
+            times[k].append((time.perf_counter() - t0) / 300 * 1e6)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -54,14 +61,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         single = export_model(_net(args.hidden, 0), Path(tmp) / "single", "single")
         members = [_net(args.hidden, k) for k in range(args.members)]
-        ensemble = export_model(EnsembleNet(members).eval(), Path(tmp) / "ensemble", "ensemble")
-        a, b = load_policy_model(single.parent), load_policy_model(ensemble.parent)
+        ensemble = EnsembleNet(members).eval()
+        fused = export_model(ensemble, Path(tmp) / "fused", "fused")
+        with patch.object(FusedEnsembleNet, "can_fuse", staticmethod(lambda _: False)):
+            unfused = export_model(ensemble, Path(tmp) / "unfused", "unfused")
+        a, b, c = (load_policy_model(p.parent) for p in (single, unfused, fused))
         print(f"hidden {args.hidden}, {args.members} members, torch {torch.__version__}, one thread")
-        print("| batch | single µs | ensemble µs | ratio |\n|---:|---:|---:|---:|")
+        print(
+            "| batch | one net µs | ensemble µs | fused ensemble µs | ensemble / one | fused / one |\n"
+            "|---:|---:|---:|---:|---:|---:|"
+        )
         for n in (int(s) for s in args.batches.split(",")):
             x = torch.rand(n, len(INPUT_LAYOUT))
-            ta, tb = _time(a, x), _time(b, x)
-            print(f"| {n} | {ta:.1f} | {tb:.1f} | {tb / ta:.2f} |")
+            ta, tb, tc = _time([a, b, c], x)
+            print(f"| {n} | {ta:.1f} | {tb:.1f} | {tc:.1f} | {tb / ta:.2f} | {tc / ta:.2f} |")
 
 
 if __name__ == "__main__":

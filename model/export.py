@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, LAYOUT_VERSION
-from model.net import ApprovalNet
+from model.net import ApprovalNet, EnsembleNet, FusedEnsembleNet
 from streams.contract import CONTRACT_HASH
 
 __all__ = [
@@ -220,7 +220,13 @@ def _script(module: nn.Module) -> torch.jit.ScriptModule:
     module.eval()
     try:
         quiet_torchscript_deprecation()
-        scripted = torch.jit.script(module)
+        # An ensemble is served fused: the same outputs up to float rounding, half the operator calls.
+        served = (
+            FusedEnsembleNet(module)
+            if isinstance(module, EnsembleNet) and FusedEnsembleNet.can_fuse(module)
+            else module
+        )
+        scripted = torch.jit.script(served)
         frozen: torch.jit.ScriptModule = torch.jit.freeze(scripted.eval())
     finally:
         module.train(was_training)

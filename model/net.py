@@ -17,7 +17,13 @@ from typing import Final
 import torch
 from torch import nn
 
-__all__ = ["CATEGORICAL_FIELDS", "ApprovalNet", "EnsembleNet", "layout_categorical_groups"]
+__all__ = [
+    "CATEGORICAL_FIELDS",
+    "ApprovalNet",
+    "EnsembleNet",
+    "FusedEnsembleNet",
+    "layout_categorical_groups",
+]
 
 _MIN_STD = 1e-6
 
@@ -287,16 +293,137 @@ class EnsembleNet(nn.Module):
         first = True
         # No isinstance(member, ApprovalNet) here: TorchScript resolves it against the first
         # ApprovalNet type it compiled in the process, and a net of another shape then fails it.
+        # (No `continue` either: TorchScript unrolls a loop over a ModuleList and refuses one.)
         for member in self.members:
-            if not self.shared_inputs:
+            if self.shared_inputs:
+                if first:
+                    z, slots = member.inputs(x)  # type: ignore[operator]
+                    first = False
+                total = total + member.logits_from(z, slots)  # type: ignore[operator]
+            else:
                 total = total + member.logits(x)  # type: ignore[operator]
-                continue
-            if first:
-                z, slots = member.inputs(x)  # type: ignore[operator]
-                first = False
-            total = total + member.logits_from(z, slots)  # type: ignore[operator]
         return total / float(len(self.members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities ``[N, 1 + n_buckets]``: column 0 route, columns 1.. retry per bucket."""
         return torch.sigmoid(self.logits(x) * self.cal_scale + self.cal_bias)
+
+
+class FusedEnsembleNet(nn.Module):
+    """An `EnsembleNet` as the server runs it: its members' layers side by side, a few wide ops.
+
+    The members share their inputs (standardization, one-hot slots), so their first layers become
+    one matmul (``[N, members × hidden]``; each member's embedding table is folded into its first
+    layer's weights), their second layers one batched matmul, and their heads one matmul whose
+    weights are divided by the member count: the mean logit comes out directly. The same numbers
+    as `EnsembleNet.forward` up to float rounding (sums in another order; ~1e-7), in about half the
+    operator calls (`python -m bench.model_forward`). Built from a trained ensemble at export
+    (`model.export`); it holds copies, not the members.
+    """
+
+    n_inputs: Final[int]
+    n_buckets: Final[int]
+    n_groups: Final[int]
+    max_group: Final[int]
+    n_slots: Final[int]
+    n_members: Final[int]
+    hidden: Final[int]
+    mean: torch.Tensor
+    std: torch.Tensor
+    numeric_cols: torch.Tensor
+    group_cols: torch.Tensor
+    group_valid: torch.Tensor
+    group_sizes: torch.Tensor
+    group_offsets: torch.Tensor
+    w_numeric: torch.Tensor
+    w_slots: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    w_heads: torch.Tensor
+    b_heads: torch.Tensor
+    cal_scale: torch.Tensor
+    cal_bias: torch.Tensor
+
+    def __init__(self, ensemble: EnsembleNet) -> None:
+        super().__init__()
+        if not self.can_fuse(ensemble):
+            raise ValueError("only an ensemble whose members share inputs and embed their groups fuses")
+        members: list[ApprovalNet] = list(ensemble.members)  # type: ignore[arg-type]
+        first = members[0]
+        first_layer = first.trunk[0]
+        assert isinstance(first_layer, nn.Linear)
+        self.n_inputs = first.n_inputs
+        self.n_buckets = first.n_buckets
+        self.n_groups = first.n_groups
+        self.max_group = first.max_group
+        self.n_slots = first.n_slots
+        self.n_members = len(members)
+        self.hidden = first_layer.out_features
+        for name in (
+            "mean",
+            "std",
+            "numeric_cols",
+            "group_cols",
+            "group_valid",
+            "group_sizes",
+            "group_offsets",
+        ):
+            self.register_buffer(name, getattr(first, name).detach().clone())
+        n_numeric = first.numeric_cols.numel()
+        w_numeric: list[torch.Tensor] = []
+        w_slots: list[torch.Tensor] = []
+        b1: list[torch.Tensor] = []
+        w2: list[torch.Tensor] = []
+        b2: list[torch.Tensor] = []
+        w_heads: list[torch.Tensor] = []
+        b_heads: list[torch.Tensor] = []
+        with torch.no_grad():
+            for m in members:
+                l1, l2 = m.trunk[0], m.trunk[2]
+                assert isinstance(l1, nn.Linear) and isinstance(l2, nn.Linear) and m.embedding is not None
+                table = m.embedding.weight.repeat(1, m.n_groups) * m.group_block  # [slots, G × embed]
+                w_numeric.append(l1.weight[:, :n_numeric].T)
+                w_slots.append(table @ l1.weight[:, n_numeric:].T)
+                b1.append(l1.bias)
+                w2.append(l2.weight.T)
+                b2.append(l2.bias)
+                w_heads.append(torch.cat([m.route_head.weight, m.retry_head.weight]).T)
+                b_heads.append(torch.cat([m.route_head.bias, m.retry_head.bias]))
+            k = float(len(members))
+            self.register_buffer("w_numeric", torch.cat(w_numeric, 1).contiguous())  # [numeric, K × H]
+            self.register_buffer("w_slots", torch.cat(w_slots, 1).contiguous())  # [slots, K × H]
+            self.register_buffer("b1", torch.cat(b1).contiguous())
+            self.register_buffer("w2", torch.stack(w2).contiguous())  # [K, H, H]
+            self.register_buffer("b2", torch.stack(b2).unsqueeze(1).contiguous())  # [K, 1, H]
+            self.register_buffer("w_heads", (torch.cat(w_heads) / k).contiguous())  # [K × H, 1 + B]
+            self.register_buffer("b_heads", (torch.stack(b_heads).sum(0) / k).contiguous())
+            self.register_buffer("cal_scale", ensemble.cal_scale.detach().clone())
+            self.register_buffer("cal_bias", ensemble.cal_bias.detach().clone())
+
+    @staticmethod
+    @torch.jit.unused
+    def can_fuse(ensemble: EnsembleNet) -> bool:
+        return bool(ensemble.shared_inputs) and all(
+            getattr(m, "embedding", None) is not None for m in ensemble.members
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities ``[N, 1 + n_buckets]``, as `EnsembleNet.forward`."""
+        if x.dim() != 2 or x.size(1) != self.n_inputs:
+            raise ValueError(
+                "FusedEnsembleNet expects input [N, " + str(self.n_inputs) + "], got " + str(list(x.shape))
+            )
+        n = x.size(0)
+        z = ((x - self.mean) / self.std).clamp(-6.0, 6.0).index_select(1, self.numeric_cols)
+        hot = x.index_select(1, self.group_cols).reshape(n, self.n_groups, self.max_group)
+        present = (hot != 0) & self.group_valid
+        idx = torch.argmax(hot.masked_fill(~self.group_valid, float("-inf")), dim=2)
+        idx = torch.where(present.any(dim=2), idx, self.group_sizes)
+        slots = torch.zeros(n, self.n_slots, dtype=x.dtype, device=x.device)
+        slots = slots.scatter_(1, idx + self.group_offsets, 1.0)
+        h = torch.relu(torch.addmm(self.b1, z, self.w_numeric) + slots @ self.w_slots)
+        h = h.view(n, self.n_members, self.hidden).transpose(0, 1)  # [K, N, H]
+        h = torch.relu(torch.baddbmm(self.b2, h, self.w2))
+        h = h.transpose(0, 1).reshape(n, self.n_members * self.hidden)
+        return torch.sigmoid(torch.addmm(self.b_heads, h, self.w_heads) * self.cal_scale + self.cal_bias)

@@ -12,7 +12,7 @@ import torch
 import model.train as train_mod
 from model import DELAY_BUCKETS_S, INPUT_LAYOUT, ApprovalNet, export_model, quiet_torchscript_deprecation
 from model.export import MODEL_FILE
-from model.net import EnsembleNet, layout_categorical_groups
+from model.net import EnsembleNet, FusedEnsembleNet, layout_categorical_groups
 from model.train import (
     CheckpointError,
     TrainingDataError,
@@ -389,3 +389,53 @@ def test_an_ensemble_of_one_is_a_plain_fit() -> None:
     assert isinstance(one, ApprovalNet)
     with pytest.raises(ValueError, match="members"):
         train_mod.fit_ensemble(data, members=0, n_buckets=B)
+
+
+def _layout_net(seed: int, hidden: int = 16) -> ApprovalNet:
+    torch.manual_seed(seed)
+    groups = layout_categorical_groups(INPUT_LAYOUT)
+    net = ApprovalNet(len(INPUT_LAYOUT), len(DELAY_BUCKETS_S), hidden, categorical_groups=groups)
+    net.set_normalization(torch.full((len(INPUT_LAYOUT),), 0.3), torch.full((len(INPUT_LAYOUT),), 2.0))
+    return net.eval()
+
+
+def _layout_rows(n: int, seed: int) -> torch.Tensor:
+    """Rows of the real layout: numbers, and each one-hot group hot in one column or (some) in none."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, len(INPUT_LAYOUT), generator=g) * 3
+    for cols in layout_categorical_groups(INPUT_LAYOUT):
+        x[:, cols] = 0.0
+        pick = torch.randint(0, len(cols) + 1, (n,), generator=g)  # len(cols): none hot
+        for r in range(n):
+            if pick[r] < len(cols):
+                x[r, cols[int(pick[r])]] = 1.0
+    return x
+
+
+def test_an_ensemble_is_exported_fused_with_the_same_outputs(tmp_path: Path) -> None:
+    net = EnsembleNet([_layout_net(s) for s in range(3)]).eval()
+    net.set_calibration([1.3] + [0.9] * len(DELAY_BUCKETS_S), [-0.2] + [0.1] * len(DELAY_BUCKETS_S))
+    fused = FusedEnsembleNet(net).eval()
+    x = _layout_rows(200, seed=1)
+    with torch.no_grad():
+        eager = net(x)
+        torch.testing.assert_close(fused(x), eager, atol=1e-6, rtol=0)
+        torch.testing.assert_close(fused(x[:1]), eager[:1], atol=1e-6, rtol=0)
+    path = export_model(net, tmp_path, "fused")
+    loaded = _load(path / MODEL_FILE)
+    assert loaded.original_name == "FusedEnsembleNet"
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), eager, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expects input"):
+        fused(x[:, :-1])
+    # Members that do not share their inputs (another normalization) are exported one by one.
+    other = _layout_net(7)
+    other.set_normalization(torch.zeros(len(INPUT_LAYOUT)), torch.ones(len(INPUT_LAYOUT)))
+    mixed = EnsembleNet([_layout_net(1), other]).eval()
+    assert not FusedEnsembleNet.can_fuse(mixed)
+    with pytest.raises(ValueError, match="fuses"):
+        FusedEnsembleNet(mixed)
+    plain = _load(export_model(mixed, tmp_path, "unfused") / MODEL_FILE)
+    assert plain.original_name == "EnsembleNet"
+    with torch.inference_mode(), torch.no_grad():
+        torch.testing.assert_close(plain(x), mixed(x), atol=1e-5, rtol=0)
