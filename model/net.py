@@ -68,6 +68,27 @@ def _check_groups(groups: Sequence[Sequence[int]], n_inputs: int) -> list[list[i
     return out
 
 
+def _slots(
+    x: torch.Tensor,
+    group_cols: torch.Tensor,
+    group_valid: torch.Tensor,
+    group_sizes: torch.Tensor,
+    group_offsets: torch.Tensor,
+    n_groups: int,
+    max_group: int,
+    n_slots: int,
+) -> torch.Tensor:
+    """The categorical groups of `x` as one-hot slots ``[N, n_slots]``: per group its hot column,
+    or its "none" slot when no column is hot (see `ApprovalNet`)."""
+    n = x.size(0)
+    hot = x.index_select(1, group_cols).reshape(n, n_groups, max_group)
+    present = (hot != 0) & group_valid
+    idx = torch.argmax(hot.masked_fill(~group_valid, float("-inf")), dim=2)
+    idx = torch.where(present.any(dim=2), idx, group_sizes)
+    slots = torch.zeros(n, n_slots, dtype=x.dtype, device=x.device)
+    return slots.scatter_(1, idx + group_offsets, 1.0)
+
+
 def _set_calibration(
     net: "ApprovalNet | EnsembleNet",
     scale: torch.Tensor | Sequence[float],
@@ -218,13 +239,10 @@ class ApprovalNet(nn.Module):
         z = ((x - self.mean) / self.std).clamp(-6.0, 6.0)
         slots = torch.zeros(0, 0, dtype=x.dtype, device=x.device)
         if self.embedding is not None:
-            n = x.size(0)
-            hot = x.index_select(1, self.group_cols).reshape(n, self.n_groups, self.max_group)
-            present = (hot != 0) & self.group_valid
-            idx = torch.argmax(hot.masked_fill(~self.group_valid, float("-inf")), dim=2)
-            idx = torch.where(present.any(dim=2), idx, self.group_sizes)
-            slots = torch.zeros(n, self.n_slots, dtype=x.dtype, device=x.device)
-            slots = slots.scatter_(1, idx + self.group_offsets, 1.0)
+            slots = _slots(
+                x, self.group_cols, self.group_valid, self.group_sizes, self.group_offsets,
+                self.n_groups, self.max_group, self.n_slots,
+            )  # fmt: skip
             z = z.index_select(1, self.numeric_cols)
         return z, slots
 
@@ -416,12 +434,10 @@ class FusedEnsembleNet(nn.Module):
             )
         n = x.size(0)
         z = ((x - self.mean) / self.std).clamp(-6.0, 6.0).index_select(1, self.numeric_cols)
-        hot = x.index_select(1, self.group_cols).reshape(n, self.n_groups, self.max_group)
-        present = (hot != 0) & self.group_valid
-        idx = torch.argmax(hot.masked_fill(~self.group_valid, float("-inf")), dim=2)
-        idx = torch.where(present.any(dim=2), idx, self.group_sizes)
-        slots = torch.zeros(n, self.n_slots, dtype=x.dtype, device=x.device)
-        slots = slots.scatter_(1, idx + self.group_offsets, 1.0)
+        slots = _slots(
+            x, self.group_cols, self.group_valid, self.group_sizes, self.group_offsets,
+            self.n_groups, self.max_group, self.n_slots,
+        )  # fmt: skip
         h = torch.relu(torch.addmm(self.b1, z, self.w_numeric) + slots @ self.w_slots)
         h = h.view(n, self.n_members, self.hidden).transpose(0, 1)  # [K, N, H]
         h = torch.relu(torch.baddbmm(self.b2, h, self.w2))
