@@ -266,9 +266,7 @@ def export_model(
         created_at=_now_iso(),
         metrics={str(k): float(v) for k, v in (metrics or {}).items()},
         data_summary=dict(data_summary or {}),
-        route_selection=_selection(
-            dict(route_selection) if isinstance(route_selection, Mapping) else (route_selection or {})
-        ),
+        route_selection=_selection(dict(route_selection or {})),
     )
     manifest_text = manifest.to_json()  # fail on NaN metrics before touching the disk
     scripted = _script(module)

@@ -31,8 +31,9 @@ import numpy as np
 from model.sim.config import WorldConfig
 from model.sim.play import AttemptView, Decision, play
 from model.sim.policies import Authopt, load_policy_model
-from model.sim.world import World
+from model.sim.world import Payment, World
 from model.train import expected_calibration_error
+from server.models import LoadedModel
 from server.policy import SelectionCorrection
 
 __all__ = ["SelectionFit", "fit_correction", "fit_selection", "record_decisions"]
@@ -64,14 +65,16 @@ class SelectionFit:
 
 def record_decisions(
     world: World,
-    model_dir: Path,
+    payments: list[Payment],
+    model: LoadedModel,
     *,
     selection: SelectionCorrection | None,
     seed: int,
     progress: Callable[[int], None] | None = None,
 ) -> Decisions:
-    """Play the model as served (its exploration rate, `selection` applied) and keep its decisions."""
-    policy = Authopt(load_policy_model(model_dir), selection=selection, seed=seed)
+    """Play `payments` with the model as served (its exploration rate, `selection` applied) and
+    keep its decisions."""
+    policy = Authopt(model, selection=selection, seed=seed)
     out = Decisions()
     index: list[int] = []
 
@@ -81,7 +84,6 @@ def record_decisions(
             out.chosen.append(view.routes.index(decision.route))
             index.append(view.payment.index)
 
-    payments = world.payments()
     result = play(world, policy, payments=payments, on_decision=keep, progress=progress)
     position = {p.index: j for j, p in enumerate(payments)}
     out.approved = [result.first_approved[position[i]] for i in index]
@@ -148,20 +150,21 @@ def fit_selection(
         raise ValueError("fit_selection needs at least one seed and one round")
     world_cfg = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
     worlds = {s: World(world_cfg, s) for s in seeds}
+    traffic = {s: w.payments() for s, w in worlds.items()}
+    model = load_policy_model(model_dir)
     correction: SelectionCorrection | None = None
     d = Decisions()
     for r in range(rounds):
         d = Decisions()
         for s in seeds if r == rounds - 1 else seeds[:1]:
-            world = worlds[s]
             label = f"fitting the selection correction (round {r + 1}/{rounds}, seed {s})"
-            n = len(world.payments())
+            n = len(traffic[s])
 
             def step(k: int, label: str = label, n: int = n) -> None:
                 if progress is not None:
                     progress(label, k, n)
 
-            one = record_decisions(world, model_dir, selection=correction, seed=s, progress=step)
+            one = record_decisions(worlds[s], traffic[s], model, selection=correction, seed=s, progress=step)
             d.route_p += one.route_p
             d.chosen += one.chosen
             d.approved += one.approved

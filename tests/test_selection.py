@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -111,10 +112,12 @@ def test_manifest_carries_and_checks_the_correction(tmp_path: Path) -> None:
         ({**sel, "spread_scale": 0.0}, "spread_scale must be positive"),
         ({**sel, "mean_scale": -1.0}, "mean_scale must be positive"),
         ({**sel, "intercept": "x"}, "intercept must be a finite number"),
-        ([1, 2], "must be an object"),
     ]:
         with pytest.raises(ValueError, match=message):
             make_tiny_artifact(tmp_path, "bad", route_selection=bad)
+    doc = json.loads((path / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="must be an object"):
+        Manifest.from_json(json.dumps({**doc, "route_selection": [1, 2]}))
 
 
 def test_model_scores_apply_the_correction_to_the_route_column_only() -> None:
