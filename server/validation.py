@@ -34,11 +34,13 @@ from google.protobuf.message import Message
 from authopt.v1 import attempt_pb2, optimizer_pb2
 from server.currencies import MINOR_UNITS
 from server.errors import InvalidArgument
+from server.pan import MAX_PAN as _MAX_PAN
+from server.pan import MIN_PAN as _MIN_PAN
+from server.pan import is_card_number
 
 __all__ = [
     "Limits",
     "find_card_number",
-    "luhn_ok",
     "validate_outcome",
     "validate_outcomes",
     "validate_recommend",
@@ -65,7 +67,6 @@ class Limits:
 
 # --- card numbers -------------------------------------------------------------------------------------
 
-_MIN_PAN, _MAX_PAN = 12, 19
 # Pre-filter over the wire bytes. String fields are stored verbatim, so after mapping every digit to "0",
 # everything else but the separators to "x", and deleting the separators, a message holding a card number
 # has twelve "0" in a row. Two C calls; most requests stop here.
@@ -75,38 +76,26 @@ _WIRE_NEEDLE = b"0" * _MIN_PAN
 # A maximal run of at least 12 ASCII digits with single spaces or dashes between them.
 _RUN = re.compile(r"[0-9](?:[ -]?[0-9]){11,}")
 _SEPARATOR = re.compile(r"[ -]")
-_LUHN_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 
 
-def luhn_ok(digits: str) -> bool:
-    """True when ``digits`` (ASCII digits only, non-empty) passes the Luhn (mod 10) check."""
-    if not digits or not (digits.isascii() and digits.isdigit()):
-        return False
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        total += _LUHN_DOUBLED[d] if i & 1 else d
-    return total % 10 == 0
-
-
 def _run_has_pan(run: str) -> bool:
-    """Whether a digit run holds a 12-19 digit Luhn-valid number.
+    """Whether a digit run holds a card number (`server.pan.is_card_number`).
 
     An unseparated run is a number only as a whole (a 25-digit id is not a card number). A separated
     run is also checked group by group, so "4111 1111 1111 1111 12" (a PAN and more digits) is caught.
     """
     groups = _SEPARATOR.split(run)
     if len(groups) == 1:
-        return _MIN_PAN <= len(run) <= _MAX_PAN and luhn_ok(run)
+        return is_card_number(run)
     for start in range(len(groups)):
         size = 0
         for end in range(start, len(groups)):
             size += len(groups[end])
             if size > _MAX_PAN:
                 break
-            if size >= _MIN_PAN and luhn_ok("".join(groups[start : end + 1])):
+            if size >= _MIN_PAN and is_card_number("".join(groups[start : end + 1])):
                 return True
     return False
 
@@ -228,7 +217,8 @@ def find_card_number(msg: Message) -> str | None:
     """The dotted path of the first string field that holds a full card number, or ``None``.
 
     Looks at every string field, recursively, including repeated fields and map keys and values, for
-    a run of 12-19 ASCII digits (single spaces or dashes allowed between digits) that passes Luhn.
+    a run of 12-19 ASCII digits (single spaces or dashes allowed between digits) that is a card number:
+    in a network's issuer range, at one of its lengths, with a valid Luhn check digit (`server.pan`).
     Bytes fields are not text and are not inspected.
     """
     wire = msg.SerializeToString().translate(_WIRE_TABLE, _WIRE_SEPARATORS)

@@ -10,10 +10,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
 from server.currencies import MINOR_UNITS
 from server.errors import InvalidArgument
+from server.pan import luhn_ok
 from server.validation import (
     Limits,
     find_card_number,
-    luhn_ok,
     validate_outcome,
     validate_outcomes,
     validate_recommend,
@@ -441,7 +441,7 @@ PAN_FORMS = [
     "6011000990139424",  # Discover
     "3530111333300000",  # JCB
     "6062826786276634",  # Hipercard
-    "4000000000000000006",  # 19 digits
+    "6205500000000000004",  # UnionPay, 19 digits
 ]
 
 
