@@ -20,6 +20,8 @@ COPY authopt ./authopt
 COPY server ./server
 COPY streams ./streams
 COPY model ./model
+COPY sim ./sim
+COPY cli ./cli
 # Not editable: the packages and the bundled default model (model/artifacts) land in the venv,
 # compiled to bytecode by pip (the read-only root filesystem never needs to write any). pip and
 # setuptools go afterwards: nothing installs at run time.

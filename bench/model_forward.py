@@ -23,7 +23,7 @@ import torch
 
 from model import DELAY_BUCKETS_S, INPUT_LAYOUT, ApprovalNet, export_model
 from model.net import EnsembleNet, FusedEnsembleNet, layout_categorical_groups
-from model.sim.policies import load_policy_model
+from sim.policies import load_policy_model
 
 
 def _net(hidden: int, seed: int) -> ApprovalNet:

@@ -1,4 +1,4 @@
-"""Simulator log emission: attempts/s of model.sim.emit.emit_log (Logging policy, open loop, vectorized).
+"""Simulator log emission: attempts/s of sim.emit.emit_log (Logging policy, open loop, vectorized).
 
   python -m bench.sim_emit [--world default] [--seed 0] [--payments N] [--repeat 3] [--pin CPU] [--json PATH]
 
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model.sim import World, load_world
-from model.sim.config import WorldConfig
-from model.sim.emit import EmitStats, emit_log
+from sim import World, load_world
+from sim.config import WorldConfig
+from sim.emit import EmitStats, emit_log
 
 
 def build(world_name: str, seed: int, payments: int | None) -> tuple[World, list[Any], float]:

@@ -7,7 +7,7 @@ payment's earlier attempts as prior attempts, the route it used, and whether it 
 decline that the logging policy retried after exactly one of the model's delay buckets gives a
 retry-head row (column 1 + b): the features just after the decline was reported (when the server
 advises), the payment's attempts so far, the route of the retry, and whether the retry was approved.
-The encoding is `model.layout.encode_flat` with `server.features.lookup_features` and
+The encoding is `model.layout.encode_flat` with `model.features.lookup_features` and
 `attempt_context`: byte for byte what the server computes.
 """
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from authopt.v1 import attempt_pb2, events_pb2
+from model.features import attempt_context, lookup_features
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, encode_flat
 from model.train import TrainingSet
-from server.features import attempt_context, lookup_features
 from streams.replay import FeatureReplay, ReplayStats
 
 __all__ = ["DatasetSummary", "build_training_set", "prior_of"]

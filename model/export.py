@@ -77,7 +77,7 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     data_summary: dict[str, object] = field(default_factory=dict)
     route_selection: dict[str, float] = field(default_factory=dict)
-    """`server.policy.SelectionCorrection` of the route column (``model/selection.py``); {}: none."""
+    """`server.policy.SelectionCorrection` of the route column (``sim/selection.py``); {}: none."""
     format: str = "torchscript"
     framework: str = field(default_factory=_framework)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
-from model.sim.platform import SimulateSettings
 from server.settings import ServerSettings
+from sim.platform import SimulateSettings
 from streams.kafka import KafkaSettings
 from streams.worker import WorkerSettings
 

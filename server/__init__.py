@@ -10,8 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from model.features import FeatureRow, FeatureStore, InMemoryFeatureStore
     from server.app import AuthoptServer, create_server, serve
-    from server.features import FeatureRow, FeatureStore, InMemoryFeatureStore
     from server.settings import RouteConfig, ServerSettings
 
 __all__ = [
@@ -29,9 +29,9 @@ _HOMES = {
     "AuthoptServer": "server.app",
     "create_server": "server.app",
     "serve": "server.app",
-    "FeatureRow": "server.features",
-    "FeatureStore": "server.features",
-    "InMemoryFeatureStore": "server.features",
+    "FeatureRow": "model.features",
+    "FeatureStore": "model.features",
+    "InMemoryFeatureStore": "model.features",
     "RouteConfig": "server.settings",
     "ServerSettings": "server.settings",
 }

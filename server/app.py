@@ -19,10 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from authopt.v1 import optimizer_pb2, optimizer_pb2_grpc
+from model.features import FeatureStore, InMemoryFeatureStore
 from server import policy, validation
 from server.batcher import BatcherConfig, MicroBatcher
 from server.decision import DecisionEngine, EngineConfig
-from server.features import FeatureStore, InMemoryFeatureStore
 from server.idempotency import IdempotencyCache, make_cache
 from server.models import ModelRegistry, resolve_device
 from server.publisher import OutcomePublisher, make_publisher

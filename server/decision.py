@@ -18,10 +18,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from authopt.v1 import attempt_pb2, optimizer_pb2
+from model.features import FeatureLookup, FeatureStore, attempt_context, lookup_features
 from model.layout import DELAY_BUCKETS_S, encode_flat
 from server import policy, rules
 from server.batcher import BatchStats, DeadlineExceeded, MicroBatcher, QueueFull
-from server.features import FeatureLookup, FeatureStore, attempt_context, lookup_features
 from server.models import ModelRegistry
 from server.telemetry import tracer
 from streams.contract import Entity

@@ -7,7 +7,7 @@
 - Selection: the route ranked first is the one with the highest of several noisy estimates, so its
   estimate is biased upward (the optimizer's curse); :class:`SelectionCorrection` shrinks each
   candidate's logit toward the candidates' mean by a factor fitted on the model's own served
-  decisions (``model/selection.py``), which keeps their order and removes that bias.
+  decisions (``sim/selection.py``), which keeps their order and removes that bias.
 - Fallback when the model is unavailable: smoothed success rates per route
   (:func:`success_rate_scores`) and a transparent retry heuristic (:func:`heuristic_retry_probabilities`).
 

@@ -1,4 +1,5 @@
-"""Streaming features: the shared feature contract (and, later, the Faust workers that compute it)."""
+"""Streaming features: the shared feature contract, its arithmetic, the Faust worker that keeps the
+features, the server-side replica that follows them and the offline replay (streams.replay)."""
 
 from streams.contract import (
     BY_QUALIFIED_NAME,

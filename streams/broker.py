@@ -151,7 +151,7 @@ def start_worker(
     }
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "authopt.cli", "worker"],
+            [sys.executable, "-m", "cli.main", "worker"],
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,

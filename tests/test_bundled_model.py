@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from model.artifacts import DEFAULT_MODEL_DIR
-from model.sim.policies import load_policy_model
+from sim.policies import load_policy_model
 
 
 def test_the_bundled_model_loads_and_is_small() -> None:
@@ -12,7 +12,7 @@ def test_the_bundled_model_loads_and_is_small() -> None:
     model = load_policy_model(DEFAULT_MODEL_DIR)
     assert model.manifest.data_summary["world"] == "default"
     assert model.manifest.metrics["val_ece_route"] <= 0.02
-    # Fitted by `authopt train` on plays of the model (model/selection.py): it shrinks the
+    # Fitted by `authopt train` on plays of the model (sim/selection.py): it shrinks the
     # candidates' differences, and its fit cut the chosen route's ECE in those plays.
     assert model.selection is not None and 0 < model.selection.spread_scale < 1
     assert model.manifest.metrics["selection_ece_after"] < model.manifest.metrics["selection_ece_before"]

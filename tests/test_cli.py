@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from streams.broker import free_port
 from tests.conftest import make_request
 
-AUTHOPT = [sys.executable, "-m", "authopt.cli"]
+AUTHOPT = [sys.executable, "-m", "cli.main"]
 
 
 def _wait_serving(port: int, timeout_s: float = 30.0) -> None:
@@ -110,7 +110,7 @@ def test_missing_extras_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     which extra to install instead of failing on an import."""
     from click.testing import CliRunner
 
-    from authopt.cli import main
+    from cli.main import main
     from streams.broker import BrokerError, broker_binary
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError

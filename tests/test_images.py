@@ -97,7 +97,7 @@ def test_image_facts(name: str) -> None:
     assert users == [f"{uid}:{chart_values['securityContext']['runAsGroup']}"] and uid != 0
     # The console script from pyproject, serving by default; `authopt worker` is the other command.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["authopt"] == "authopt.cli:main"
+    assert project["scripts"]["authopt"] == "cli.main:main"
     assert ("ENTRYPOINT", '["authopt"]') in final and ("CMD", '["serve"]') in final
     env = " ".join(rest for word, rest in final if word == "ENV")
     assert "AUTHOPT_SERVER_HOST=0.0.0.0" in env and "HOME=/tmp" in env

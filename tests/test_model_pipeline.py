@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from authopt.cli import main
 from authopt.v1 import events_pb2
+from cli.main import main
 from model.dataset import build_training_set
-from model.evaluate import evaluate_world, write_results
 from model.export import make_tiny_artifact
+from model.features import attempt_context, lookup_features
 from model.layout import encode_flat
-from model.pipeline import TrainConfig, train_world
-from model.sim import World, load_world
-from model.sim.config import WorldConfig
-from model.sim.play import play
-from model.sim.policies import Logging, load_policy_model
 from model.train import TrainingDataError, TrainingSet
-from server.features import attempt_context, lookup_features
 from server.models import ModelRejected
+from sim import World, load_world
+from sim.config import WorldConfig
+from sim.evaluate import evaluate_world, write_results
+from sim.pipeline import TrainConfig, train_world
+from sim.play import play
+from sim.policies import Logging, load_policy_model
 from streams.replay import read_log, replay_final
 
 pytestmark = pytest.mark.slow
@@ -133,10 +133,10 @@ def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
     assert model.version == "default-s5"
     manifest = model.manifest
     assert manifest.data_summary["world"] == "default" and manifest.data_summary["events"] > 0
-    numerics = manifest.data_summary["numerics"]  # the kernels it was trained with (authopt/numerics.py)
+    numerics = manifest.data_summary["numerics"]  # the kernels it was trained with (model/numerics.py)
     assert isinstance(numerics, dict) and numerics["torch"] and numerics["cpu_capability"]
     assert 0 <= manifest.metrics["val_ece_route"] < 0.2
-    # The selection correction was fitted on plays of the served model (model/selection.py).
+    # The selection correction was fitted on plays of the served model (sim/selection.py).
     selection = manifest.data_summary["selection"]
     assert isinstance(selection, dict) and selection["rounds"] == 2 and selection["decisions"] > 0
     assert set(manifest.route_selection) in ({"intercept", "mean_scale", "spread_scale"}, set())
@@ -202,7 +202,7 @@ def test_evaluate_refuses_a_missing_or_mismatched_model(tmp_path: Path) -> None:
 def test_invalid_world_file_is_refused_by_the_commands(tmp_path: Path) -> None:
     bad = tmp_path / "w.toml"
     bad.write_text(
-        (Path(__file__).parent.parent / "model/sim/worlds/default.toml")
+        (Path(__file__).parent.parent / "sim/worlds/default.toml")
         .read_text()
         .replace("cost_bps = 18", "cost_bps = -1")
     )

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from authopt.numerics import PINNED_ENV
+from model.numerics import PINNED_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 AVX2 = X86 and " avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
 
 _PROBE = (
-    "import json, sys; from authopt.numerics import pin_numerics, numerics; "
+    "import json, sys; from model.numerics import pin_numerics, numerics; "
     "ok = pin_numerics(); print(json.dumps({'ok': ok, **numerics()}))"
 )
 
@@ -52,6 +52,6 @@ def test_a_kernel_set_chosen_in_the_environment_wins() -> None:
 @pytest.mark.skipif(not X86, reason="x86-64")
 def test_pinning_after_torch_loaded_says_it_came_too_late() -> None:
     clean = {k: v for k, v in os.environ.items() if k not in PINNED_ENV}
-    code = "import torch; from authopt.numerics import pin_numerics; print(pin_numerics())"
+    code = "import torch; from model.numerics import pin_numerics; print(pin_numerics())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True)
     assert out.stdout.strip() == "False"

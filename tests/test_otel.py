@@ -6,7 +6,7 @@ import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-from authopt.otel import exporter_from_env
+from cli.otel import exporter_from_env
 
 
 def test_default_is_none_without_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,7 +35,7 @@ def test_no_exporter_installs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without an exporter, spans stay the API's non-recording ones (no cost per decision)."""
     from opentelemetry import trace
 
-    from authopt.otel import configure_tracing
+    from cli.otel import configure_tracing
 
     monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)

@@ -12,9 +12,9 @@ import pytest
 
 from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from model.artifacts import DEFAULT_MODEL_DIR
-from model.sim.config import load_world
-from model.sim.platform import LatencyHistogram, Platform, SimulateSettings, Tally
-from model.sim.world import World
+from sim.config import load_world
+from sim.platform import LatencyHistogram, Platform, SimulateSettings, Tally
+from sim.world import World
 from streams import Entity, entity_key
 from tests.conftest import ServerFactory
 
@@ -237,7 +237,7 @@ async def test_payments_waiting_for_a_retry_do_not_stall_the_traffic(after_s: fl
 
 
 async def test_acquire_unless_gives_up_when_stopped() -> None:
-    from model.sim.platform import _acquire_unless
+    from sim.platform import _acquire_unless
 
     sem, stop = asyncio.Semaphore(1), asyncio.Event()
     assert await _acquire_unless(sem, stop)  # free: taken

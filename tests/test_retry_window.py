@@ -6,10 +6,10 @@ import random
 import time
 
 from authopt.v1 import attempt_pb2, optimizer_pb2
+from model.features import InMemoryFeatureStore, lookup_features
 from model.layout import DELAY_BUCKETS_S
 from server import policy
 from server.decision import model_scores, respond
-from server.features import InMemoryFeatureStore, lookup_features
 from tests.conftest import ROUTES, make_request
 
 NOW = time.time()

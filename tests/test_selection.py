@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from model import Manifest, make_tiny_artifact
-from model.selection import MIN_DECISIONS, Decisions, _chosen_ece, fit_correction
-from model.sim.policies import load_policy_model
 from server.decision import model_scores
 from server.policy import SelectionCorrection
+from sim.policies import load_policy_model
+from sim.selection import MIN_DECISIONS, Decisions, _chosen_ece, fit_correction
 from tests.conftest import ROUTES, ServerFactory, make_request
 
 

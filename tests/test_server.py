@@ -263,7 +263,7 @@ async def test_graceful_drain_finishes_in_flight(start_server: ServerFactory, mo
 
 def test_lookup_keys_match_the_contracts_entity_keys() -> None:
     """The hot path builds keys inline; they must be exactly what streams.entity_key publishes."""
-    from server.features import InMemoryFeatureStore, lookup_features
+    from model.features import InMemoryFeatureStore, lookup_features
     from streams import Entity, entity_key
 
     attempt = make_request().attempt

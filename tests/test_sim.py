@@ -8,11 +8,11 @@ import statistics
 import pytest
 
 from authopt.v1 import attempt_pb2
-from model.sim import BUILTIN_WORLDS, World, WorldConfigError, load_world, parse_world
-from model.sim.config import WorldConfig
-from model.sim.play import play
-from model.sim.policies import Cheapest, Ladder, Logging, Oracle, Static, SuccessRate
-from model.sim.world import APPROVED, DECLINED, ERROR
+from sim import BUILTIN_WORLDS, World, WorldConfigError, load_world, parse_world
+from sim.config import WorldConfig
+from sim.play import play
+from sim.policies import Cheapest, Ladder, Logging, Oracle, Static, SuccessRate
+from sim.world import APPROVED, DECLINED, ERROR
 from streams.contract import HARD_CODES
 
 
@@ -269,8 +269,8 @@ def test_ladder_retries_on_its_schedule_within_the_window() -> None:
 @pytest.mark.parametrize("name", sorted(BUILTIN_WORLDS))
 def test_no_simulated_card_looks_like_a_card_number(name: str) -> None:
     """The server refuses anything that could be a PAN; a simulated card must never be one."""
-    from model.sim.play import attempt_message
     from server.validation import find_card_number
+    from sim.play import attempt_message
 
     w = World(load_world(name), 7)
     for card in range(w.config.cards.count):

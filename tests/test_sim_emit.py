@@ -1,4 +1,4 @@
-"""model.sim.emit: the open-loop Logging-policy log is the closed loop's events, bytes and rules included."""
+"""sim.emit: the open-loop Logging-policy log is the closed loop's events, bytes and rules included."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 
 from authopt.v1 import events_pb2
 from model.layout import DELAY_BUCKETS_S
-from model.sim import World, load_world
-from model.sim.emit import EmitStats, EventEncoder, emit_log, encode_event
-from model.sim.play import RuleCounters, _event
-from model.sim.world import APPROVED, DECLINED, ERROR, Belief, Outcome, Payment
 from server import rules
+from sim import World, load_world
+from sim.emit import EmitStats, EventEncoder, emit_log, encode_event
+from sim.play import RuleCounters, _event
+from sim.world import APPROVED, DECLINED, ERROR, Belief, Outcome, Payment
 from streams.replay import ReplayStats, read_log, replay, replay_final
 
 _DAY = 86_400

@@ -312,7 +312,7 @@ async def test_worker_waits_for_an_unreachable_broker(tmp_path: Path) -> None:
 
 def test_authopt_broker_command_runs_and_stops(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "authopt.cli", "broker"],
+        [sys.executable, "-m", "cli.main", "broker"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

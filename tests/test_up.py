@@ -28,7 +28,7 @@ def _gone(pid: int) -> bool:
 
 def _up(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "authopt.cli", "up", "--no-dashboard", *args,
+        [sys.executable, "-m", "cli.main", "up", "--no-dashboard", *args,
          "--summary-json", str(tmp_path / "summary.json"), "--workdir", str(tmp_path / "work")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -104,7 +104,7 @@ def test_up_refuses_bad_options(tmp_path: Path) -> None:
         (["--world", str(tmp_path / "nope.toml")], "nope.toml"),
     ):
         run = subprocess.run(
-            [sys.executable, "-m", "authopt.cli", "up", "--no-dashboard", *args],
+            [sys.executable, "-m", "cli.main", "up", "--no-dashboard", *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -117,9 +117,9 @@ def test_dashboard_renders_every_panel(tmp_path: Path) -> None:
     """The live view (the e2e tests run --no-dashboard): traffic, the comparison, the processes."""
     from rich.console import Console
 
-    from authopt.up import Child, Stack, UpOptions, dashboard, status_line
-    from model.sim.config import load_world
-    from model.sim.platform import Platform, SimulateSettings, Tally
+    from cli.up import Child, Stack, UpOptions, dashboard, status_line
+    from sim.config import load_world
+    from sim.platform import Platform, SimulateSettings, Tally
 
     world = load_world("default")
     platform = Platform(SimulateSettings(target="unused:1", duration_s=None), world)  # type: ignore[call-arg]

@@ -24,10 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.features import attempt_context, lookup_features
 from model.layout import encode_flat
-from model.sim.config import WorldConfig
-from model.sim.play import AttemptView, Decision, PlayResult, attempt_message, play
-from model.sim.policies import (
+from model.train import expected_calibration_error, reliability_bins
+from server.models import LoadedModel
+from sim.config import WorldConfig
+from sim.play import AttemptView, Decision, PlayResult, attempt_message, play
+from sim.policies import (
     Authopt,
     Cheapest,
     Logging,
@@ -37,10 +40,7 @@ from model.sim.policies import (
     candidates,
     load_policy_model,
 )
-from model.sim.world import World
-from model.train import expected_calibration_error, reliability_bins
-from server.features import attempt_context, lookup_features
-from server.models import LoadedModel
+from sim.world import World
 
 __all__ = ["POLICIES", "TARGETS", "evaluate_world", "play_metrics"]
 
@@ -312,7 +312,7 @@ def _targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def write_results(docs: list[dict[str, Any]], out_dir: Path) -> Path:
     """results.json (machine-readable), report.md and PNG plots under `out_dir`."""
-    from model.report import write_report
+    from sim.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     clean = [{k: v for k, v in d.items() if k != "_series"} for d in docs]

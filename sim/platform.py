@@ -1,7 +1,7 @@
 """A simulated payment platform that asks a live authopt server for every decision.
 
 `authopt simulate` and `authopt up` run it. It plays the payments of a simulated world
-(`model.sim.world`) at `rate` new payments per second of wall-clock time, in the world's order and
+(`sim.world`) at `rate` new payments per second of wall-clock time, in the world's order and
 mix: for each payment it calls `Recommend` over gRPC, attempts the route that came first, draws the
 outcome from the world's ground truth for that route, reports it with `ReportOutcomes` (so it flows
 through Kafka into the features the next decisions read), and retries a decline when, and only
@@ -42,11 +42,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
-from model.sim.config import WorldConfig
-from model.sim.play import NETWORK_NAME, RuleCounters, add_prior_attempt, attempt_message, outcome_message
-from model.sim.world import APPROVED, ERROR, Belief, Incident, Outcome, Payment, World
 from server import rules
 from server.errors import error_info
+from sim.config import WorldConfig
+from sim.play import NETWORK_NAME, RuleCounters, add_prior_attempt, attempt_message, outcome_message
+from sim.world import APPROVED, ERROR, Belief, Incident, Outcome, Payment, World
 
 if TYPE_CHECKING:
     from authopt.v1.optimizer_pb2_grpc import AuthorizationOptimizerServiceAsyncStub as _Stub

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from model.sim.play import PlayResult
+from sim.play import PlayResult
 
 __all__ = ["write_report"]
 

@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from model.sim.config import Episode, RandomEpisodes, WorldConfig
+from sim.config import Episode, RandomEpisodes, WorldConfig
 
 __all__ = [
     "APPROVED",

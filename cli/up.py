@@ -3,7 +3,7 @@
 Starts, in order, the local Kafka-compatible broker (Tansu), one `authopt worker`, one
 `authopt serve` with the bundled model, each its own process tied to this one (they get SIGTERM if
 it dies), waits until the server reports SERVING (its feature replica has caught up), then plays a
-simulated payment platform against it (`model.sim.platform`) while a dashboard shows what happens.
+simulated payment platform against it (`sim.platform`) while a dashboard shows what happens.
 At the end of `duration_s`, or on SIGINT/SIGTERM, it stops in order: the traffic (in-flight payments
 finish their step, every outcome is reported), then waits until the worker has taken every reported
 outcome from the topic, then stops the server (it drains), the worker and the broker, and prints a
@@ -30,8 +30,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from model.sim.config import WorldConfig
-from model.sim.platform import Platform, PlatformStats, SimulateSettings
+from sim.config import WorldConfig
+from sim.platform import Platform, PlatformStats, SimulateSettings
 from streams.broker import LocalBroker, LocalWorker, die_with_parent, free_port, start_broker, start_worker
 
 __all__ = ["UpError", "UpOptions", "format_platform", "platform_line", "run_up"]
@@ -128,7 +128,7 @@ def _start_server(bootstrap: str, port: int, log_path: Path, seed: int, model_di
         "AUTHOPT_SERVER_HOST": "127.0.0.1",
         "AUTHOPT_SERVER_SEED": str(seed),
     }
-    cmd = [sys.executable, "-m", "authopt.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port)]
     if model_dir is not None:
         cmd += ["--model-dir", str(model_dir)]
     with log_path.open("ab") as out:

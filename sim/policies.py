@@ -27,8 +27,13 @@ from typing import Literal
 import torch
 
 from authopt.v1 import optimizer_pb2
+from model.features import attempt_context, lookup_features
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, LAYOUT_VERSION, encode_flat
-from model.sim.play import (
+from server import policy as server_policy
+from server import rules
+from server.decision import fallback_scores, model_scores, respond
+from server.models import LoadedModel, load_model
+from sim.play import (
     NETWORK_NAME,
     AttemptView,
     Decision,
@@ -36,12 +41,7 @@ from model.sim.play import (
     add_prior_attempt,
     attempt_message,
 )
-from model.sim.world import APPROVED, ERROR, Outcome
-from server import policy as server_policy
-from server import rules
-from server.decision import fallback_scores, model_scores, respond
-from server.features import attempt_context, lookup_features
-from server.models import LoadedModel, load_model
+from sim.world import APPROVED, ERROR, Outcome
 from streams.contract import CONTRACT_HASH
 
 __all__ = [

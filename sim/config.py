@@ -254,7 +254,7 @@ def parse_world(text: str, source: str = "<string>") -> WorldConfig:
 def load_world(name_or_path: str | Path) -> WorldConfig:
     """A built-in world by name (``default``, ``outage-heavy``, ``cross-border``) or a TOML file."""
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_WORLDS:
-        text = resources.files("model.sim.worlds").joinpath(f"{name_or_path}.toml").read_text("utf-8")
+        text = resources.files("sim.worlds").joinpath(f"{name_or_path}.toml").read_text("utf-8")
         return parse_world(text, f"built-in world {name_or_path!r}")
     path = Path(name_or_path)
     if not path.is_file():

@@ -1,7 +1,7 @@
 """Training logs at speed: the `Logging` policy played open-loop and vectorized, written as events.
 
 `emit_log` writes the delimited `authopt.v1.AttemptEvent` log (streams.replay's format) of every
-attempt the exploring `Logging` policy (model.sim.policies) makes on a world's payments, in
+attempt the exploring `Logging` policy (sim.policies) makes on a world's payments, in
 attempted-at order (ties by payment index, then attempt number). It is the same world and the same
 policy as ``play(world, Logging())``, played differently:
 
@@ -55,9 +55,9 @@ import numpy.typing as npt
 
 from authopt.v1 import attempt_pb2
 from model.layout import DELAY_BUCKETS_S
-from model.sim.play import NETWORK_NAME
-from model.sim.world import APPROVED, DECLINED, ERROR, Outcome, Payment, World
 from server import rules
+from sim.play import NETWORK_NAME
+from sim.world import APPROVED, DECLINED, ERROR, Outcome, Payment, World
 
 __all__ = ["EmitStats", "EventEncoder", "emit_log", "encode_event"]
 
@@ -71,7 +71,7 @@ _MACS = (0, 3, 25)  # World.outcome_arrays' `mac` values: none, "03", "25"
 _STATUS_NAME = {APPROVED: "approved", DECLINED: "declined", ERROR: "error"}
 _CHUNK = 1 << 16  # records encoded (and written) at a time
 _FIELDS = ("index", "at", "merchant", "card", "amount_minor", "recurring", "channel", "u_funds", "u_persist")
-_PAYMENT = np.dtype(  # the fields of model.sim.world.Payment, as columns
+_PAYMENT = np.dtype(  # the fields of sim.world.Payment, as columns
     [("index", np.int64), ("at", np.float64), ("merchant", np.int64), ("card", np.int64),
      ("amount_minor", np.int64), ("recurring", np.bool_), ("channel", np.int64), ("u_funds", np.float64),
      ("u_persist", np.float64)]
@@ -220,7 +220,7 @@ def _timestamp(tag: int, nanos: _I64) -> list[_Piece]:
 
 class EventEncoder:
     """Serializes the `AttemptEvent`s of attempts of `payments` (positions into that sequence) exactly
-    as `model.sim.play._event` does, without building messages: see the module docstring."""
+    as `sim.play._event` does, without building messages: see the module docstring."""
 
     def __init__(self, world: World, payments: Sequence[Payment]) -> None:
         self.world = world

@@ -28,15 +28,15 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from authopt.numerics import numerics
 from model.dataset import build_training_set
 from model.export import export_model
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT
 from model.net import layout_categorical_groups
-from model.sim.config import RandomEpisodes, WorldConfig
-from model.sim.emit import emit_log
-from model.sim.world import World
+from model.numerics import numerics
 from model.train import FitResult, TrainingSet, calibrate, fit_ensemble
+from sim.config import RandomEpisodes, WorldConfig
+from sim.emit import emit_log
+from sim.world import World
 from streams.replay import read_log
 
 __all__ = ["TrainConfig", "train_world"]
@@ -191,8 +191,8 @@ def _onpolicy_rows(
     """Rows from the first model's own closed-loop log (seed + 1, so other payments than the first log)."""
     import torch
 
-    from model.sim.play import play
-    from model.sim.policies import Authopt, load_policy_model
+    from sim.play import play
+    from sim.policies import Authopt, load_policy_model
 
     rows_path = work / "onpolicy-rows.npz"
     if not rows_path.exists():
@@ -227,11 +227,11 @@ def _onpolicy_rows(
 def _selection(
     config: WorldConfig, model_dir: Path, cfg: TrainConfig, work: Path, console: Console
 ) -> dict[str, Any]:
-    """The selection correction of the served model (`model.selection`), fitted on plays of the
+    """The selection correction of the served model (`sim.selection`), fitted on plays of the
     world's own span at seeds from seed + 2 (neither training's seeds nor evaluation's); cached."""
     import torch
 
-    from model.selection import fit_selection
+    from sim.selection import fit_selection
 
     path = work / f"selection-r{cfg.selection_rounds}-n{cfg.selection_seeds}.json"
     if not path.exists():

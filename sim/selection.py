@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from model.sim.config import WorldConfig
-from model.sim.play import AttemptView, Decision, play
-from model.sim.policies import Authopt, load_policy_model
-from model.sim.world import Payment, World
 from model.train import expected_calibration_error
 from server.models import LoadedModel
 from server.policy import SelectionCorrection
+from sim.config import WorldConfig
+from sim.play import AttemptView, Decision, play
+from sim.policies import Authopt, load_policy_model
+from sim.world import Payment, World
 
 __all__ = ["SelectionFit", "fit_correction", "fit_selection", "record_decisions"]
 

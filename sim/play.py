@@ -19,8 +19,8 @@ from functools import partial
 from typing import BinaryIO, Protocol
 
 from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
-from model.sim.world import APPROVED, ERROR, Belief, Outcome, Payment, World
 from server import rules
+from sim.world import APPROVED, ERROR, Belief, Outcome, Payment, World
 from streams.replay import FeatureReplay, append_record
 from streams.store import InMemoryFeatureStore
 

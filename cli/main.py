@@ -1,0 +1,35 @@
+"""The `authopt` command: the group and its subcommands, one module per area.
+
+serve, recommend: cli/serve.py · worker, broker: cli/worker.py · up, simulate: cli/play.py (the run
+itself: cli/up.py) · train, evaluate: cli/train.py · world: cli/world.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from cli.play import simulate, up
+from cli.serve import recommend, serve
+from cli.train import evaluate, train
+from cli.worker import broker, worker
+from cli.world import world
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@click.version_option(package_name="authopt")
+def main(log_level: str) -> None:
+    """authopt: real-time payment authorization optimizer (routing and retry decisions over gRPC)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+for _command in (serve, recommend, worker, broker, up, simulate, train, evaluate, world):
+    main.add_command(_command)
+
+
+if __name__ == "__main__":
+    main()

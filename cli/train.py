@@ -1,0 +1,166 @@
+"""`authopt train` and `authopt evaluate`: a model from a simulated world, and its evaluation against
+the baselines and the oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.world import WORLD_HELP, load_world_ref
+
+__all__ = ["evaluate", "train"]
+
+
+@click.command()
+@click.option("--world", "world_ref", default="default", show_default=True, help=WORLD_HELP)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model directory to export into.")
+@click.option("--seed", type=int, default=1000, show_default=True, help="World seed of the training traffic.")
+@click.option("--hours", type=float, help="Simulated hours of training traffic [default: 4x the world's].")
+@click.option("--epochs", type=int, default=12, show_default=True)
+@click.option("--hidden", type=int, default=128, show_default=True, help="Hidden width of the net.")
+@click.option(
+    "--members",
+    type=click.IntRange(1, 16),
+    default=3,
+    show_default=True,
+    help="Nets trained from different seeds and averaged into the served model.",
+)
+@click.option(
+    "--onpolicy-hours",
+    type=float,
+    help="Hours the first model plays on-policy before the refit [default: the world's; 0: none].",
+)
+@click.option(
+    "--incident-boost",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Random incidents per day x this in the training traffic, so the model sees incidents.",
+)
+@click.option(
+    "--selection-rounds",
+    type=click.IntRange(0, 10),
+    default=2,
+    show_default=True,
+    help="Plays of the final model to fit its selection correction on (0: none).",
+)
+@click.option("--version", "version", help="Model version name [default: <world>-s<seed>].")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train(
+    world_ref: str,
+    out: Path,
+    seed: int,
+    hours: float | None,
+    epochs: int,
+    hidden: int,
+    members: int,
+    onpolicy_hours: float | None,
+    incident_boost: float,
+    selection_rounds: int,
+    version: str | None,
+    quiet: bool,
+) -> None:
+    """Train the approval model on a simulated world and export it for the server.
+
+    Simulates an exploring logging policy, replays its event log through the streams' feature
+    code (point in time), fits and calibrates the nets (--members, averaged), plays them on-policy
+    and refits on both logs, fits the correction of the chosen route's probability for the
+    ranking's selection on plays of the final model (--selection-rounds), and exports
+    TorchScript + manifest as OUT/VERSION. Interrupted runs
+    resume from OUT/.work; the same seed gives the same model (torch runs on AVX2 kernels:
+    model/numerics.py).
+    """
+    from model.numerics import pin_numerics
+
+    if not pin_numerics():  # before torch loads: one CPU kernel set, one model per seed (model/numerics.py)
+        click.echo("warning: torch was loaded before its CPU kernels could be pinned", err=True)
+    from model.train import CheckpointError, TrainingDataError
+    from sim.pipeline import TrainConfig, train_world
+
+    config = load_world_ref(world_ref)
+    try:
+        path = train_world(
+            config,
+            out,
+            TrainConfig(
+                seed=seed,
+                hours=hours,
+                epochs=epochs,
+                hidden=hidden,
+                members=members,
+                onpolicy_hours=onpolicy_hours,
+                incident_boost=incident_boost,
+                selection_rounds=selection_rounds,
+                version=version,
+                progress=not quiet,
+            ),
+        )
+    except (TrainingDataError, CheckpointError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
+@click.command()
+@click.option(
+    "--world",
+    "world_refs",
+    multiple=True,
+    default=["default"],
+    show_default=True,
+    help=WORLD_HELP + " Repeatable.",
+)
+@click.option(
+    "--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Model directory or version."
+)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True)
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated world seeds.")
+@click.option("--hours", type=float, help="Simulated hours per seed [default: the world's].")
+@click.option("--no-ope", is_flag=True, help="Skip the off-policy estimates (saves one play per seed).")
+def evaluate(
+    world_refs: tuple[str, ...], model_dir: Path, out: Path, seeds: str, hours: float | None, no_ope: bool
+) -> None:
+    """Play every policy on the same simulated payments and report how authopt compares.
+
+    Writes OUT/results.json (machine-readable), OUT/report.md and PNG plots.
+    """
+    try:
+        import matplotlib  # noqa: F401  # the report's plots
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            "authopt evaluate needs matplotlib for its plots: pip install 'authopt[eval]' "
+            "(scripts/setup installs it)"
+        ) from exc
+    from model.numerics import pin_numerics
+
+    pin_numerics()  # the same kernels as training (model/numerics.py)
+    from server.models import ModelRejected
+    from sim.evaluate import evaluate_world, write_results
+    from sim.policies import load_policy_model
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise click.ClickException(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
+    if not seed_list:
+        raise click.ClickException("--seeds names no seed")
+    try:
+        load_policy_model(model_dir)
+    except (ModelRejected, FileNotFoundError) as exc:
+        raise click.ClickException(f"cannot use model {model_dir}: {exc}") from exc
+    docs = []
+    for ref in world_refs:
+        config = load_world_ref(ref)
+        if hours is not None:
+            config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
+        docs.append(
+            evaluate_world(
+                config, model_dir, seed_list, ope=not no_ope, progress=lambda m: click.echo(m, err=True)
+            )
+        )
+    path = write_results(docs, out)
+    for doc in docs:
+        for name, t in doc["targets"].items():
+            verdict = "met" if t["met"] else "NOT met"
+            click.echo(f"{doc['world']}: {name} {t['measured']:.4f} (target {t['target']}) {verdict}")
+    click.echo(str(path))
