@@ -34,32 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _request_body() -> bytes:
-    from authopt.v1 import attempt_pb2, optimizer_pb2
+    from authopt.samples import sample_request
     from bench.servers import ROUTES
 
-    req = optimizer_pb2.RecommendRequest(
-        request_id="bench-0001",
-        attempt=attempt_pb2.Attempt(
-            merchant=attempt_pb2.Merchant(id="m-bench", mcc="5411", country="DE"),
-            amount_minor=4_999,
-            currency="EUR",
-            card=attempt_pb2.Card(
-                bin="45717360",
-                last4="0005",
-                network=attempt_pb2.CARD_NETWORK_VISA,
-                funding=attempt_pb2.CARD_FUNDING_DEBIT,
-                issuer_country="DE",
-                fingerprint="fp-bench",
-            ),
-            channel=attempt_pb2.CHANNEL_ECOMMERCE,
-            initiator=attempt_pb2.INITIATOR_CUSTOMER,
-            attempt_number=1,
-        ),
-        candidates=[
-            attempt_pb2.Route(id=r, cost_bps=150 + 10 * i, fixed_fee_minor=5) for i, r in enumerate(ROUTES)
-        ],
-        latency_budget_ms=50,
-    )
+    routes = [(r, 150 + 10 * i, 5) for i, r in enumerate(ROUTES)]
+    req = sample_request("bench-0001", routes, latency_budget_ms=50)
     payload = req.SerializeToString()
     return b"\x00" + struct.pack(">I", len(payload)) + payload  # gRPC length-prefixed message
 

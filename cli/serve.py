@@ -39,13 +39,15 @@ def serve(
 ) -> None:
     """Run the gRPC decision server until SIGTERM/SIGINT (then drain).
 
-    Settings come from AUTHOPT_SERVER_* environment variables (see README); options override them.
+    Settings come from AUTHOPT_SERVER_* and AUTHOPT_KAFKA_* environment variables (see README);
+    options override them.
     Without a model directory it serves the bundled default model (model/artifacts, trained by
     `authopt train --world default`); with --no-model every decision comes from the fallback policy.
     """
     from cli.otel import configure_tracing
     from server import ServerSettings
     from server import serve as run_server
+    from streams.kafka import KafkaSettings
 
     overrides = {
         k: v
@@ -58,7 +60,8 @@ def serve(
         }.items()
         if v is not None
     }
-    settings = ServerSettings(**overrides)  # type: ignore[arg-type]
+    # The environment is read here, once: AUTHOPT_SERVER_* and the Kafka settings every process shares.
+    settings = ServerSettings(kafka=KafkaSettings(), **overrides)  # type: ignore[arg-type,call-arg]
     if settings.model_dir is None and not no_model:
         from model.artifacts import DEFAULT_MODEL_DIR
 

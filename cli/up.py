@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cli.errors import CliError
 from sim.config import WorldConfig
 from sim.platform import Platform, PlatformStats, SimulateSettings
 from streams.broker import LocalBroker, LocalWorker, die_with_parent, free_port, start_broker, start_worker
@@ -39,7 +40,7 @@ __all__ = ["UpError", "UpOptions", "format_platform", "platform_line", "run_up"]
 _SERVICE = "authopt.v1.AuthorizationOptimizerService"
 
 
-class UpError(RuntimeError):
+class UpError(CliError, RuntimeError):
     """A component could not be started."""
 
 

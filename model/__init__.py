@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from model.errors import ModelError
     from model.export import (
         MANIFEST_FILE,
         MODEL_FILE,
@@ -47,6 +48,7 @@ _HOMES = {
     "encode_flat": "model.layout",
     "encode_rows": "model.layout",
     "ApprovalNet": "model.net",
+    "ModelError": "model.errors",
     "layout_categorical_groups": "model.net",
 }
 
@@ -59,6 +61,7 @@ __all__ = [
     "ApprovalNet",
     "AttemptContext",
     "Manifest",
+    "ModelError",
     "decline_class",
     "encode_flat",
     "encode_rows",

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.text import Text
 
+from model.errors import ModelError
 from model.net import ApprovalNet, EnsembleNet
 
 __all__ = [
@@ -53,11 +54,11 @@ _PLATT_RIDGE = 1e-4  # pulls (scale, bias) toward (1, 0): finite even on a separ
 _EVAL_CHUNK = 65_536
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(ModelError, ValueError):
     """The training set cannot train a model; the message says what is wrong and what to do."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError, ValueError):
     """A checkpoint cannot be resumed: unreadable, or written by a run with different arguments."""
 
 

@@ -26,6 +26,8 @@ def table(cls: type[BaseSettings]) -> str:
     prefix = cls.model_config.get("env_prefix", "")
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseSettings):
+            continue  # nested settings (the server's Kafka): their own table, their own prefix
         alias = field.validation_alias
         env = getattr(alias, "choices", [None])[0] if alias is not None else f"{prefix}{name.upper()}"
         default = field.default

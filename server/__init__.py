@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from model.features import FeatureRow, FeatureStore, InMemoryFeatureStore
     from server.app import AuthoptServer, create_server, serve
+    from server.errors import ServerError
     from server.settings import RouteConfig, ServerSettings
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "FeatureStore",
     "InMemoryFeatureStore",
     "RouteConfig",
+    "ServerError",
     "ServerSettings",
     "create_server",
     "serve",
@@ -33,6 +35,7 @@ _HOMES = {
     "FeatureStore": "model.features",
     "InMemoryFeatureStore": "model.features",
     "RouteConfig": "server.settings",
+    "ServerError": "server.errors",
     "ServerSettings": "server.settings",
 }
 

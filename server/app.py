@@ -29,7 +29,6 @@ from server.publisher import OutcomePublisher, make_publisher
 from server.service import OptimizerService
 from server.settings import ServerSettings
 from server.telemetry import Metrics
-from streams.kafka import KafkaSettings
 from streams.replica import FeatureReplica
 
 __all__ = ["LIVENESS_SERVICE", "AuthoptServer", "configure_process", "create_server", "freeze_heap", "serve"]
@@ -138,18 +137,8 @@ def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-async def create_server(
-    settings: ServerSettings,
-    *,
-    features: FeatureStore | None = None,
-    publisher: OutcomePublisher | None = None,
-) -> tuple[AuthoptServer, int]:
-    """Build (not start) the server and bind its port; returns it and the bound port."""
-    metrics = Metrics()
-    device = resolve_device(settings.device)
-    registry = ModelRegistry(
-        settings.model_dir, device=device, poll_interval_s=settings.model_poll_interval_s
-    )
+def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Metrics) -> MicroBatcher:
+    """The micro-batcher over the registry's current model, feeding the metrics and its latency."""
 
     def infer(x: torch.Tensor) -> torch.Tensor:
         model = registry.current
@@ -163,7 +152,7 @@ async def create_server(
         if model is not None:  # keeps the budget check's latency estimate live
             model.latency.observe(rows, seconds)
 
-    batcher = MicroBatcher(
+    return MicroBatcher(
         infer,
         BatcherConfig(
             max_batch_rows=settings.batch_max_rows,
@@ -173,14 +162,78 @@ async def create_server(
         ),
         on_batch=on_batch,
     )
-    replica: FeatureReplica | None = None
+
+
+def _feature_source(
+    settings: ServerSettings, features: FeatureStore | None
+) -> tuple[FeatureStore, FeatureReplica | None]:
+    """The store decisions read and, with Kafka, the replica that fills it from the features topic."""
     if features is not None:
-        store: FeatureStore = features
-    else:
-        memory = InMemoryFeatureStore()
-        store = memory
-        if settings.kafka_bootstrap and settings.feature_replica:
-            replica = FeatureReplica(KafkaSettings.for_bootstrap(settings.kafka_bootstrap), memory)
+        return features, None
+    memory = InMemoryFeatureStore()
+    if settings.kafka.bootstrap and settings.feature_replica:
+        return memory, FeatureReplica(settings.kafka, memory)
+    return memory, None
+
+
+def _bind_api(
+    settings: ServerSettings, service: OptimizerService, health: HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with the optimizer, health and reflection services, bound (TLS if configured)."""
+    limit = max(_TRANSPORT_LIMIT, settings.max_message_bytes)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    optimizer_pb2_grpc.add_AuthorizationOptimizerServiceServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    creds = _credentials(settings)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return server, port
+
+
+def _bind_health(
+    settings: ServerSettings, health: HealthServicer
+) -> tuple[grpc.aio.Server | None, int | None]:
+    """With `health_port` >= 0: a second server with the health service alone, in plaintext (the
+    kubelet's gRPC probe cannot speak TLS, and nothing else is reachable there)."""
+    if settings.health_port < 0:
+        return None, None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{settings.host}:{settings.health_port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return server, port
+
+
+async def create_server(
+    settings: ServerSettings,
+    *,
+    features: FeatureStore | None = None,
+    publisher: OutcomePublisher | None = None,
+) -> tuple[AuthoptServer, int]:
+    """Build (not start) the server and bind its port; returns it and the bound port."""
+    metrics = Metrics()
+    registry = ModelRegistry(
+        settings.model_dir,
+        device=resolve_device(settings.device),
+        poll_interval_s=settings.model_poll_interval_s,
+    )
+    batcher = _make_batcher(settings, registry, metrics)
+    store, replica = _feature_source(settings, features)
     routes = tuple(policy.Candidate(r.id, r.cost_bps, r.fixed_fee_minor) for r in settings.routes)
     engine = DecisionEngine(
         EngineConfig(settings.exploration_rate, settings.feature_max_age_s, routes),
@@ -192,7 +245,7 @@ async def create_server(
     pub = (
         publisher
         if publisher is not None
-        else make_publisher(settings.kafka_bootstrap, settings.kafka_publish_timeout_s)
+        else make_publisher(settings.kafka, settings.kafka_publish_timeout_s)
     )
     service = OptimizerService(
         engine,
@@ -205,37 +258,9 @@ async def create_server(
         has_configured_routes=bool(routes),
         replica_id=settings.replica_id,
     )
-    limit = max(_TRANSPORT_LIMIT, settings.max_message_bytes)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
-    optimizer_pb2_grpc.add_AuthorizationOptimizerServiceServicer_to_server(service, server)
-    health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    address = f"{settings.host}:{settings.port}"
-    creds = _credentials(settings)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    health_server, health_port = None, None
-    if settings.health_port >= 0:
-        # A second server with the health service alone, in plaintext: the kubelet's gRPC probe
-        # cannot speak TLS, and nothing else is reachable here.
-        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_address = f"{settings.host}:{settings.health_port}"
-        health_port = health_server.add_insecure_port(health_address)
-        if health_port == 0:
-            raise OSError(f"could not bind {health_address}")
+    health = HealthServicer()
+    server, port = _bind_api(settings, service, health)
+    health_server, health_port = _bind_health(settings, health)
     metrics.queue_depth.set_function(lambda: batcher.queue_depth)
     metrics.model_loaded.set_function(lambda: 1.0 if registry.current is not None else 0.0)
     metrics_http = None
@@ -246,7 +271,7 @@ async def create_server(
     built = AuthoptServer(
         server,
         settings,
-        health_servicer,
+        health,
         registry,
         batcher,
         pub,

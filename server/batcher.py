@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from server.errors import ServerError
+
 __all__ = ["BatchStats", "BatcherClosed", "BatcherConfig", "DeadlineExceeded", "MicroBatcher", "QueueFull"]
 
 _log = logging.getLogger(__name__)
@@ -57,15 +59,15 @@ OnBatch = Callable[[int, int, float], None]
 OutputRows = list[list[float]]
 
 
-class QueueFull(Exception):
+class QueueFull(ServerError):
     """``queue_size`` requests are already waiting; the caller should shed load (fallback)."""
 
 
-class DeadlineExceeded(Exception):
+class DeadlineExceeded(ServerError):
     """The request's deadline passed before its batch had answered; its result is not used."""
 
 
-class BatcherClosed(RuntimeError):
+class BatcherClosed(ServerError, RuntimeError):
     """`submit` on a batcher that is not started or is stopping."""
 
 
@@ -128,7 +130,7 @@ class _Request:
         self.stats = stats
 
 
-class _SplitMismatch(RuntimeError):
+class _SplitMismatch(ServerError, RuntimeError):
     pass
 
 

@@ -1,6 +1,8 @@
 """The server's exceptions and their one translation to gRPC status.
 
-Code inside ``server/`` raises :class:`AuthoptError` subclasses; the RPC edge turns them into a
+Every exception of ``server/`` derives from :class:`ServerError` (itself an
+``authopt.errors.AuthoptError``). What a caller is told about derives from :class:`StatusError`;
+the RPC edge turns those into a
 canonical gRPC status carrying a ``google.rpc.Status`` with exactly one ``google.rpc.ErrorInfo``
 (AIP-193): ``reason`` is stable and machine-readable, ``domain`` is :data:`DOMAIN`, and
 ``metadata["field"]`` names the offending field (dotted proto path, ``""`` when none). The human
@@ -18,13 +20,15 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from authopt.errors import AuthoptError
 from authopt.v1 import optimizer_pb2
 
 __all__ = [
     "DOMAIN",
-    "AuthoptError",
     "InvalidArgument",
     "ResourceExhausted",
+    "ServerError",
+    "StatusError",
     "Unavailable",
     "abort_with",
     "error_info",
@@ -38,7 +42,11 @@ DOMAIN = "authopt.v1"
 _DETAILS_KEY = "grpc-status-details-bin"
 
 
-class AuthoptError(Exception):
+class ServerError(AuthoptError):
+    """Base of every exception of the server package."""
+
+
+class StatusError(ServerError):
     """Base of every error the server reports to a caller.
 
     Attributes:
@@ -69,29 +77,29 @@ class AuthoptError(Exception):
         return (_rebuild, (type(self), self.reason, self.message, self.field))
 
 
-def _rebuild(cls: type[AuthoptError], reason: str, message: str, field: str) -> AuthoptError:
+def _rebuild(cls: type[StatusError], reason: str, message: str, field: str) -> StatusError:
     return cls(reason, message, field=field)
 
 
-class InvalidArgument(AuthoptError):
+class InvalidArgument(StatusError):
     """The request is malformed; retrying it unchanged will fail again."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class Unavailable(AuthoptError):
+class Unavailable(StatusError):
     """A dependency (e.g. the Kafka broker) cannot be reached; the caller may retry with backoff."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class ResourceExhausted(AuthoptError):
+class ResourceExhausted(StatusError):
     """The server is over a limit (queue full, rate limit); the caller may retry later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def _rich_status(err: AuthoptError) -> status_pb2.Status:
+def _rich_status(err: StatusError) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata={"field": err.field})
     detail = any_pb2.Any()
     detail.Pack(info)
@@ -99,13 +107,13 @@ def _rich_status(err: AuthoptError) -> status_pb2.Status:
     return status_pb2.Status(code=code, message=err.message, details=[detail])
 
 
-def to_status(err: AuthoptError) -> grpc.Status:
+def to_status(err: StatusError) -> grpc.Status:
     """The ``grpc.Status`` for ``err``: its code, message and one ErrorInfo in the status details."""
     status: grpc.Status = rpc_status.to_status(_rich_status(err))
     return status
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: AuthoptError) -> NoReturn:
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: StatusError) -> NoReturn:
     """Ends the RPC handled by ``context`` with ``err``'s status; always raises.
 
     Equivalent to ``context.abort_with_status(to_status(err))`` (which the aio server implements as
@@ -116,7 +124,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: AuthoptEr
     raise AssertionError("unreachable: ServicerContext.abort returned")  # pragma: no cover
 
 
-def to_stream_error(err: AuthoptError) -> optimizer_pb2.StreamError:
+def to_stream_error(err: StatusError) -> optimizer_pb2.StreamError:
     """The per-message ``StreamError`` for ``err`` on RecommendStream (same code and reason as unary)."""
     return optimizer_pb2.StreamError(
         code=err.code.value[0], reason=err.reason, message=err.message, field=err.field

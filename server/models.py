@@ -33,6 +33,7 @@ from model import (
     Manifest,
     quiet_torchscript_deprecation,
 )
+from server.errors import ServerError
 from server.policy import SelectionCorrection
 from streams.contract import CONTRACT_HASH
 
@@ -51,7 +52,7 @@ DEFAULT_WARMUP_BATCH_SIZES: tuple[int, ...] = (1, 8, 32, 128)
 _WARMUP_RUNS = 3
 
 
-class ModelRejected(Exception):
+class ModelRejected(ServerError):
     """A model artifact the server refuses to serve.
 
     ``reason`` is stable and machine-readable: ``CONTRACT_MISMATCH``, ``LAYOUT_MISMATCH``, ``CORRUPT``

@@ -122,9 +122,8 @@ class KafkaPublisher:
         await self._reset()
 
 
-def make_publisher(bootstrap: str, timeout_s: float) -> OutcomePublisher:
-    """KafkaPublisher when a bootstrap is configured, else the refusing UnconfiguredPublisher."""
-    if not bootstrap:
+def make_publisher(kafka: KafkaSettings, timeout_s: float) -> OutcomePublisher:
+    """KafkaPublisher when `kafka` names a bootstrap, else the refusing UnconfiguredPublisher."""
+    if not kafka.bootstrap:
         return UnconfiguredPublisher()
-    options = KafkaSettings.for_bootstrap(bootstrap).client_options()
-    return KafkaPublisher(bootstrap, timeout_s=timeout_s, client_options=options)
+    return KafkaPublisher(kafka.bootstrap, timeout_s=timeout_s, client_options=kafka.client_options())

@@ -17,7 +17,7 @@ from opentelemetry.trace import Status, StatusCode
 from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server import validation
 from server.decision import DecisionEngine, annotate
-from server.errors import AuthoptError, InvalidArgument, abort_with, to_stream_error
+from server.errors import InvalidArgument, StatusError, abort_with, to_stream_error
 from server.idempotency import IdempotencyCache
 from server.publisher import OutcomePublisher
 from server.telemetry import Metrics, extract_trace_context, tracer
@@ -100,7 +100,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         try:
             try:
                 resp = await self._recommend(request, context.time_remaining())
-            except AuthoptError as err:
+            except StatusError as err:
                 self._metrics.errors.labels(err.reason).inc()
                 span.set_attribute("authopt.error_reason", err.reason)
                 await abort_with(context, err)
@@ -137,7 +137,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
                         await out.put(
                             optimizer_pb2.RecommendStreamResponse(request_id=resp.request_id, response=resp)
                         )
-                    except AuthoptError as err:
+                    except StatusError as err:
                         self._metrics.errors.labels(err.reason).inc()
                         await out.put(
                             optimizer_pb2.RecommendStreamResponse(
@@ -180,7 +180,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         ):
             try:
                 await self._publisher.publish(events)
-            except AuthoptError as err:
+            except StatusError as err:
                 self._metrics.errors.labels(err.reason).inc()
                 await abort_with(context, err)
         self._metrics.outcomes.inc(len(events))
@@ -193,7 +193,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
             if not request.HasField("outcome"):
                 raise InvalidArgument("MISSING_FIELD", "outcome is required", field="outcome")
             validation.validate_outcome(request.outcome, self._limits, time.time())
-        except AuthoptError as err:
+        except StatusError as err:
             self._metrics.errors.labels(err.reason).inc()
             await abort_with(context, err)
         await self._publish([self._event(request.outcome)], context)
@@ -206,7 +206,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         try:
             self._check_size(request)
             validation.validate_outcomes(request, self._limits, time.time())
-        except AuthoptError as err:
+        except StatusError as err:
             self._metrics.errors.labels(err.reason).inc()
             await abort_with(context, err)
         await self._publish([self._event(o) for o in request.outcomes], context)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.kafka import KafkaSettings
 
 
 class RouteConfig(BaseModel):
@@ -21,6 +23,12 @@ class RouteConfig(BaseModel):
     id: str = Field(min_length=1, max_length=64, description="route identifier")
     cost_bps: int = Field(0, ge=0, le=10_000, description="variable cost, basis points of the amount")
     fixed_fee_minor: int = Field(0, ge=0, description="fixed cost per attempt, minor units")
+
+
+def no_kafka() -> KafkaSettings:
+    """Kafka settings with no bootstrap and the defaults, read from no environment variable: the
+    server's default until its entry point passes `KafkaSettings()` (the environment, read once)."""
+    return KafkaSettings.model_construct()
 
 
 class ServerSettings(BaseSettings):
@@ -65,10 +73,10 @@ class ServerSettings(BaseSettings):
         600, ge=0, description="how long a request id returns the same decision, seconds; 0 turns it off"
     )
     cache_url: str = Field("memory://", description="aiocache backend: memory:// or redis://host:port/db")
-    kafka_bootstrap: str = Field(
-        "",
-        validation_alias=AliasChoices("AUTHOPT_KAFKA_BOOTSTRAP", "AUTHOPT_SERVER_KAFKA_BOOTSTRAP"),
-        description="Kafka bootstrap (outcomes out, features in); empty: ReportOutcome answers UNAVAILABLE",
+    kafka: KafkaSettings = Field(
+        default_factory=lambda: no_kafka(),
+        description="how the server reaches Kafka (outcomes out, features in): the AUTHOPT_KAFKA_* "
+        "settings, built by the entry point; no bootstrap: ReportOutcome answers UNAVAILABLE",
     )
     kafka_publish_timeout_s: float = Field(5.0, gt=0, description="how long ReportOutcome waits for acks")
     feature_replica: bool = Field(

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sim.errors import SimError
+
 __all__ = [
     "BUILTIN_WORLDS",
     "CardsConfig",
@@ -35,7 +37,7 @@ Network = Literal["visa", "mastercard"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-class WorldConfigError(ValueError):
+class WorldConfigError(SimError, ValueError):
     """An invalid world config; the message names the key and the value."""
 
 

@@ -11,6 +11,7 @@ from streams.contract import (
     contract_hash,
     entity_key,
 )
+from streams.errors import StreamsError
 
 __all__ = [
     "BY_QUALIFIED_NAME",
@@ -19,6 +20,7 @@ __all__ = [
     "FEATURES",
     "Entity",
     "Feature",
+    "StreamsError",
     "contract_hash",
     "entity_key",
 ]

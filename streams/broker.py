@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import IO
 
+from streams.errors import StreamsError
+
 __all__ = [
     "BrokerError",
     "LocalBroker",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class BrokerError(RuntimeError):
+class BrokerError(StreamsError, RuntimeError):
     """The local broker could not be started."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from authopt.v1 import events_pb2
 from streams.contract import CONTRACT_HASH, Entity
+from streams.errors import StreamsError
 from streams.features import EntityState, card_amount_rows, evaluate, from_snapshot, merge
 from streams.kafka import FEATURES_TOPIC, KafkaSettings
 from streams.store import InMemoryFeatureStore
@@ -31,7 +32,7 @@ __all__ = ["FeatureReplica", "Materializer"]
 log = logging.getLogger(__name__)
 
 
-class _TopicMissing(Exception):
+class _TopicMissing(StreamsError):
     """The features topic does not exist yet (no worker has run)."""
 
 

@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
+from authopt.samples import sample_request
+from authopt.v1 import optimizer_pb2, optimizer_pb2_grpc
 from model import make_tiny_artifact
 from server import AuthoptServer, InMemoryFeatureStore, ServerSettings, create_server
 from streams import Entity, entity_key
@@ -51,31 +52,8 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 def make_request(request_id: str = "req-1", **attempt_overrides: Any) -> optimizer_pb2.RecommendRequest:
-    """A valid RecommendRequest over ROUTES for a Visa credit card."""
-    attempt = attempt_pb2.Attempt(
-        merchant=attempt_pb2.Merchant(id="m-1", mcc="5411", country="DE"),
-        amount_minor=12_500,
-        currency="EUR",
-        card=attempt_pb2.Card(
-            bin="41111111",
-            last4="1111",
-            network=attempt_pb2.CARD_NETWORK_VISA,
-            funding=attempt_pb2.CARD_FUNDING_CREDIT,
-            issuer_country="DE",
-            fingerprint="fp-abc",
-        ),
-        channel=attempt_pb2.CHANNEL_ECOMMERCE,
-        initiator=attempt_pb2.INITIATOR_CUSTOMER,
-        attempt_number=1,
-    )
-    for key, value in attempt_overrides.items():
-        setattr(attempt, key, value)
-    return optimizer_pb2.RecommendRequest(
-        request_id=request_id,
-        attempt=attempt,
-        candidates=[attempt_pb2.Route(id=r, cost_bps=b, fixed_fee_minor=f) for r, b, f in ROUTES],
-        latency_budget_ms=200,
-    )
+    """A valid RecommendRequest over ROUTES for a Visa credit card (`authopt.samples`)."""
+    return sample_request(request_id, ROUTES, **attempt_overrides)
 
 
 def fill_route_features(store: InMemoryFeatureStore, as_of: float | None = None) -> None:

@@ -14,9 +14,9 @@ from google.rpc import error_details_pb2, status_pb2
 from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server.errors import (
     DOMAIN,
-    AuthoptError,
     InvalidArgument,
     ResourceExhausted,
+    StatusError,
     Unavailable,
     abort_with,
     error_info,
@@ -35,10 +35,10 @@ from server.validation import Limits, validate_recommend
         ),
         (Unavailable("BROKER_UNAVAILABLE", "the broker did not answer"), grpc.StatusCode.UNAVAILABLE),
         (ResourceExhausted("QUEUE_FULL", "inference queue is full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (AuthoptError("INTERNAL_ERROR", "unexpected"), grpc.StatusCode.INTERNAL),
+        (StatusError("INTERNAL_ERROR", "unexpected"), grpc.StatusCode.INTERNAL),
     ],
 )
-def test_to_status_carries_one_error_info(err: AuthoptError, code: grpc.StatusCode) -> None:
+def test_to_status_carries_one_error_info(err: StatusError, code: grpc.StatusCode) -> None:
     status = to_status(err)
     assert status.code is code
     assert status.details == err.message
@@ -55,7 +55,7 @@ def test_to_status_carries_one_error_info(err: AuthoptError, code: grpc.StatusCo
 
 def test_error_attributes_and_pickling() -> None:
     err = InvalidArgument("MISSING_FIELD", "request_id is required", field="request_id")
-    assert isinstance(err, AuthoptError)
+    assert isinstance(err, StatusError)
     assert (err.code, err.reason, err.field, err.message) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         "MISSING_FIELD",
@@ -95,7 +95,7 @@ class _Servicer(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer):
     ) -> optimizer_pb2.RecommendResponse:
         try:
             validate_recommend(request, Limits(), 1_750_000_000.0, require_candidates=True)
-        except AuthoptError as err:
+        except StatusError as err:
             await abort_with(context, err)
         return optimizer_pb2.RecommendResponse(request_id=request.request_id)
 
@@ -188,3 +188,35 @@ async def test_sync_client_sees_code_reason_and_field(target: str) -> None:
     detail = error_info(err)
     assert detail is not None
     assert (detail.reason, detail.metadata["field"]) == ("INVALID_BIN", "attempt.card.bin")
+
+
+def test_every_package_has_one_exception_base_under_authopt_error() -> None:
+    """Each floor's exceptions derive from its package's base, and every base from AuthoptError."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from authopt.errors import AuthoptError
+
+    bases = {
+        "streams": "streams.errors.StreamsError",
+        "model": "model.errors.ModelError",
+        "server": "server.errors.ServerError",
+        "sim": "sim.errors.SimError",
+        "cli": "cli.errors.CliError",
+    }
+    found: dict[str, list[str]] = {}
+    for package, dotted in bases.items():
+        module_name, _, name = dotted.rpartition(".")
+        base = getattr(importlib.import_module(module_name), name)
+        assert issubclass(base, AuthoptError) and base is not AuthoptError
+        pkg = importlib.import_module(package)
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{package}."):
+            module = importlib.import_module(info.name)
+            for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+                if cls.__module__ == info.name and issubclass(cls, BaseException):
+                    assert issubclass(cls, base), f"{info.name}.{cls_name} is not a {dotted}"
+                    found.setdefault(package, []).append(cls_name)
+    # The ones that shared nothing before (issue 18) are among them.
+    assert {"QueueFull", "DeadlineExceeded", "ModelRejected", "InvalidArgument"} <= set(found["server"])
+    assert "BrokerError" in found["streams"] and "WorldConfigError" in found["sim"]

@@ -347,7 +347,7 @@ def test_schema_offers_every_setting() -> None:
 
     server_managed = {
         "host", "port", "model_dir", "device", "grace_period_s", "metrics_port", "tls_cert_file",
-        "tls_key_file", "tls_client_ca_file", "kafka_bootstrap", "replica_id", "health_port",
+        "tls_key_file", "tls_client_ca_file", "kafka", "replica_id", "health_port",
         "seed",  # tests and simulations only
     }  # fmt: skip
     worker_managed = {

@@ -56,3 +56,19 @@ def test_real_kafka_gets_no_local_broker_accommodations() -> None:
     assert app.conf.broker_session_timeout == 60.0  # Faust's default, untouched
     with pytest.raises(ValueError, match="AUTHOPT_KAFKA_BOOTSTRAP"):
         make_app(WorkerSettings(), KafkaSettings.for_bootstrap(""))
+
+
+def test_server_settings_carry_the_kafka_settings_read_at_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`authopt serve` reads AUTHOPT_KAFKA_* once and hands them down; ServerSettings alone reads none."""
+    from server.publisher import KafkaPublisher, UnconfiguredPublisher, make_publisher
+    from server.settings import ServerSettings
+
+    monkeypatch.setenv("AUTHOPT_KAFKA_BOOTSTRAP", "kafka-0:9093")
+    monkeypatch.setenv("AUTHOPT_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    alone = ServerSettings()  # type: ignore[call-arg]
+    assert alone.kafka.bootstrap == ""
+    assert isinstance(make_publisher(alone.kafka, 1.0), UnconfiguredPublisher)
+    built = ServerSettings(kafka=KafkaSettings())  # type: ignore[call-arg]
+    assert built.kafka.bootstrap == "kafka-0:9093"
+    assert built.kafka.client_options()["security_protocol"] == "SASL_PLAINTEXT"
+    assert isinstance(make_publisher(built.kafka, 1.0), KafkaPublisher)

@@ -14,6 +14,7 @@ from google.protobuf import timestamp_pb2
 from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
 from server.errors import error_info
 from streams.broker import LocalBroker, free_port, start_broker
+from streams.kafka import KafkaSettings
 from tests.conftest import ServerFactory, make_request
 
 
@@ -53,7 +54,9 @@ async def test_no_broker_configured_is_unavailable(start_server: ServerFactory) 
 
 
 async def test_unreachable_broker_is_unavailable(start_server: ServerFactory) -> None:
-    srv = await start_server(kafka_bootstrap=f"127.0.0.1:{free_port()}", kafka_publish_timeout_s=1.0)
+    srv = await start_server(
+        kafka=KafkaSettings.for_bootstrap(f"127.0.0.1:{free_port()}"), kafka_publish_timeout_s=1.0
+    )
     req = optimizer_pb2.ReportOutcomeRequest(outcome=make_outcome())
     t0 = time.monotonic()
     assert await _reason(srv.stub.ReportOutcome(req, timeout=10)) == "UNAVAILABLE/BROKER_UNAVAILABLE"
@@ -69,7 +72,7 @@ async def test_invalid_outcome_is_rejected(start_server: ServerFactory) -> None:
 
 
 async def test_outcomes_are_published_to_the_broker(start_server: ServerFactory, broker: LocalBroker) -> None:
-    srv = await start_server(kafka_bootstrap=broker.bootstrap)
+    srv = await start_server(kafka=KafkaSettings.for_bootstrap(broker.bootstrap))
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     one = await srv.stub.ReportOutcome(
         optimizer_pb2.ReportOutcomeRequest(outcome=make_outcome("ev-1")),

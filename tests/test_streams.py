@@ -247,7 +247,11 @@ async def test_server_ready_only_after_the_replica_caught_up(
     w.stop()
 
     settings = ServerSettings(
-        port=0, host="127.0.0.1", kafka_bootstrap=broker.bootstrap, exploration_rate=0.0, model_dir=model_dir
+        port=0,
+        host="127.0.0.1",
+        kafka=KafkaSettings.for_bootstrap(broker.bootstrap),
+        exploration_rate=0.0,
+        model_dir=model_dir,
     )
     server, port = await create_server(settings)
     assert server.replica is not None
@@ -342,7 +346,7 @@ async def test_feature_update_span_links_to_the_reported_outcome(
     # The whole chain, across processes: a caller's trace -> ReportOutcome (server) -> record
     # headers -> the worker's update span, exported by the worker through OTEL_TRACES_EXPORTER.
     worker = workers(OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="authopt-worker-test")
-    srv = await start_server(kafka_bootstrap=broker.bootstrap)
+    srv = await start_server(kafka=KafkaSettings.for_bootstrap(broker.bootstrap))
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     await srv.stub.ReportOutcome(
         optimizer_pb2.ReportOutcomeRequest(outcome=make_outcome("ev-traced")),

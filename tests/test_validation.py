@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from authopt.samples import sample_attempt
 from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
 from server.currencies import MINOR_UNITS
 from server.errors import InvalidArgument
@@ -31,22 +32,12 @@ def _ts(at: float) -> Timestamp:
 
 
 def _attempt() -> attempt_pb2.Attempt:
-    return attempt_pb2.Attempt(
-        merchant=attempt_pb2.Merchant(id="m-1001", mcc="5411", country="DE"),
-        amount_minor=12_999,
-        currency="EUR",
-        card=attempt_pb2.Card(
-            bin="41111111",
-            last4="1111",
-            network=attempt_pb2.CARD_NETWORK_VISA,
-            funding=attempt_pb2.CARD_FUNDING_CREDIT,
-            issuer_country="FR",
-            fingerprint="fp_9c1d0e7a",
-        ),
-        channel=attempt_pb2.CHANNEL_ECOMMERCE,
-        initiator=attempt_pb2.INITIATOR_CUSTOMER,
-        attempt_number=2,
-    )
+    """The sample attempt (`authopt.samples`), as a second try from a French-issued card."""
+    attempt = sample_attempt(amount_minor=12_999, attempt_number=2)
+    attempt.merchant.id = "m-1001"
+    attempt.card.issuer_country = "FR"
+    attempt.card.fingerprint = "fp_9c1d0e7a"
+    return attempt
 
 
 def make_request() -> optimizer_pb2.RecommendRequest:
