@@ -145,7 +145,8 @@ def simulate(
     import json
 
     from cli.up import format_platform
-    from sim.platform import Platform, SimulateSettings
+    from sim.platform import Platform
+    from sim.platform_settings import SimulateSettings
 
     overrides = {
         k: v

@@ -32,7 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.errors import CliError
 from sim.config import WorldConfig
-from sim.platform import Platform, PlatformStats, SimulateSettings
+from sim.platform import Platform
+from sim.platform_settings import SimulateSettings
+from sim.platform_stats import PlatformStats
 from streams.broker import LocalBroker, LocalWorker, die_with_parent, free_port, start_broker, start_worker
 
 __all__ = ["UpError", "UpOptions", "format_platform", "platform_line", "run_up"]

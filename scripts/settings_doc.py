@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic_settings import BaseSettings
 
 from server.settings import ServerSettings
-from sim.platform import SimulateSettings
+from sim.platform_settings import SimulateSettings
 from streams.kafka import KafkaSettings
 from streams.worker import WorkerSettings
 

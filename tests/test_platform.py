@@ -13,7 +13,9 @@ import pytest
 from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from model.artifacts import DEFAULT_MODEL_DIR
 from sim.config import load_world
-from sim.platform import LatencyHistogram, Platform, SimulateSettings, Tally
+from sim.platform import Platform
+from sim.platform_settings import SimulateSettings
+from sim.platform_stats import LatencyHistogram, Tally
 from sim.world import World
 from streams import Entity, entity_key
 from tests.conftest import ServerFactory

@@ -119,7 +119,9 @@ def test_dashboard_renders_every_panel(tmp_path: Path) -> None:
 
     from cli.up import Child, Stack, UpOptions, dashboard, status_line
     from sim.config import load_world
-    from sim.platform import Platform, SimulateSettings, Tally
+    from sim.platform import Platform
+    from sim.platform_settings import SimulateSettings
+    from sim.platform_stats import Tally
 
     world = load_world("default")
     platform = Platform(SimulateSettings(target="unused:1", duration_s=None), world)  # type: ignore[call-arg]
