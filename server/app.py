@@ -23,6 +23,7 @@ from model.features import FeatureStore, InMemoryFeatureStore
 from server import policy, validation
 from server.batcher import BatcherConfig, MicroBatcher
 from server.decision import DecisionEngine, EngineConfig
+from server.decision_log import DecisionLog, KafkaDecisionLog, NoDecisionLog
 from server.idempotency import IdempotencyCache, make_cache
 from server.models import ModelRegistry, resolve_device
 from server.publisher import OutcomePublisher, make_publisher
@@ -55,6 +56,7 @@ class AuthoptServer:
     metrics: Metrics
     metrics_http: Any = None  # the Prometheus HTTP server, when enabled
     replica: FeatureReplica | None = None  # follows authopt.features.v1 into `features`
+    decision_log: DecisionLog = field(default_factory=NoDecisionLog)
     health_server: grpc.aio.Server | None = None  # plaintext, health only (settings.health_port)
     health_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -65,6 +67,7 @@ class AuthoptServer:
         """Load the model (if any), start the batcher and the model watcher, then serve."""
         await self.registry.refresh()
         await self.batcher.start()
+        self.decision_log.start()
         self._tasks.append(asyncio.create_task(self.registry.run(), name="model-watcher"))
         await self.grpc_server.start()
         if self.health_server is not None:
@@ -111,6 +114,7 @@ class AuthoptServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.batcher.stop()
+        await self.decision_log.close(timeout_s=min(grace, 5.0))
         await self.publisher.close()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
@@ -242,6 +246,17 @@ async def create_server(
         batcher,
         rng=random.Random(settings.seed),
     )
+    decision_log: DecisionLog = (
+        KafkaDecisionLog(
+            settings.kafka,
+            metrics,
+            producer_id=settings.replica_id,
+            exploration_rate=settings.exploration_rate,
+            queue_size=settings.decision_log_queue_size,
+        )
+        if settings.kafka.bootstrap and settings.decision_log
+        else NoDecisionLog()
+    )
     pub = (
         publisher
         if publisher is not None
@@ -257,6 +272,7 @@ async def create_server(
         max_message_bytes=settings.max_message_bytes,
         has_configured_routes=bool(routes),
         replica_id=settings.replica_id,
+        decision_log=decision_log,
     )
     health = HealthServicer()
     server, port = _bind_api(settings, service, health)
@@ -279,6 +295,7 @@ async def create_server(
         metrics,
         metrics_http,
         replica,
+        decision_log,
         health_server=health_server,
         health_port=health_port,
     )

@@ -36,6 +36,7 @@ __all__ = [
     "SelectionCorrection",
     "advise_retry",
     "explore",
+    "first_position_propensities",
     "heuristic_retry_probabilities",
     "rank_by_value",
     "retry_options",
@@ -179,10 +180,28 @@ def explore(ranked: list[RankedRoute], epsilon: float, rng: random.Random) -> Ex
     if k == 1:
         return Exploration(list(ranked), explored=False, propensity=1.0)
     index = rng.randrange(k) if rng.random() < epsilon else 0
+    greedy, other = _first_position(k, epsilon)
     if index == 0:
-        return Exploration(list(ranked), explored=False, propensity=(1.0 - epsilon) + epsilon / k)
+        return Exploration(list(ranked), explored=False, propensity=greedy)
     routes = [ranked[index], *ranked[:index], *ranked[index + 1 :]]
-    return Exploration(routes, explored=True, propensity=epsilon / k)
+    return Exploration(routes, explored=True, propensity=other)
+
+
+def _first_position(k: int, epsilon: float) -> tuple[float, float]:
+    """The probabilities with which `explore` puts first the greedy route and each other route."""
+    return (1.0 - epsilon) + epsilon / k, epsilon / k
+
+
+def first_position_propensities(k: int, epsilon: float, explored: bool) -> list[float]:
+    """For each of the `k` routes in the order `explore` returned them, the probability with which
+    it would have been put first. The greedy route is first, or second when `explored` (the chosen
+    route moved in front of it)."""
+    if k <= 1:
+        return [1.0] * k
+    greedy, other = _first_position(k, epsilon)
+    out = [other] * k
+    out[1 if explored else 0] = greedy
+    return out
 
 
 def retry_options(

@@ -17,6 +17,7 @@ from opentelemetry.trace import Status, StatusCode
 from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server import validation
 from server.decision import DecisionEngine, annotate
+from server.decision_log import DecisionLog, NoDecisionLog
 from server.errors import InvalidArgument, StatusError, abort_with, to_stream_error
 from server.idempotency import IdempotencyCache
 from server.publisher import OutcomePublisher
@@ -45,6 +46,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         max_message_bytes: int,
         has_configured_routes: bool,
         replica_id: str,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self._engine = engine
         self._idem = idempotency
@@ -55,6 +57,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         self._max_bytes = max_message_bytes
         self._require_candidates = not has_configured_routes
         self._replica_id = replica_id
+        self._decision_log = decision_log if decision_log is not None else NoDecisionLog()
         self._latency = {m: metrics.rpc_latency.labels(m) for m in ("Recommend", "ReportOutcome")}
         # Bound once: a labels() lookup per request costs more than the increment.
         self._decisions = {
@@ -83,10 +86,19 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
             budget = min(budget, time_remaining)
         deadline = started + budget
         if self._idem.enabled:
-            resp = await self._idem.get_or_decide(req, lambda: self._engine.decide(req, deadline, started))
+            resp = await self._idem.get_or_decide(req, lambda: self._decide(req, deadline, started))
         else:
-            resp = await self._engine.decide(req, deadline, started)
+            resp = await self._decide(req, deadline, started)
         self._decisions[resp.decision_source].inc()
+        return resp
+
+    async def _decide(
+        self, req: optimizer_pb2.RecommendRequest, deadline: float, started: float
+    ) -> optimizer_pb2.RecommendResponse:
+        """A new decision (an idempotent replay is not one), queued for the decision log: the log's
+        task publishes it after the response has gone."""
+        resp = await self._engine.decide(req, deadline, started)
+        self._decision_log.offer(req, resp, time.time())
         return resp
 
     async def Recommend(

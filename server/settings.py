@@ -83,6 +83,15 @@ class ServerSettings(BaseSettings):
         True,
         description="with Kafka: follow authopt.features.v1 into memory; NOT_SERVING until caught up",
     )
+    decision_log: bool = Field(
+        True, description="with Kafka: publish every decision to authopt.decisions.v1 (off the critical path)"
+    )
+    decision_log_queue_size: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="decisions waiting for the log; beyond it they are dropped, counted",
+    )
     grace_period_s: float = Field(10.0, ge=0, description="drain time on SIGTERM; below the pod's grace")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus port; -1 off, 0 a free one")
     health_port: int = Field(

@@ -60,6 +60,15 @@ class Metrics:
         self.errors = Counter("authopt_rpc_errors_total", "rejected RPCs by reason", ["reason"], registry=r)
         self.outcomes = Counter("authopt_outcomes_published_total", "outcome events published", registry=r)
         self.model_loaded = Gauge("authopt_model_loaded", "1 when a model is serving", registry=r)
+        self.decisions_logged = Counter(
+            "authopt_decisions_logged_total", "decisions published to the decision log", registry=r
+        )
+        self.decision_log_dropped = Counter(
+            "authopt_decision_log_dropped_total", "decisions not logged, by reason", ["reason"], registry=r
+        )
+        self.decision_log_queue = Gauge(
+            "authopt_decision_log_queue", "decisions waiting to be published to the log", registry=r
+        )
 
     def observe_batch(self, rows: int, requests: int, seconds: float) -> None:
         """Called by the batcher after each forward."""

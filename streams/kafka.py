@@ -13,11 +13,12 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ATTEMPTS_TOPIC", "DLQ_TOPIC", "FEATURES_TOPIC", "KafkaSettings"]
+__all__ = ["ATTEMPTS_TOPIC", "DECISIONS_TOPIC", "DLQ_TOPIC", "FEATURES_TOPIC", "KafkaSettings"]
 
 ATTEMPTS_TOPIC = "authopt.attempts.v1"
 FEATURES_TOPIC = "authopt.features.v1"
 DLQ_TOPIC = "authopt.attempts.dlq.v1"
+DECISIONS_TOPIC = "authopt.decisions.v1"  # the server's decision log (server.decision_log)
 
 
 class KafkaSettings(BaseSettings):

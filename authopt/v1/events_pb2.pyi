@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from authopt.v1 import attempt_pb2 as _attempt_pb2
+from authopt.v1 import optimizer_pb2 as _optimizer_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -53,6 +54,65 @@ class AttemptEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AttemptEvent: _TypeAlias = AttemptEvent  # noqa: Y015
+
+@_typing.final
+class DecisionRecord(_message.Message):
+    """The record on Kafka topic `authopt.decisions.v1`, keyed by the card fingerprint (as the attempts
+    are): one decision the server made, published after the response was sent. An outcome reported
+    with the same `request_id` joins it (streams.decisions.join_decisions).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    PRODUCER_FIELD_NUMBER: _builtins.int
+    EXPLORATION_RATE_FIELD_NUMBER: _builtins.int
+    FIRST_POSITION_PROPENSITIES_FIELD_NUMBER: _builtins.int
+    producer: _builtins.str
+    """Identifier of the server replica that decided."""
+    exploration_rate: _builtins.float
+    """The exploration rate (epsilon) the first position was drawn with, in [0, 1]."""
+    @_builtins.property
+    def request(self) -> _optimizer_pb2.RecommendRequest:
+        """The request as the server validated it: attempt, candidates, prior attempts, budget."""
+
+    @_builtins.property
+    def response(self) -> _optimizer_pb2.RecommendResponse:
+        """The response the caller got: the ranked routes with their probabilities, expected values and
+        costs, the retry advice, the decision source, model version, feature ages and the propensity of
+        the route ranked first.
+        """
+
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp:
+        """When the server decided (UTC)."""
+
+    @_builtins.property
+    def first_position_propensities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """For every route of `response.routes`, in that order: the probability with which the policy
+        would have put it first (epsilon-greedy: the greedy route (1 - epsilon) + epsilon / K, every
+        other epsilon / K; they sum to 1). The first equals `response.propensity`.
+        """
+
+    def __init__(
+        self,
+        *,
+        request: _optimizer_pb2.RecommendRequest | None = ...,
+        response: _optimizer_pb2.RecommendResponse | None = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        producer: _builtins.str = ...,
+        exploration_rate: _builtins.float = ...,
+        first_position_propensities: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "request", b"request", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "exploration_rate", b"exploration_rate", "first_position_propensities", b"first_position_propensities", "producer", b"producer", "request", b"request", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionRecord: _TypeAlias = DecisionRecord  # noqa: Y015
 
 @_typing.final
 class FeatureSnapshot(_message.Message):
