@@ -1,7 +1,7 @@
 """The `authopt` command: the group and its subcommands, one module per area.
 
 serve, recommend: cli/serve.py · worker, broker: cli/worker.py · up, simulate: cli/play.py (the run
-itself: cli/up.py) · train, evaluate: cli/train.py · world: cli/world.py.
+itself: cli/up.py; what it shows: cli/dashboard.py) · train, evaluate: cli/train.py · world: cli/world.py.
 """
 
 from __future__ import annotations

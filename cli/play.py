@@ -144,7 +144,7 @@ def simulate(
     """
     import json
 
-    from cli.up import format_platform
+    from cli.dashboard import format_platform
     from sim.platform import Platform
     from sim.platform_settings import SimulateSettings
 
@@ -170,7 +170,7 @@ async def _simulate(platform: object, interval_s: float) -> dict[str, object]:
     import signal
     import time
 
-    from cli.up import platform_line
+    from cli.dashboard import platform_line
     from sim.platform import Platform
 
     assert isinstance(platform, Platform)

@@ -3,12 +3,14 @@
 Starts, in order, the local Kafka-compatible broker (Tansu), one `authopt worker`, one
 `authopt serve` with the bundled model, each its own process tied to this one (they get SIGTERM if
 it dies), waits until the server reports SERVING (its feature replica has caught up), then plays a
-simulated payment platform against it (`sim.platform`) while a dashboard shows what happens.
+simulated payment platform against it (`sim.platform`) while a dashboard (or, in logs, a status line
+every few seconds) shows what happens.
 At the end of `duration_s`, or on SIGINT/SIGTERM, it stops in order: the traffic (in-flight payments
 finish their step, every outcome is reported), then waits until the worker has taken every reported
 outcome from the topic, then stops the server (it drains), the worker and the broker, and prints a
 summary (also written as JSON). A second SIGINT skips the waiting. Logs of the three processes stay
-in the work directory.
+in the work directory. What is shown — the dashboard, the status lines, the summary text — is
+`cli.dashboard`.
 """
 
 from __future__ import annotations
@@ -23,21 +25,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cli.dashboard import dashboard, format_summary, incidents_line, status_line
 from cli.errors import CliError
 from sim.config import WorldConfig
 from sim.platform import Platform
 from sim.platform_settings import SimulateSettings
-from sim.platform_stats import PlatformStats
 from streams.broker import LocalBroker, LocalWorker, die_with_parent, free_port, start_broker, start_worker
 
-__all__ = ["UpError", "UpOptions", "format_platform", "platform_line", "run_up"]
+__all__ = ["Child", "Stack", "UpError", "UpOptions", "run_up"]
 
 _SERVICE = "authopt.v1.AuthorizationOptimizerService"
 
@@ -115,6 +116,14 @@ class Stack:
         except (OSError, ValueError):
             return {}
         return doc
+
+    def events_folded(self) -> int:
+        """Events the worker has taken from the topic, by its counters."""
+        return int(self.worker_counters().get("events", 0))
+
+    def dead_lettered(self) -> int:
+        """Events the worker dead-lettered, all reasons together, by its counters."""
+        return sum(self.worker_counters().get("dead_lettered", {}).values())
 
     def failed(self) -> list[str]:
         return [
@@ -229,195 +238,11 @@ async def _wait_consumed(stack: Stack, produced: int, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     events = 0
     while time.monotonic() < deadline:
-        events = int(stack.worker_counters().get("events", 0))
+        events = stack.events_folded()
         if events >= produced or not stack.children["worker"].alive:
             break
         await asyncio.sleep(0.25)
     return events
-
-
-# --- presentation -------------------------------------------------------------------------------
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:5.1f} %"
-
-
-def _ms(x: float | None) -> str:
-    return "—" if x is None else (f"{x:,.0f} ms" if x >= 100 else f"{x:.1f} ms")
-
-
-def _world_clock(stats: PlatformStats) -> str:
-    if not stats.sim_time:
-        return "—"
-    return datetime.fromtimestamp(stats.sim_time, UTC).strftime("%Y-%m-%d %H:%M")
-
-
-def platform_line(stats: PlatformStats, elapsed: float) -> str:
-    """One status line about the traffic (for logs)."""
-    live = stats.live()
-    decided = max(sum(stats.sources.values()), 1)
-    a, s = stats.authopt, stats.static
-    n = max(a.payments, 1)
-    return (
-        f"[{elapsed:5.0f}s] {live['payments_per_s']:.0f} payments/s, {live['requests_per_s']:.0f} req/s "
-        f"p50 {_ms(live['latency_p50_ms'])} "
-        f"p99 {_ms(live['latency_p99_ms'])} | model {_pct(stats.sources.get('MODEL', 0) / decided).strip()} "
-        f"explored {_pct(stats.explored / decided).strip()} | feature age {_ms(live['feature_age_p50_ms'])} "
-        f"| first-try approval authopt {_pct(a.first_approved / n).strip()} "
-        f"static {_pct(s.first_approved / n).strip()} | {stats.reported:,} outcomes reported"
-    )
-
-
-def status_line(stats: PlatformStats, stack: Stack, elapsed: float) -> str:
-    """One line for logs (--no-dashboard): the traffic, the worker, the processes."""
-    worker = stack.worker_counters()
-    return f"{platform_line(stats, elapsed)}, {int(worker.get('events', 0)):,} folded | " + " ".join(
-        f"{c.name} {c.status()}" for c in stack.children.values()
-    )
-
-
-def incidents_line(platform: Platform) -> str:
-    """The world's incidents at its clock now, in words."""
-    now = platform.incidents_now()
-    if not now:
-        return "no incident in the world now"
-    return "incidents now: " + ", ".join(
-        f"{i.kind} {i.id} {'outage' if i.kind == 'issuer' else 'degraded'} ({100 * i.severity:.0f} %, "
-        f"until {datetime.fromtimestamp(i.end, UTC):%H:%M})"
-        for i in now
-    )
-
-
-def dashboard(platform: Platform, stack: Stack, opts: UpOptions, elapsed: float) -> Any:
-    """The rich renderable of the live dashboard."""
-    stats = platform.stats
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-
-    live = stats.live()
-    decided = max(sum(stats.sources.values()), 1)
-    a, s = stats.authopt, stats.static
-    n = max(a.payments, 1)
-    of = f" of {opts.duration_s:g}s" if opts.duration_s else " (Ctrl-C stops)"
-    speed = opts.rate * 3600 / opts.world.traffic.payments_per_hour
-    head = (
-        f"[b]authopt up[/b] · world [b]{opts.world_ref}[/b] seed {opts.seed} · "
-        f"{opts.rate:g} payments/s · {elapsed:.0f}s{of} · world clock {_world_clock(stats)} "
-        f"({speed:,.0f}x real time)"
-    )
-    traffic = Table.grid(padding=(0, 2))
-    traffic.add_column(style="dim")
-    traffic.add_column(justify="right")
-    fallback = sum(v for k, v in stats.sources.items() if k != "MODEL") / decided
-    for label, value in (
-        ("payments/s", f"{live['payments_per_s']:,.0f} of {opts.rate:g}"),
-        ("requests/s", f"{live['requests_per_s']:,.0f}"),
-        ("latency p50", _ms(live["latency_p50_ms"])),
-        ("latency p99", _ms(live["latency_p99_ms"])),
-        ("from the model", _pct(stats.sources.get("MODEL", 0) / decided)),
-        ("fallback", _pct(fallback)),
-        ("exploration", _pct(stats.explored / decided)),
-        ("feature age", _ms(live["feature_age_p50_ms"])),
-        ("payments", f"{a.payments:,}"),
-        ("errors", f"{sum(stats.request_errors.values()):,}"),
-    ):
-        traffic.add_row(label, value)
-    results = Table(box=None, padding=(0, 2))
-    results.add_column("same payments", style="dim")
-    results.add_column("authopt", justify="right", style="bold green")
-    results.add_column("static", justify="right")
-    results.add_column("oracle", justify="right", style="dim")
-    results.add_row("first-try approval", _pct(a.first_approved / n), _pct(s.first_approved / n), "")
-    results.add_row(
-        "expected (true P)", _pct(a.p_first / n), _pct(s.p_first / n), _pct(stats.oracle_p_first / n)
-    )
-    results.add_row("approved in the run", _pct(a.approved / n), _pct(s.approved / n), "")
-    results.add_row("net revenue (minor)", f"{a.net_minor:,.0f}", f"{s.net_minor:,.0f}", "")
-    results.add_row("retries", f"{a.retries:,}", f"{s.retries:,}", "")
-    results.add_row("retries deferred", f"{a.deferred:,}", f"{s.deferred:,}", "")
-    procs = Table(box=None, padding=(0, 2))
-    for col in ("process", "pid", "status", "detail"):
-        procs.add_column(col, style="dim" if col == "pid" else None)
-    worker = stack.worker_counters()
-    details = {
-        "broker": stack.children["broker"].address,
-        "worker": f"{int(worker.get('events', 0)):,} events folded, "
-        f"{sum(worker.get('dead_lettered', {}).values()):,} dead-lettered",
-        "server": f"{stack.children['server'].address}, {stats.reported:,} outcomes reported",
-    }
-    for c in stack.children.values():
-        style = "green" if c.alive else "red"
-        procs.add_row(c.name, str(c.process.pid), f"[{style}]{c.status()}[/{style}]", details.get(c.name, ""))
-    from rich.columns import Columns
-
-    incidents = incidents_line(platform)
-    return Group(
-        head,
-        f"[yellow]{incidents}[/yellow]" if incidents.startswith("incidents") else f"[dim]{incidents}[/dim]",
-        Columns(
-            [Panel(traffic, title="traffic", expand=False), Panel(results, title="approval", expand=False)]
-        ),
-        Panel(procs, title="processes", expand=False),
-    )
-
-
-def _incidents_text(incidents: list[dict[str, Any]]) -> str:
-    if not incidents:
-        return "none"
-    shown = [
-        f"{i['kind']} {i['id']} {i['start'][11:16]}-{i['end'][11:16]} ({100 * i['severity']:.0f} %)"
-        for i in incidents[:6]
-    ]
-    more = f" and {len(incidents) - 6} more" if len(incidents) > 6 else ""
-    return ", ".join(shown) + more
-
-
-def format_platform(doc: dict[str, Any]) -> str:
-    """The traffic part of a summary, as text."""
-    p, a, s = doc["platform"], doc["platform"]["authopt"], doc["platform"]["static"]
-    return "\n".join(
-        [
-            f"{p['payments']:,} payments, {p['requests']:,} decisions in {p['elapsed_s']:.1f}s "
-            f"({p['requests_per_s']:.0f}/s; latency p50 {_ms(p['latency_ms']['p50'])}, "
-            f"p99 {_ms(p['latency_ms']['p99'])}); world {doc['world']} seed {doc['seed']}",
-            f"  decisions: model {_pct(p['model_share']).strip()}, "
-            f"fallback {_pct(p['fallback_share']).strip()}, explored {_pct(p['exploration_share']).strip()}; "
-            f"errors {sum(p['request_errors'].values())}",
-            f"  first-try approval: authopt {_pct(a['first_attempt_approval']).strip()}, "
-            f"static {_pct(s['first_attempt_approval']).strip()} (expected: authopt "
-            f"{_pct(a['expected_first_attempt_approval']).strip()}, static "
-            f"{_pct(s['expected_first_attempt_approval']).strip()}, oracle "
-            f"{_pct(p['oracle_expected_first_attempt_approval']).strip()})",
-            f"  approved in the run: authopt {_pct(a['approval']).strip()} with {a['retries']:,} retries "
-            f"({a['retries_deferred']:,} deferred past the end), static {_pct(s['approval']).strip()} "
-            f"with {s['retries']:,}; net revenue (minor units, all currencies) authopt "
-            f"{a['net_revenue_minor']:,.0f}, static {s['net_revenue_minor']:,.0f}",
-            f"  world incidents played through: {_incidents_text(p.get('incidents', []))}",
-            f"  feature age at the end: p50 {_ms(p['feature_age_ms']['p50'])}, "
-            f"max {_ms(p['feature_age_ms']['max'])}; outcomes reported {p['outcomes_reported']:,}, "
-            f"not reported {p['outcomes_unreported']:,}",
-        ]
-    )
-
-
-def format_summary(doc: dict[str, Any]) -> str:
-    """The final summary of `authopt up`, as text."""
-    o = doc["outcomes"]
-    lines = [
-        "authopt up: " + format_platform(doc),
-        f"  outcomes: {o['produced']:,} reported, {o['consumed']:,} taken by the worker, "
-        f"{o['lost']:,} lost, {o['dead_lettered']:,} dead-lettered",
-        "  processes: "
-        + ", ".join(
-            f"{k} pid {v['pid']} {v['status']} (exit {v['exit_code']})" for k, v in doc["processes"].items()
-        ),
-    ]
-    if doc["problems"]:
-        lines.append("  PROBLEMS: " + "; ".join(doc["problems"]))
-    lines.append(f"  logs: {doc['workdir']}")
-    return "\n".join(lines)
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -488,7 +313,7 @@ async def _session(
         echo(f"traffic stopped; waiting for the worker to take all {produced:,} reported outcomes")
         waiting = asyncio.create_task(_wait_consumed(stack, produced, opts.consume_timeout_s))
         await asyncio.wait([waiting, asyncio.create_task(hurry.wait())], return_when=asyncio.FIRST_COMPLETED)
-        consumed = waiting.result() if waiting.done() else int(stack.worker_counters().get("events", 0))
+        consumed = waiting.result() if waiting.done() else stack.events_folded()
         waiting.cancel()
         return platform, consumed
     finally:
@@ -512,10 +337,10 @@ def run_up(opts: UpOptions, echo: Callable[[str], None]) -> tuple[int, dict[str,
         echo("stopping server, worker, broker")
         stop_stack(stack)
     worker = stack.worker_counters()  # the final counters, written at the worker's exit
-    consumed = max(consumed, int(worker.get("events", 0)))
+    consumed = max(consumed, stack.events_folded())
     stats = platform.stats.summary()
     produced = int(stats.get("outcomes_reported", 0))
-    dead = sum(worker.get("dead_lettered", {}).values())
+    dead = stack.dead_lettered()
     if consumed < produced:
         problems.append(f"{produced - consumed} reported outcomes were not taken by the worker")
     if stats.get("outcomes_unreported"):

@@ -92,8 +92,13 @@ def test_decision_record_carries_request_response_and_propensities() -> None:
 def test_join_counts_missing_late_orphan_and_repeated_records() -> None:
     now = time.time()
     decisions = [
-        decision_record(make_request(f"r{i}"), optimizer_pb2.RecommendResponse(request_id=f"r{i}"), now, producer="p",
-                        exploration_rate=0.0)  # fmt: skip
+        decision_record(
+            make_request(f"r{i}"),
+            optimizer_pb2.RecommendResponse(request_id=f"r{i}"),
+            now,
+            producer="p",
+            exploration_rate=0.0,
+        )
         for i in range(5)
     ]
     decisions.append(decisions[0])  # delivered twice
@@ -182,7 +187,9 @@ async def test_every_new_decision_is_logged_and_joins_its_outcome(
         assert len(rec.first_position_propensities) == len(resp.routes)
         assert sum(rec.first_position_propensities) == pytest.approx(1.0)
         assert rec.first_position_propensities[0] == pytest.approx(resp.propensity)
-    events = [events_pb2.AttemptEvent.FromString(v) for _, v in await _read(broker.bootstrap, ATTEMPTS_TOPIC, 8)]
+    events = [
+        events_pb2.AttemptEvent.FromString(v) for _, v in await _read(broker.bootstrap, ATTEMPTS_TOPIC, 8)
+    ]
     joined = join_decisions(records, events)
     assert sorted(d.request.request_id for d, _ in joined.pairs) == sorted(f"req-{i}" for i in range(8))
     assert sorted(d.request.request_id for d in joined.unanswered) == sorted(f"req-{i}" for i in range(8, 12))
@@ -191,7 +198,9 @@ async def test_every_new_decision_is_logged_and_joins_its_outcome(
     assert log.counts.published == 12 and not log.counts.dropped  # type: ignore[attr-defined]
 
 
-async def test_no_decision_waits_on_an_absent_broker_and_drops_are_counted(start_server: ServerFactory) -> None:
+async def test_no_decision_waits_on_an_absent_broker_and_drops_are_counted(
+    start_server: ServerFactory,
+) -> None:
     """Kafka unreachable: decisions answer as fast as without a log; what cannot be logged is
     counted by reason (the full queue, the broker), never blocked on."""
     dead = KafkaSettings.for_bootstrap(f"127.0.0.1:{free_port()}")

@@ -117,7 +117,8 @@ def test_dashboard_renders_every_panel(tmp_path: Path) -> None:
     """The live view (the e2e tests run --no-dashboard): traffic, the comparison, the processes."""
     from rich.console import Console
 
-    from cli.up import Child, Stack, UpOptions, dashboard, status_line
+    from cli.dashboard import dashboard, status_line
+    from cli.up import Child, Stack, UpOptions
     from sim.config import load_world
     from sim.platform import Platform
     from sim.platform_settings import SimulateSettings
