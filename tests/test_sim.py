@@ -192,7 +192,7 @@ def test_decline_causes_behave_like_their_codes() -> None:
             hard_later.append(world.p_approve(p, [route], p.at + 10 * 86400, belief)[0])
         elif o.stage == "funds":
             funds_now.append(world.p_approve(p, [route], p.at + 1, belief)[0])
-            payday = min(t for t in world._payday_ts.tolist() if t > p.at - world.card_pay_shift[p.card])
+            payday = min(t for t in world.payday_ts.tolist() if t > p.at - world.card_pay_shift[p.card])
             payday += world.card_pay_shift[p.card]
             funds_later.append(world.p_approve(p, [route], payday + 3600, belief)[0])
     assert hard_later and max(hard_later) < 0.05

@@ -1,4 +1,4 @@
-"""sim.emit: the open-loop Logging-policy log is the closed loop's events, bytes and rules included."""
+"""sim.emit and sim.wire: the open-loop Logging-policy log is the closed loop's events, bytes, rules."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from authopt.v1 import events_pb2
 from model.layout import DELAY_BUCKETS_S
 from server import rules
 from sim import World, load_world
-from sim.emit import EmitStats, EventEncoder, emit_log, encode_event
+from sim.emit import EmitStats, emit_log
 from sim.play import RuleCounters, _event
+from sim.wire import EventEncoder, encode_event
 from sim.world import APPROVED, DECLINED, ERROR, Belief, Outcome, Payment
 from streams.replay import ReplayStats, read_log, replay, replay_final
 
