@@ -20,6 +20,7 @@ COPY authopt ./authopt
 COPY server ./server
 COPY streams ./streams
 COPY model ./model
+COPY history ./history
 COPY sim ./sim
 COPY cli ./cli
 # Not editable: the packages and the bundled default model (model/artifacts) land in the venv,

@@ -1,7 +1,8 @@
 """The `authopt` command: the group and its subcommands, one module per area.
 
 serve, recommend: cli/serve.py · worker, broker: cli/worker.py · up, simulate: cli/play.py (the run
-itself: cli/up.py; what it shows: cli/dashboard.py) · train, evaluate: cli/train.py · world: cli/world.py.
+itself: cli/up.py; what it shows: cli/dashboard.py) · train, evaluate: cli/train.py · world: cli/world.py ·
+log: cli/log.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 
 import click
 
+from cli.log import log
 from cli.play import simulate, up
 from cli.serve import recommend, serve
 from cli.train import evaluate, train
@@ -27,7 +29,7 @@ def main(log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for _command in (serve, recommend, worker, broker, up, simulate, train, evaluate, world):
+for _command in (serve, recommend, worker, broker, up, simulate, train, evaluate, world, log):
     main.add_command(_command)
 
 

@@ -13,6 +13,7 @@ test, at most six set look-ups, then Luhn.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -20,7 +21,9 @@ __all__ = [
     "ISSUER_RANGES",
     "MAX_PAN",
     "MIN_PAN",
+    "RUN_PATTERN",
     "IssuerRange",
+    "contains_card_number",
     "is_card_number",
     "issuer_network",
     "luhn_ok",
@@ -142,3 +145,38 @@ def is_card_number(digits: str) -> bool:
     """Whether ``digits`` (ASCII digits only) is a card number: 12-19 digits in a network's issuer
     range at one of its lengths, with a valid Luhn check digit."""
     return issuer_network(digits) is not None and luhn_ok(digits)
+
+
+# A maximal run of at least 12 ASCII digits with single spaces or dashes between them. RE2-compatible,
+# so columnar scans (pyarrow.compute) can pre-filter with the same pattern.
+RUN_PATTERN = r"[0-9](?:[ -]?[0-9]){11,}"
+_RUN = re.compile(RUN_PATTERN)
+_SEPARATOR = re.compile(r"[ -]")
+
+
+def _run_has_pan(run: str) -> bool:
+    """Whether a digit run holds a card number.
+
+    An unseparated run is a number only as a whole (a 25-digit id is not a card number). A separated
+    run is also checked group by group, so "4111 1111 1111 1111 12" (a PAN and more digits) is caught.
+    """
+    groups = _SEPARATOR.split(run)
+    if len(groups) == 1:
+        return is_card_number(run)
+    for start in range(len(groups)):
+        size = 0
+        for end in range(start, len(groups)):
+            size += len(groups[end])
+            if size > MAX_PAN:
+                break
+            if size >= MIN_PAN and is_card_number("".join(groups[start : end + 1])):
+                return True
+    return False
+
+
+def contains_card_number(text: str) -> bool:
+    """Whether `text` holds a card number anywhere: a run of 12-19 digits (single spaces or dashes
+    allowed between them) that `is_card_number`."""
+    if len(text) < MIN_PAN:
+        return False
+    return any(_run_has_pan(m.group()) for m in _RUN.finditer(text))

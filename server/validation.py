@@ -23,7 +23,6 @@ walked only when a cheap scan of the serialized message finds 12 digits in a row
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -34,9 +33,8 @@ from google.protobuf.message import Message
 from authopt.v1 import attempt_pb2, optimizer_pb2
 from server.currencies import MINOR_UNITS
 from server.errors import InvalidArgument
-from server.pan import MAX_PAN as _MAX_PAN
 from server.pan import MIN_PAN as _MIN_PAN
-from server.pan import is_card_number
+from server.pan import contains_card_number as _has_pan
 
 __all__ = [
     "Limits",
@@ -73,37 +71,8 @@ class Limits:
 _WIRE_TABLE = bytes(0x30 if 0x30 <= b <= 0x39 else 0x78 for b in range(256))
 _WIRE_SEPARATORS = b" -"
 _WIRE_NEEDLE = b"0" * _MIN_PAN
-# A maximal run of at least 12 ASCII digits with single spaces or dashes between them.
-_RUN = re.compile(r"[0-9](?:[ -]?[0-9]){11,}")
-_SEPARATOR = re.compile(r"[ -]")
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
-
-
-def _run_has_pan(run: str) -> bool:
-    """Whether a digit run holds a card number (`server.pan.is_card_number`).
-
-    An unseparated run is a number only as a whole (a 25-digit id is not a card number). A separated
-    run is also checked group by group, so "4111 1111 1111 1111 12" (a PAN and more digits) is caught.
-    """
-    groups = _SEPARATOR.split(run)
-    if len(groups) == 1:
-        return is_card_number(run)
-    for start in range(len(groups)):
-        size = 0
-        for end in range(start, len(groups)):
-            size += len(groups[end])
-            if size > _MAX_PAN:
-                break
-            if size >= _MIN_PAN and is_card_number("".join(groups[start : end + 1])):
-                return True
-    return False
-
-
-def _has_pan(text: str) -> bool:
-    if len(text) < _MIN_PAN:
-        return False
-    return any(_run_has_pan(m.group()) for m in _RUN.finditer(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,11 +504,18 @@ def _validate_outcome_fields(outcome: attempt_pb2.AttemptOutcome, limits: Limits
 
 
 def validate_outcome(
-    outcome: attempt_pb2.AttemptOutcome, limits: Limits, now: float, *, field_prefix: str = "outcome"
+    outcome: attempt_pb2.AttemptOutcome,
+    limits: Limits,
+    now: float,
+    *,
+    field_prefix: str = "outcome",
+    pan_checked: bool = False,
 ) -> None:
-    """Checks one AttemptOutcome; field paths start with ``field_prefix`` (``"outcome.event_id"``)."""
+    """Checks one AttemptOutcome; field paths start with ``field_prefix`` (``"outcome.event_id"``).
+    ``pan_checked``: the caller has scanned every text the outcome came from for card numbers
+    already (`history.imports` does, column by column), so it is not scanned again."""
     p = f"{field_prefix}." if field_prefix else ""
-    pan = find_card_number(outcome)
+    pan = None if pan_checked else find_card_number(outcome)
     if pan is not None:
         _pan_detected(p + pan)
     _validate_outcome_fields(outcome, limits, now, p)

@@ -202,6 +202,7 @@ def test_every_package_has_one_exception_base_under_authopt_error() -> None:
         "streams": "streams.errors.StreamsError",
         "model": "model.errors.ModelError",
         "server": "server.errors.ServerError",
+        "history": "history.errors.HistoryError",
         "sim": "sim.errors.SimError",
         "cli": "cli.errors.CliError",
     }
@@ -220,3 +221,4 @@ def test_every_package_has_one_exception_base_under_authopt_error() -> None:
     # The ones that shared nothing before (issue 18) are among them.
     assert {"QueueFull", "DeadlineExceeded", "ModelRejected", "InvalidArgument"} <= set(found["server"])
     assert "BrokerError" in found["streams"] and "WorldConfigError" in found["sim"]
+    assert "ImportRefused" in found["history"]

@@ -1,0 +1,111 @@
+"""Day-partitioned Parquet of attempt events: what `authopt log import` writes and training reads.
+
+`DIR/attempts/day=YYYY-MM-DD/<source>.parquet`, one file per source (an imported file) and UTC day,
+with three columns: `event_id`, `attempted_at` (timestamp, microseconds, UTC) and `event` (the
+serialized `authopt.v1.AttemptEvent`: the one event model, not a copy of its fields). A source's
+files are written to temporary names and renamed only when the source is complete, replacing what
+an earlier import of the same source wrote, so a failed import leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from authopt.v1 import events_pb2
+
+__all__ = ["SCHEMA", "DayWriter", "read_events"]
+
+SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("attempted_at", pa.timestamp("us", tz="UTC")),
+        ("event", pa.binary()),
+    ]
+)
+_ROWS_PER_FLUSH = 65_536
+
+
+_DAY_US = 86_400_000_000
+_DAYS: dict[int, str] = {}
+
+
+def _day(at_us: int) -> str:
+    """The UTC day of a time in epoch microseconds, "YYYY-MM-DD" (memoized per day)."""
+    index = at_us // _DAY_US
+    day = _DAYS.get(index)
+    if day is None:
+        day = _DAYS[index] = datetime.fromtimestamp(index * 86_400, UTC).strftime("%Y-%m-%d")
+    return day
+
+
+class DayWriter:
+    """Writes one source's events into its day partitions (temporary until `commit`)."""
+
+    def __init__(self, out_dir: Path, source: str) -> None:
+        self._root = out_dir / "attempts"
+        self._source = source
+        self._pending: dict[str, tuple[list[str], list[int], list[bytes]]] = {}
+        self._writers: dict[str, pq.ParquetWriter] = {}
+
+    def _tmp(self, day: str) -> Path:
+        return self._root / f"day={day}" / f".{self._source}.parquet.tmp"
+
+    def add(self, event_id: str, at_us: int, event: bytes) -> None:
+        day = _day(at_us)
+        ids, times, events = self._pending.setdefault(day, ([], [], []))
+        ids.append(event_id)
+        times.append(at_us)
+        events.append(event)
+        if len(ids) >= _ROWS_PER_FLUSH:
+            self._flush(day)
+
+    def _flush(self, day: str) -> None:
+        ids, times, events = self._pending.pop(day)
+        writer = self._writers.get(day)
+        if writer is None:
+            path = self._tmp(day)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer = self._writers[day] = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+        writer.write_table(
+            pa.table([ids, pa.array(times, pa.timestamp("us", tz="UTC")), events], schema=SCHEMA)
+        )
+
+    def commit(self) -> set[str]:
+        """Publish the source's files (replacing an earlier import of it); returns the days written."""
+        for day in list(self._pending):
+            self._flush(day)
+        for writer in self._writers.values():
+            writer.close()
+        days = set(self._writers)
+        for old in self._root.glob(f"day=*/{self._source}.parquet"):
+            if old.parent.name.removeprefix("day=") not in days:
+                old.unlink()  # a day the earlier import had and this one has not
+        for day in days:
+            os.replace(self._tmp(day), self._tmp(day).with_name(f"{self._source}.parquet"))
+        return days
+
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        for day in self._writers:
+            self._tmp(day).unlink(missing_ok=True)
+        self._writers.clear()
+        self._pending.clear()
+
+
+def read_events(out_dir: Path) -> Iterator[events_pb2.AttemptEvent]:
+    """Every event under `out_dir/attempts`, in time order (ties by event id)."""
+    files = sorted((out_dir / "attempts").glob("day=*/*.parquet"))
+    if not files:
+        return
+    table = pq.read_table(files, schema=SCHEMA).sort_by(
+        [("attempted_at", "ascending"), ("event_id", "ascending")]
+    )
+    for raw in table.column("event").to_pylist():
+        yield events_pb2.AttemptEvent.FromString(raw)
