@@ -1,21 +1,52 @@
-"""`authopt train` and `authopt evaluate`: a model from a simulated world, and its evaluation against
-the baselines and the oracle."""
+"""`authopt train` and `authopt evaluate`: a model from a simulated world or from a platform's own
+log, and its evaluation against the baselines and the oracle."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from cli.world import WORLD_HELP, load_world_ref
 
+if TYPE_CHECKING:
+    from server.settings import RouteConfig
+
 __all__ = ["evaluate", "train"]
+
+
+_WORLD_ONLY = ("world_ref", "hours", "onpolicy_hours", "incident_boost", "selection_rounds")
+_LOG_ONLY = ("routes", "min_route_attempts")
 
 
 @click.command()
 @click.option("--world", "world_ref", default="default", show_default=True, help=WORLD_HELP)
+@click.option(
+    "--log",
+    "log_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Train on this log alone (what `authopt log import` wrote), not on a world.",
+)
+@click.option(
+    "--routes",
+    help="With --log: the server's routes, JSON or a JSON file [default: $AUTHOPT_SERVER_ROUTES].",
+)
+@click.option(
+    "--min-route-attempts",
+    type=click.IntRange(1),
+    default=200,
+    show_default=True,
+    help="With --log: refuse a route with fewer attempts than this.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model directory to export into.")
-@click.option("--seed", type=int, default=1000, show_default=True, help="World seed of the training traffic.")
+@click.option(
+    "--seed",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="World seed of the training traffic (and the nets').",
+)
 @click.option("--hours", type=float, help="Simulated hours of training traffic [default: 4x the world's].")
 @click.option("--epochs", type=int, default=12, show_default=True)
 @click.option("--hidden", type=int, default=128, show_default=True, help="Hidden width of the net.")
@@ -45,10 +76,17 @@ __all__ = ["evaluate", "train"]
     show_default=True,
     help="Plays of the final model to fit its selection correction on (0: none).",
 )
-@click.option("--version", "version", help="Model version name [default: <world>-s<seed>].")
+@click.option(
+    "--version", "version", help="Model version name [default: <world>-s<seed>; with --log: log-<UTC time>]."
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.pass_context
 def train(
+    ctx: click.Context,
     world_ref: str,
+    log_dir: Path | None,
+    routes: str | None,
+    min_route_attempts: int,
     out: Path,
     seed: int,
     hours: float | None,
@@ -61,21 +99,41 @@ def train(
     version: str | None,
     quiet: bool,
 ) -> None:
-    """Train the approval model on a simulated world and export it for the server.
+    """Train the approval model on a simulated world, or on a log (--log), and export it for the server.
 
-    Simulates an exploring logging policy, replays its event log through the streams' feature
+    With --world, simulates an exploring logging policy, replays its event log through the streams' feature
     code (point in time), fits and calibrates the nets (--members, averaged), plays them on-policy
     and refits on both logs, fits the correction of the chosen route's probability for the
     ranking's selection on plays of the final model (--selection-rounds), and exports
     TorchScript + manifest as OUT/VERSION. Interrupted runs
     resume from OUT/.work; the same seed gives the same model (torch runs on AVX2 kernels:
     model/numerics.py).
+
+    With --log, trains on that log alone, no simulator: the same replay, fit, calibration and export;
+    the newest days are held out; the on-policy refit and the selection correction need a served
+    model's logged decisions and are skipped (the manifest says why). A log that cannot train a
+    sound model is refused with the reason (docs/history.md).
     """
     from model.numerics import pin_numerics
 
     if not pin_numerics():  # before torch loads: one CPU kernel set, one model per seed (model/numerics.py)
         click.echo("warning: torch was loaded before its CPU kernels could be pinned", err=True)
     from model.train import CheckpointError, TrainingDataError
+
+    given = {
+        name
+        for name in (*_WORLD_ONLY, *_LOG_ONLY)
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
+    if log_dir is not None:
+        clash = sorted(given & set(_WORLD_ONLY))
+        if clash:
+            flags = ", ".join("--" + n.replace("_ref", "").replace("_", "-") for n in clash)
+            raise click.UsageError(f"{flags} simulate a world; --log trains on the log alone")
+        _train_log(log_dir, out, routes, min_route_attempts, seed, epochs, hidden, members, version, quiet)
+        return
+    if given & set(_LOG_ONLY):
+        raise click.UsageError("--routes and --min-route-attempts go with --log")
     from sim.pipeline import TrainConfig, train_world
 
     config = load_world_ref(world_ref)
@@ -97,6 +155,65 @@ def train(
             ),
         )
     except (TrainingDataError, CheckpointError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
+def _route_config(routes: str | None) -> list[RouteConfig]:
+    """The routes from --routes (JSON or a JSON file) or $AUTHOPT_SERVER_ROUTES, as the server reads them."""
+    import json
+    import os
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from server.settings import RouteConfig
+
+    text = routes if routes is not None else os.environ.get("AUTHOPT_SERVER_ROUTES", "")
+    source = "--routes" if routes is not None else "AUTHOPT_SERVER_ROUTES"
+    if routes is not None and not routes.lstrip().startswith("["):
+        try:
+            text = Path(routes).read_text()
+        except OSError as exc:
+            raise click.BadParameter(
+                f"not a JSON list nor a readable file: {exc}", param_hint="--routes"
+            ) from exc
+        source = routes
+    if not text.strip():
+        return []
+    try:
+        return list(TypeAdapter(list[RouteConfig]).validate_python(json.loads(text)))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise click.BadParameter(f"{source}: not a list of routes ({exc})", param_hint="--routes") from exc
+
+
+def _train_log(
+    log_dir: Path,
+    out: Path,
+    routes: str | None,
+    min_route_attempts: int,
+    seed: int,
+    epochs: int,
+    hidden: int,
+    members: int,
+    version: str | None,
+    quiet: bool,
+) -> None:
+    from history.errors import HistoryError
+    from history.train import LogTrainConfig, train_log
+    from model.train import CheckpointError, TrainingDataError
+
+    cfg = LogTrainConfig(
+        seed=seed,
+        epochs=epochs,
+        hidden=hidden,
+        members=members,
+        min_route_attempts=min_route_attempts,
+        version=version,
+        progress=not quiet,
+    )
+    try:
+        path = train_log(log_dir, out, _route_config(routes), cfg)
+    except (HistoryError, TrainingDataError, CheckpointError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(str(path))
 

@@ -73,3 +73,57 @@ def world_emit(world_ref: str, out: Path, seed: int, hours: float | None) -> Non
         f"{stats.attempts:,} attempts of {stats.payments:,} payments in {stats.seconds:.2f} s "
         f"({stats.attempts / max(stats.seconds, 1e-9):,.0f}/s) -> {out}"
     )
+
+
+@world.command("history")
+@click.argument("world_ref")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="History file to write: .parquet or .csv, in the import schema (docs/history.md).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--hours", type=float, help="Simulated hours [default: the world's].")
+@click.option(
+    "--routes-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the world's routes as the server's route configuration (AUTHOPT_SERVER_ROUTES JSON).",
+)
+@click.option(
+    "--incident-boost",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Random incidents per day x this (`authopt train --world` trains on 3x).",
+)
+def world_history(
+    world_ref: str, out: Path, seed: int, hours: float | None, routes_out: Path | None, incident_boost: float
+) -> None:
+    """Write the logging policy's history as a platform would export it: one row per attempt in the
+    public import schema (`authopt log import` reads it back), not the internal event log."""
+    import io
+    import json
+
+    from authopt.v1 import events_pb2
+    from history.writer import write_history
+    from sim.emit import emit_log
+    from sim.pipeline import boost_incidents
+    from sim.world import World
+    from streams.replay import iter_records
+
+    config = boost_incidents(load_world_ref(world_ref), incident_boost)
+    if hours is not None:
+        config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
+    w = World(config, seed)
+    buffer = io.BytesIO()
+    stats = emit_log(w, buffer, payments=w.payments(), seed=seed)
+    events = (events_pb2.AttemptEvent.FromString(r) for r in iter_records(buffer.getvalue()))
+    rows = write_history(events, out)
+    click.echo(f"{rows:,} attempts of {stats.payments:,} payments ({config.name}, seed {seed}) -> {out}")
+    if routes_out is not None:
+        routes = [
+            {"id": r.id, "cost_bps": r.cost_bps, "fixed_fee_minor": r.fixed_fee_minor} for r in config.routes
+        ]
+        routes_out.write_text(json.dumps(routes, indent=2) + "\n")
+        click.echo(f"{len(routes)} routes -> {routes_out}")

@@ -309,7 +309,7 @@ def _outcomes(batch: pa.RecordBatch) -> Iterator[attempt_pb2.AttemptOutcome | _R
         status, latency, amount, network, funding, token, channel, initiator, recurring, number, visa = values
         outcome = Outcome(
             event_id=event_id[i] or f"{payment_id[i]}:{number}",
-            request_id=request_id[i],
+            request_id=request_id[i] or payment_id[i],
             route_id=route_id[i],
             status=status,
             response_code=response_code[i],

@@ -48,7 +48,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("mastercard_mac", "string", False, "Mastercard Merchant Advice Code, 2 digits"),
     Column("visa_category", "int", False, "Visa decline category 1-4"),
     Column("latency_ms", "int", False, "route latency from send to answer, milliseconds"),
-    Column("request_id", "string", False, "the Recommend request id whose decision the attempt followed"),
+    Column("request_id", "string", False, "the Recommend request id whose decision the attempt followed; "
+           "default payment_id (a payment's attempts share it: training groups attempts by it)"),
     Column("event_id", "string", False, "a unique id of the attempt; default <payment_id>:<attempt_number>"),
 )  # fmt: skip
 

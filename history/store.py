@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from authopt.v1 import events_pb2
 
-__all__ = ["SCHEMA", "DayWriter", "read_events"]
+__all__ = ["SCHEMA", "DayWriter", "LogRecords", "log_files", "read_events", "read_records"]
 
 SCHEMA = pa.schema(
     [
@@ -99,13 +100,43 @@ class DayWriter:
         self._pending.clear()
 
 
-def read_events(out_dir: Path) -> Iterator[events_pb2.AttemptEvent]:
-    """Every event under `out_dir/attempts`, in time order (ties by event id)."""
-    files = sorted((out_dir / "attempts").glob("day=*/*.parquet"))
+def log_files(out_dir: Path) -> list[Path]:
+    """The Parquet files of the log under `out_dir` (sorted; empty when there are none)."""
+    return sorted((out_dir / "attempts").glob("day=*/*.parquet"))
+
+
+@dataclass(frozen=True)
+class LogRecords:
+    """A log's events, serialized, in time order, each event id once."""
+
+    records: list[bytes]
+    times_us: list[int]  # each record's attempted_at, epoch microseconds
+    duplicates: int  # events dropped because an earlier one (by time) had their event id
+
+
+def read_records(out_dir: Path) -> LogRecords:
+    """Every event under `out_dir/attempts`, in time order (ties by event id), each event id once:
+    two imports that overlap (or an export run twice) hold an event twice, and it is one event."""
+    files = log_files(out_dir)
     if not files:
-        return
+        return LogRecords([], [], 0)
     table = pq.read_table(files, schema=SCHEMA).sort_by(
         [("attempted_at", "ascending"), ("event_id", "ascending")]
     )
-    for raw in table.column("event").to_pylist():
+    ids = table.column("event_id").to_pylist()
+    seen: set[str] = set()
+    keep: list[bool] = []
+    for event_id in ids:
+        keep.append(event_id not in seen)
+        seen.add(event_id)
+    duplicates = len(ids) - len(seen)
+    if duplicates:
+        table = table.filter(pa.array(keep))
+    times = table.column("attempted_at").cast(pa.int64()).to_pylist()
+    return LogRecords(table.column("event").to_pylist(), times, duplicates)
+
+
+def read_events(out_dir: Path) -> Iterator[events_pb2.AttemptEvent]:
+    """Every event under `out_dir/attempts`, in time order (ties by event id)."""
+    for raw in read_records(out_dir).records:
         yield events_pb2.AttemptEvent.FromString(raw)

@@ -41,6 +41,7 @@ class DatasetSummary:
     dead_letters: dict[str, int] = field(default_factory=dict)
     first_event_at: float = 0.0
     last_event_at: float = 0.0
+    split_row: int | None = None  # the first row of an event at or after `split_at`
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -85,10 +86,13 @@ def build_training_set(
     route_cost_bps: Mapping[str, int],
     *,
     progress: Callable[[int], None] | None = None,
+    split_at: float | None = None,
 ) -> tuple[TrainingSet, DatasetSummary]:
     """Rows for the route head and the retry head (see the module docstring).
 
-    `route_cost_bps` gives each route's variable cost (a layout input the log does not carry).
+    `route_cost_bps` gives each route's variable cost (a layout input the log does not carry). Rows
+    come in the order of their events; with `split_at` (epoch seconds), `summary.split_row` is the
+    first row of an event at or after it (a time-based hold-out: every row before it is older).
     """
     raw = list(records)
     events = []
@@ -127,6 +131,8 @@ def build_training_set(
     for i, (record, e) in enumerate(zip(raw, events, strict=True)):
         o = e.outcome
         at = _seconds(o.attempted_at)
+        if split_at is not None and summary.split_row is None and at >= split_at:
+            summary.split_row = len(cols)
         priors = history[o.request_id]
         attempt = attempt_pb2.Attempt()
         attempt.CopyFrom(o.attempt)
@@ -149,6 +155,8 @@ def build_training_set(
                 summary.retry_rows_by_bucket[b] = summary.retry_rows_by_bucket.get(b, 0) + 1
         if progress is not None:
             progress(i + 1)
+    if split_at is not None and summary.split_row is None:
+        summary.split_row = len(cols)
     summary.route_rows = cols.count(0)
     summary.retry_rows = len(cols) - summary.route_rows
     summary.approved_share = approved / len(events) if events else 0.0

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -219,6 +219,7 @@ def fit(
     categorical_groups: Sequence[Sequence[int]] = (),
     threads: int = 1,
     split_seed: int | None = None,
+    holdout: Literal["random", "newest"] = "random",
 ) -> FitResult:
     """Train an `ApprovalNet` on `data`; keep the best epoch by validation loss; calibrate; evaluate.
 
@@ -231,6 +232,9 @@ def fit(
     fast as two for this small net, many times faster when other processes share the cores (idle
     threads spin), and keeps the weights independent of the machine's core count; it is part of the
     checkpoint's identity because results are bit-identical only for the same thread count.
+
+    `holdout`: "random" validates on a random `val_fraction` of the rows; "newest" on the last
+    `val_fraction` of them (rows in time order: a time-based split, what a log's training uses).
     """
     if (
         epochs < 1
@@ -238,16 +242,18 @@ def fit(
         or threads < 1
         or not (math.isfinite(lr) and lr > 0)
         or not 0 < val_fraction < 1
+        or holdout not in ("random", "newest")
     ):
         raise ValueError(
             f"bad training arguments: epochs={epochs} batch_size={batch_size} lr={lr} "
-            f"val_fraction={val_fraction} threads={threads} "
-            "(need epochs, batch_size, threads >= 1, lr > 0, 0 < val_fraction < 1)"
+            f"val_fraction={val_fraction} threads={threads} holdout={holdout!r} "
+            "(need epochs, batch_size, threads >= 1, lr > 0, 0 < val_fraction < 1, "
+            "holdout random or newest)"
         )
     n_outputs = 1 + n_buckets
     data.validate(n_outputs)
     split_seed = seed if split_seed is None else split_seed
-    train, val = _split(data, val_fraction, split_seed)
+    train, val = _split(data, val_fraction, split_seed, holdout)
     groups = [[int(i) for i in g] for g in categorical_groups]
     config: dict[str, Any] = {
         "n_rows": len(data.y),
@@ -259,6 +265,7 @@ def fit(
         "batch_size": batch_size,
         "lr": lr,
         "val_fraction": val_fraction,
+        **({} if holdout == "random" else {"holdout": holdout}),
         "categorical_groups": groups,
         "threads": threads,
         "data_digest": _digest(data),
@@ -300,6 +307,7 @@ def fit_ensemble(
     val_fraction: float = 0.15,
     checkpoint_dir: Path | None = None,
     threads: int = 1,
+    holdout: Literal["random", "newest"] = "random",
     **kwargs: Any,
 ) -> FitResult:
     """`members` nets fitted like `fit` (seeds seed, seed + 1, ...) on one train/validation split,
@@ -318,6 +326,7 @@ def fit_ensemble(
             val_fraction=val_fraction,
             checkpoint_dir=checkpoint_dir,
             threads=threads,
+            holdout=holdout,
             **kwargs,
         )
     results = [
@@ -328,12 +337,13 @@ def fit_ensemble(
             val_fraction=val_fraction,
             checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"member-{k}",
             threads=threads,
+            holdout=holdout,
             **kwargs,
         )
         for k in range(members)
     ]
     ensemble = EnsembleNet([cast(ApprovalNet, r.net) for r in results]).eval()  # `fit` makes ApprovalNets
-    _, val = _split(data, val_fraction, seed)
+    _, val = _split(data, val_fraction, seed, holdout)
     with _reproducible(threads):
         metrics = _calibrate_and_evaluate(ensemble, val, 1 + ensemble.n_buckets)
     first = results[0].metrics
@@ -359,12 +369,15 @@ def _reproducible(threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def _split(data: TrainingSet, val_fraction: float, seed: int) -> tuple[_Data, _Data]:
+def _split(data: TrainingSet, val_fraction: float, seed: int, holdout: str = "random") -> tuple[_Data, _Data]:
     n = len(data.y)
     n_val = max(1, round(n * val_fraction))
     if n - n_val < 1:
         raise TrainingDataError(f"only {n} rows: need at least 2 to hold out a validation split")
-    order = np.random.default_rng(seed).permutation(n)
+    if holdout == "newest":  # the last rows validate: order puts them first
+        order = np.concatenate([np.arange(n - n_val, n), np.arange(n - n_val)])
+    else:
+        order = np.random.default_rng(seed).permutation(n)
     column = data.column.astype(np.int64, copy=False)
     y = data.y.astype(np.float32, copy=False)
 

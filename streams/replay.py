@@ -18,7 +18,16 @@ from streams.processor import DEFAULT_LATENESS_S, DEFAULT_MAX_FUTURE_S, BatchRes
 from streams.replica import Materializer
 from streams.store import InMemoryFeatureStore
 
-__all__ = ["FeatureReplay", "ReplayStats", "append_record", "read_log", "replay", "replay_final", "write_log"]
+__all__ = [
+    "FeatureReplay",
+    "ReplayStats",
+    "append_record",
+    "iter_records",
+    "read_log",
+    "replay",
+    "replay_final",
+    "write_log",
+]
 
 
 def _write_varint(out: BinaryIO, value: int) -> None:
@@ -49,14 +58,18 @@ def write_log(path: Path, events: Iterable[events_pb2.AttemptEvent | bytes]) -> 
 
 
 def read_log(path: Path) -> Iterator[bytes]:
-    """The raw records of a delimited log, in order."""
-    data = path.read_bytes()
+    """The raw records of a delimited log file, in order."""
+    return iter_records(path.read_bytes(), str(path))
+
+
+def iter_records(data: bytes, name: str = "log") -> Iterator[bytes]:
+    """The raw records of a delimited log held in memory, in order (`name` for error messages)."""
     pos, end = 0, len(data)
     while pos < end:
         size = shift = 0
         while True:
             if pos >= end:
-                raise ValueError(f"{path}: truncated length prefix at byte {pos}")
+                raise ValueError(f"{name}: truncated length prefix at byte {pos}")
             byte = data[pos]
             pos += 1
             size |= (byte & 0x7F) << shift
@@ -64,7 +77,7 @@ def read_log(path: Path) -> Iterator[bytes]:
                 break
             shift += 7
         if pos + size > end:
-            raise ValueError(f"{path}: record at byte {pos} runs past the end of the file")
+            raise ValueError(f"{name}: record at byte {pos} runs past the end of the file")
         yield data[pos : pos + size]
         pos += size
 

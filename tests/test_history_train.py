@@ -1,0 +1,206 @@
+"""`authopt world history` → `authopt log import` → `authopt train --log`: a model from a log alone.
+
+A world's history goes out through the public import schema and comes back as the same events; a log
+trains a model that the server loads, with a time-based hold-out and a manifest that says what the
+log held and which steps were skipped; a log that cannot train a sound model is refused, naming why.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from authopt.samples import sample_attempt
+from authopt.v1 import attempt_pb2, events_pb2
+from cli.main import main
+from history import import_file, read_events
+from history.store import DayWriter, read_records
+from history.train import LogTrainConfig, LogTrainingRefused, holdout_start, min_span_s, train_log
+from history.writer import write_history
+from server.settings import RouteConfig
+from sim import World, load_world
+from sim.config import WorldConfig
+from sim.emit import emit_log
+from sim.policies import load_policy_model
+from streams.replay import iter_records
+
+ROUTES = [RouteConfig(id=r, cost_bps=20) for r in ("acq-a", "acq-b")]
+START = datetime(2026, 11, 2, tzinfo=UTC)
+
+
+def tiny(hours: float, per_hour: float = 300) -> WorldConfig:
+    config = load_world("default")
+    return config.model_copy(
+        update={
+            "traffic": config.traffic.model_copy(update={"payments_per_hour": per_hour, "hours": hours}),
+            "cards": config.cards.model_copy(update={"count": 1500}),
+        }
+    )
+
+
+def world_events(hours: float, seed: int = 7) -> list[events_pb2.AttemptEvent]:
+    import io
+
+    world = World(tiny(hours), seed)
+    buffer = io.BytesIO()
+    emit_log(world, buffer, payments=world.payments(), seed=seed)
+    return [events_pb2.AttemptEvent.FromString(r) for r in iter_records(buffer.getvalue())]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_world_history_round_trips_through_the_import_schema(tmp_path: Path, suffix: str) -> None:
+    events = world_events(2)
+    path = tmp_path / f"history{suffix}"
+    assert write_history(events, path) == len(events)
+    summary = import_file(path, tmp_path / "log")
+    assert summary.accepted == len(events) and not summary.rejected
+    back = {e.outcome.event_id: e.outcome for e in read_events(tmp_path / "log")}
+    assert len(back) == len(events)
+    for e in events:
+        want = e.outcome  # field for field, the one event model; times kept to the microsecond
+        want.attempted_at.FromMicroseconds(want.attempted_at.ToMicroseconds())
+        assert back[want.event_id] == want
+
+
+def _log(tmp_path: Path, outcomes: list[attempt_pb2.AttemptOutcome]) -> Path:
+    out = tmp_path / "log"
+    writer = DayWriter(out, "test")
+    for o in outcomes:
+        event = events_pb2.AttemptEvent(outcome=o)
+        writer.add(o.event_id, o.attempted_at.ToMicroseconds(), event.SerializeToString())
+    writer.commit()
+    return out
+
+
+def _outcome(i: int, at: datetime, route: str, approved: bool) -> attempt_pb2.AttemptOutcome:
+    o = attempt_pb2.AttemptOutcome(
+        event_id=f"e-{i}",
+        request_id=f"pay-{i}",
+        route_id=route,
+        status=attempt_pb2.OUTCOME_STATUS_APPROVED if approved else attempt_pb2.OUTCOME_STATUS_DECLINED,
+        response_code="" if approved else "51",
+        attempt=sample_attempt(),
+    )
+    o.attempted_at.FromDatetime(at)
+    return o
+
+
+def _synthetic(
+    n: int, span: timedelta, *, routes: tuple[str, ...] = ("acq-a", "acq-b"), approve: int = 3
+) -> list:
+    step = span / max(n - 1, 1)
+    return [_outcome(i, START + i * step, routes[i % len(routes)], i % approve != 0) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "routes", "message"),
+    [
+        ([], ROUTES, "no attempts"),
+        (_synthetic(600, timedelta(days=2), approve=10**9), ROUTES, "one class only"),
+        (_synthetic(600, timedelta(days=2), routes=("acq-a", "acq-x")), ROUTES, "acq-x \\(300 attempts"),
+        (_synthetic(600, timedelta(days=2)), [], "no routes configured"),
+        (
+            _synthetic(600, timedelta(days=2), routes=("acq-a",) * 9 + ("acq-b",)),
+            ROUTES,
+            "acq-b \\(60 attempts",
+        ),
+        (_synthetic(600, timedelta(hours=20)), ROUTES, "spans 20.0 h, shorter than"),
+    ],
+    ids=["empty", "one-class", "unknown-route", "no-routes", "thin-route", "short-span"],
+)
+def test_a_log_that_cannot_train_is_refused_naming_why(
+    tmp_path: Path, outcomes: list[attempt_pb2.AttemptOutcome], routes: list[RouteConfig], message: str
+) -> None:
+    log = _log(tmp_path, outcomes)
+    with pytest.raises(LogTrainingRefused, match=message):
+        train_log(log, tmp_path / "models", routes, LogTrainConfig(progress=False))
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").glob("log-*"))
+
+
+def test_the_shortest_log_is_the_longest_shared_feature_window() -> None:
+    assert min_span_s() == 86_400  # the route and merchant rates' 24 h half-life
+
+
+def test_the_holdout_is_the_newest_days() -> None:
+    day = 86_400_000_000
+    start = int(START.timestamp() * 1e6)
+    # four days of 100 attempts each: the newest day holds 25 % -> held out from its start
+    times = [start + d * day + k * 1_000_000 for d in range(4) for k in range(100)]
+    assert holdout_start(times, 0.15) == start + 3 * day
+    # two days, the newest holding 60 %: no day boundary holds 15-50 % -> the 85 % quantile by time
+    times = [start + k for k in range(40)] + [start + day + k for k in range(60)]
+    assert holdout_start(times, 0.15) == times[85]
+
+
+def test_duplicate_events_across_imports_are_one_event(tmp_path: Path) -> None:
+    outcomes = _synthetic(50, timedelta(hours=3))
+    out = tmp_path / "log"
+    for source in ("a", "b"):  # two overlapping imports of the same events
+        writer = DayWriter(out, source)
+        for o in outcomes:
+            writer.add(
+                o.event_id,
+                o.attempted_at.ToMicroseconds(),
+                events_pb2.AttemptEvent(outcome=o).SerializeToString(),
+            )
+        writer.commit()
+    log = read_records(out)
+    assert len(log.records) == 50 and log.duplicates == 50
+    assert log.times_us == sorted(log.times_us)
+
+
+@pytest.mark.slow
+def test_train_log_through_the_public_schema_gives_a_model_the_server_loads(tmp_path: Path) -> None:
+    history = tmp_path / "history.parquet"
+    routes = tmp_path / "routes.json"
+    runner = CliRunner()
+    world = runner.invoke(
+        main,
+        ["world", "history", "default", "--out", str(history), "--hours", "0.5", "--routes-out", str(routes)],
+    )
+    assert world.exit_code == 0, world.output
+    assert json.loads(routes.read_text())[0] == {"id": "acq-us", "cost_bps": 18, "fixed_fee_minor": 8}
+    # the history trained on: a smaller world (fewer payments an hour) over more than a day, its routes
+    # the same as the command's default world's
+    events = world_events(27, seed=11)
+    write_history(events, history)
+    imported = runner.invoke(main, ["log", "import", str(history), "--out", str(tmp_path / "log"), "--quiet"])
+    assert imported.exit_code == 0, imported.output
+    trained = runner.invoke(
+        main,
+        [
+            "train", "--log", str(tmp_path / "log"), "--routes", str(routes),
+            "--out", str(tmp_path / "models"), "--epochs", "2", "--hidden", "16", "--members", "1",
+            "--version", "from-log", "--quiet",
+        ],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    version = tmp_path / "models" / "from-log"
+    manifest = json.loads((version / "manifest.json").read_text())
+    info = manifest["data_summary"]
+    assert info["source"] == "log" and info["log"]["attempts"] == len(events)
+    assert set(info["log"]["attempts_by_route"]) <= {r["id"] for r in json.loads(routes.read_text())}
+    assert 0 < info["log"]["approved_share"] < 1
+    assert info["holdout"]["rows"] > 0 and info["holdout"]["train_rows"] > info["holdout"]["rows"]
+    assert set(info["skipped"]) == {"onpolicy_refit", "selection_correction"}
+    assert 0.5 < manifest["metrics"]["val_auc_route"] <= 1.0
+    assert load_policy_model(version).version == "from-log"  # the server's checks: contract, layout
+
+
+def test_train_log_refuses_world_options_and_bad_routes(tmp_path: Path) -> None:
+    log = _log(tmp_path, _synthetic(10, timedelta(hours=1)))
+    runner = CliRunner()
+    clash = runner.invoke(main, ["train", "--log", str(log), "--out", str(tmp_path / "m"), "--hours", "5"])
+    assert clash.exit_code == 2 and "--hours simulate a world" in clash.output
+    bad = runner.invoke(
+        main, ["train", "--log", str(log), "--out", str(tmp_path / "m"), "--routes", '[{"id": 3}]']
+    )
+    assert bad.exit_code == 2 and "--routes" in bad.output
+    refused = runner.invoke(
+        main, ["train", "--log", str(log), "--out", str(tmp_path / "m"), "--routes", '[{"id": "acq-a"}]']
+    )
+    assert refused.exit_code == 1 and "does not know: acq-b" in refused.output
