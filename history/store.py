@@ -1,10 +1,12 @@
-"""Day-partitioned Parquet of attempt events: what `authopt log import` writes and training reads.
+"""Day-partitioned Parquet of events: what `authopt log import` and `log export` write, training reads.
 
-`DIR/attempts/day=YYYY-MM-DD/<source>.parquet`, one file per source (an imported file) and UTC day,
-with three columns: `event_id`, `attempted_at` (timestamp, microseconds, UTC) and `event` (the
-serialized `authopt.v1.AttemptEvent`: the one event model, not a copy of its fields). A source's
-files are written to temporary names and renamed only when the source is complete, replacing what
-an earlier import of the same source wrote, so a failed import leaves nothing half-written.
+`DIR/attempts/day=YYYY-MM-DD/<source>.parquet`, one file per source (an imported file, an export
+run) and UTC day, with three columns: `event_id`, `attempted_at` (timestamp, microseconds, UTC) and
+`event` (the serialized `authopt.v1.AttemptEvent`: the one event model, not a copy of its fields).
+Decisions (`authopt.v1.DecisionRecord`, exported from the decision log) lie the same way under
+`DIR/decisions/`, with `decided_at` for their time and `<request_id>@<decided_at µs>` for their id.
+A source's files are written to temporary names and renamed only when the source is complete,
+replacing what an earlier run of the same source wrote, so a failed run leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -14,21 +16,38 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from authopt.v1 import events_pb2
 
-__all__ = ["SCHEMA", "DayWriter", "LogRecords", "log_files", "read_events", "read_records"]
+__all__ = [
+    "SCHEMA",
+    "SCHEMAS",
+    "DayWriter",
+    "Kind",
+    "LogRecords",
+    "day_of",
+    "event_ids",
+    "log_files",
+    "read_decisions",
+    "read_events",
+    "read_records",
+]
 
-SCHEMA = pa.schema(
-    [
-        ("event_id", pa.string()),
-        ("attempted_at", pa.timestamp("us", tz="UTC")),
-        ("event", pa.binary()),
-    ]
-)
+Kind = Literal["attempts", "decisions"]
+
+
+def _schema(time_column: str) -> pa.Schema:
+    return pa.schema(
+        [("event_id", pa.string()), (time_column, pa.timestamp("us", tz="UTC")), ("event", pa.binary())]
+    )
+
+
+SCHEMAS: dict[str, pa.Schema] = {"attempts": _schema("attempted_at"), "decisions": _schema("decided_at")}
+SCHEMA = SCHEMAS["attempts"]
 _ROWS_PER_FLUSH = 65_536
 
 
@@ -36,7 +55,7 @@ _DAY_US = 86_400_000_000
 _DAYS: dict[int, str] = {}
 
 
-def _day(at_us: int) -> str:
+def day_of(at_us: int) -> str:
     """The UTC day of a time in epoch microseconds, "YYYY-MM-DD" (memoized per day)."""
     index = at_us // _DAY_US
     day = _DAYS.get(index)
@@ -48,8 +67,9 @@ def _day(at_us: int) -> str:
 class DayWriter:
     """Writes one source's events into its day partitions (temporary until `commit`)."""
 
-    def __init__(self, out_dir: Path, source: str) -> None:
-        self._root = out_dir / "attempts"
+    def __init__(self, out_dir: Path, source: str, kind: Kind = "attempts") -> None:
+        self._root = out_dir / kind
+        self._schema = SCHEMAS[kind]
         self._source = source
         self._pending: dict[str, tuple[list[str], list[int], list[bytes]]] = {}
         self._writers: dict[str, pq.ParquetWriter] = {}
@@ -58,7 +78,7 @@ class DayWriter:
         return self._root / f"day={day}" / f".{self._source}.parquet.tmp"
 
     def add(self, event_id: str, at_us: int, event: bytes) -> None:
-        day = _day(at_us)
+        day = day_of(at_us)
         ids, times, events = self._pending.setdefault(day, ([], [], []))
         ids.append(event_id)
         times.append(at_us)
@@ -72,9 +92,9 @@ class DayWriter:
         if writer is None:
             path = self._tmp(day)
             path.parent.mkdir(parents=True, exist_ok=True)
-            writer = self._writers[day] = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+            writer = self._writers[day] = pq.ParquetWriter(path, self._schema, compression="zstd")
         writer.write_table(
-            pa.table([ids, pa.array(times, pa.timestamp("us", tz="UTC")), events], schema=SCHEMA)
+            pa.table([ids, pa.array(times, pa.timestamp("us", tz="UTC")), events], schema=self._schema)
         )
 
     def commit(self) -> set[str]:
@@ -100,9 +120,17 @@ class DayWriter:
         self._pending.clear()
 
 
-def log_files(out_dir: Path) -> list[Path]:
-    """The Parquet files of the log under `out_dir` (sorted; empty when there are none)."""
-    return sorted((out_dir / "attempts").glob("day=*/*.parquet"))
+def log_files(out_dir: Path, kind: Kind = "attempts") -> list[Path]:
+    """The Parquet files of the log's `kind` under `out_dir` (sorted; empty when there are none)."""
+    return sorted((out_dir / kind).glob("day=*/*.parquet"))
+
+
+def event_ids(out_dir: Path, kind: Kind, day: str) -> set[str]:
+    """The event ids already stored for one UTC day ("YYYY-MM-DD")."""
+    files = sorted((out_dir / kind / f"day={day}").glob("*.parquet"))
+    if not files:
+        return set()
+    return set(pq.read_table(files, columns=["event_id"]).column("event_id").to_pylist())
 
 
 @dataclass(frozen=True)
@@ -114,14 +142,16 @@ class LogRecords:
     duplicates: int  # events dropped because an earlier one (by time) had their event id
 
 
-def read_records(out_dir: Path) -> LogRecords:
-    """Every event under `out_dir/attempts`, in time order (ties by event id), each event id once:
-    two imports that overlap (or an export run twice) hold an event twice, and it is one event."""
-    files = log_files(out_dir)
+def read_records(out_dir: Path, kind: Kind = "attempts") -> LogRecords:
+    """Every event of `kind` under `out_dir`, in time order (ties by event id), each event id once:
+    two imports that overlap hold an event twice, and it is one event."""
+    files = log_files(out_dir, kind)
     if not files:
         return LogRecords([], [], 0)
-    table = pq.read_table(files, schema=SCHEMA).sort_by(
-        [("attempted_at", "ascending"), ("event_id", "ascending")]
+    schema = SCHEMAS[kind]
+    time_column = schema.names[1]
+    table = pq.read_table(files, schema=schema).sort_by(
+        [(time_column, "ascending"), ("event_id", "ascending")]
     )
     ids = table.column("event_id").to_pylist()
     seen: set[str] = set()
@@ -132,7 +162,7 @@ def read_records(out_dir: Path) -> LogRecords:
     duplicates = len(ids) - len(seen)
     if duplicates:
         table = table.filter(pa.array(keep))
-    times = table.column("attempted_at").cast(pa.int64()).to_pylist()
+    times = table.column(time_column).cast(pa.int64()).to_pylist()
     return LogRecords(table.column("event").to_pylist(), times, duplicates)
 
 
@@ -140,3 +170,9 @@ def read_events(out_dir: Path) -> Iterator[events_pb2.AttemptEvent]:
     """Every event under `out_dir/attempts`, in time order (ties by event id)."""
     for raw in read_records(out_dir).records:
         yield events_pb2.AttemptEvent.FromString(raw)
+
+
+def read_decisions(out_dir: Path) -> Iterator[events_pb2.DecisionRecord]:
+    """Every decision under `out_dir/decisions`, in time order."""
+    for raw in read_records(out_dir, "decisions").records:
+        yield events_pb2.DecisionRecord.FromString(raw)

@@ -239,16 +239,16 @@ def train_log(
         progress=cfg.progress,
         categorical_groups=layout_categorical_groups(INPUT_LAYOUT),
     )
-    decisions = log_dir / "decisions"
+    decision_files = len(log_files(log_dir, "decisions"))
+    why_not = (
+        f"the log holds decisions ({decision_files} files under {log_dir / 'decisions'}), but fitting "
+        "from them is not built yet"
+        if decision_files
+        else f"no decisions of a served model in the log ({log_dir / 'decisions'} absent)"
+    )
     skipped = {
-        step: f"no decisions of a served model in the log ({decisions} absent): {why}"
-        for step, why in (
-            ("onpolicy_refit", "the refit on the model's own routing needs its logged decisions"),
-            (
-                "selection_correction",
-                "the chosen route's predicted vs realized outcome needs logged decisions",
-            ),
-        )
+        "onpolicy_refit": f"{why_not}: the refit on the model's own routing needs its logged decisions",
+        "selection_correction": f"{why_not}: the chosen route's predicted vs realized approval needs them",
     }
     for step, reason in skipped.items():
         console.print(f"{step} skipped: {reason}")
