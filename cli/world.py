@@ -75,6 +75,9 @@ def world_emit(world_ref: str, out: Path, seed: int, hours: float | None) -> Non
     )
 
 
+_UNIFORM = 0.5  # the logging policy's exploration share (sim.emit.emit_log's default)
+
+
 @world.command("history")
 @click.argument("world_ref")
 @click.option(
@@ -101,13 +104,14 @@ def world_history(
     world_ref: str, out: Path, seed: int, hours: float | None, routes_out: Path | None, incident_boost: float
 ) -> None:
     """Write the logging policy's history as a platform would export it: one row per attempt in the
-    public import schema (`authopt log import` reads it back), not the internal event log."""
+    public import schema (`authopt log import` reads it back), not the internal event log. First
+    attempts carry the logging policy's candidates and propensity (off-policy evaluation)."""
     import io
     import json
 
     from authopt.v1 import events_pb2
     from history.writer import write_history
-    from sim.emit import emit_log
+    from sim.emit import emit_log, logging_choices
     from sim.pipeline import boost_incidents
     from sim.world import World
     from streams.replay import iter_records
@@ -117,9 +121,18 @@ def world_history(
         config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
     w = World(config, seed)
     buffer = io.BytesIO()
-    stats = emit_log(w, buffer, payments=w.payments(), seed=seed)
-    events = (events_pb2.AttemptEvent.FromString(r) for r in iter_records(buffer.getvalue()))
-    rows = write_history(events, out)
+    payments = w.payments()
+    stats = emit_log(w, buffer, payments=payments, seed=seed, uniform=_UNIFORM)
+    events = [events_pb2.AttemptEvent.FromString(r) for r in iter_records(buffer.getvalue())]
+    options = logging_choices(w, payments)
+    choices = {}
+    for e in events:  # the first attempt's candidates and propensity under the logging policy
+        o = e.outcome
+        if o.attempt.attempt_number == 1:
+            candidates, primary = options[int(o.request_id.removeprefix("pay-"))]
+            k = len(candidates)
+            choices[o.event_id] = (candidates, (1 - _UNIFORM) * (o.route_id == primary) + _UNIFORM / k)
+    rows = write_history(events, out, choices)
     click.echo(f"{rows:,} attempts of {stats.payments:,} payments ({config.name}, seed {seed}) -> {out}")
     if routes_out is not None:
         routes = [

@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError
 
 from authopt.v1 import events_pb2
 from history.errors import HistoryError
-from history.store import DayWriter, Kind, day_of, event_ids
+from history.store import DayWriter, Kind, day_of, decision_id, event_ids
 from streams.kafka import ATTEMPTS_TOPIC, DECISIONS_TOPIC, KafkaSettings
 
 __all__ = ["TOPICS", "ExportError", "ExportSummary", "TopicExport", "decision_id", "export_log"]
@@ -92,11 +92,6 @@ class ExportSummary:
             "seconds": round(self.seconds, 3),
             "events_per_s": round(read / self.seconds) if self.seconds > 0 else 0,
         }
-
-
-def decision_id(record: events_pb2.DecisionRecord) -> str:
-    """A decision's event id in the log: its request id and when it was decided."""
-    return f"{record.request.request_id}@{record.decided_at.ToMicroseconds()}"
 
 
 def _identify(kind: Kind, raw: bytes) -> tuple[str, int] | None:

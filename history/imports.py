@@ -31,10 +31,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from authopt.v1 import attempt_pb2, events_pb2
+from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
 from history.errors import HistoryError
 from history.schema import COLUMNS, REQUIRED
-from history.store import DayWriter
+from history.store import DayWriter, decision_id
 from server.errors import InvalidArgument
 from server.pan import RUN_PATTERN, contains_card_number
 from server.validation import Limits, validate_outcome
@@ -97,6 +97,7 @@ class ImportSummary:
     rejected: Counter[str] = field(default_factory=Counter)
     days: set[str] = field(default_factory=set)
     ignored_columns: set[str] = field(default_factory=set)
+    decisions: int = 0  # first attempts with the logging policy's candidates and propensity
     rejects_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -107,6 +108,7 @@ class ImportSummary:
         self.rejected.update(other.rejected)
         self.days |= other.days
         self.ignored_columns |= other.ignored_columns
+        self.decisions += other.decisions
         self.rejects_files += other.rejects_files
         self.seconds += other.seconds
 
@@ -119,6 +121,7 @@ class ImportSummary:
             "rejected_by_reason": dict(sorted(self.rejected.items())),
             "days": sorted(self.days),
             "ignored_columns": sorted(self.ignored_columns),
+            "decisions": self.decisions,
             "rejects_files": self.rejects_files,
             "seconds": round(self.seconds, 3),
         }
@@ -241,6 +244,15 @@ def _bool(column: str, value: Any) -> bool | _RowError:
     return _RowError(column, "INVALID_VALUE", f"{column} is not a boolean")
 
 
+def _float(column: str, value: Any) -> float | _RowError:
+    if value is None or value == "":
+        return 0.0
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return _RowError(column, "INVALID_VALUE", f"{column} is not a number")
+
+
 def _column_values(name: str, column: pa.Array) -> list[Any]:
     """One column of a batch as Python values of its kind; a bad value is a _RowError in its place.
     Enum and typed columns convert each distinct value once (dictionary encoding), not each row."""
@@ -255,14 +267,16 @@ def _column_values(name: str, column: pa.Array) -> list[Any]:
             return [0 if v is None else v for v in column.to_pylist()]
     if kind == "bool" and pa.types.is_boolean(column.type):
         return [bool(v) for v in column.to_pylist()]
-    convert = {"enum": _enum_number, "int": _int, "bool": _bool}[kind]
+    if kind == "float" and (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+        return [0.0 if v is None else float(v) for v in column.to_pylist()]
+    convert = {"enum": _enum_number, "int": _int, "bool": _bool, "float": _float}[kind]
     encoded = pc.dictionary_encode(column)
     mapped = [convert(name, v) for v in encoded.dictionary.to_pylist()]
     missing = convert(name, None)
     return [missing if i is None else mapped[i] for i in encoded.indices.to_pylist()]
 
 
-_DEFAULTS: dict[str, Any] = {"string": "", "int": 0, "bool": False, "enum": 0}
+_DEFAULTS: dict[str, Any] = {"string": "", "int": 0, "bool": False, "enum": 0, "float": 0.0}
 
 
 def _timestamp(us: int) -> Timestamp:
@@ -275,8 +289,16 @@ _TYPED = ("status", "latency_ms", "amount_minor", "card_network", "card_funding"
           "channel", "initiator", "recurring", "attempt_number", "visa_category")  # fmt: skip
 
 
-def _outcomes(batch: pa.RecordBatch) -> Iterator[attempt_pb2.AttemptOutcome | _RowError]:
-    """Each row of `batch` as an AttemptOutcome, or the _RowError that stops it."""
+class _Row(NamedTuple):
+    """One row: its outcome, and the logging policy's candidates and propensity ("" and 0: none)."""
+
+    outcome: attempt_pb2.AttemptOutcome
+    candidates: str
+    propensity: float
+
+
+def _outcomes(batch: pa.RecordBatch) -> Iterator[_Row | _RowError]:
+    """Each row of `batch` as an AttemptOutcome (with its logged choice), or the _RowError that stops it."""
     n = batch.num_rows
     names = batch.schema.names
     cols = {
@@ -296,17 +318,21 @@ def _outcomes(batch: pa.RecordBatch) -> Iterator[attempt_pb2.AttemptOutcome | _R
     merchant_id, mcc, country = cols["merchant_id"], cols["merchant_mcc"], cols["merchant_country"]
     currency, bin_, last4 = cols["currency"], cols["card_bin"], cols["card_last4"]
     issuer, fingerprint = cols["issuer_country"], cols["card_fingerprint"]
+    candidates, propensity = cols["candidate_routes"], cols["logging_propensity"]
     for i in range(n):
         at_us = times[i]
         if at_us is None:
             yield _RowError("time", "INVALID_VALUE", "time is missing or not a timestamp")
             continue
         values = [col[i] for col in typed]
+        values.append(propensity[i])
         bad = next((v for v in values if isinstance(v, _RowError)), None)
         if bad is not None:
             yield bad
             continue
-        status, latency, amount, network, funding, token, channel, initiator, recurring, number, visa = values
+        status, latency, amount, network, funding, token, channel, initiator, recurring, number, visa, p = (
+            values
+        )
         outcome = Outcome(
             event_id=event_id[i] or f"{payment_id[i]}:{number}",
             request_id=request_id[i] or payment_id[i],
@@ -336,7 +362,78 @@ def _outcomes(batch: pa.RecordBatch) -> Iterator[attempt_pb2.AttemptOutcome | _R
                 attempt_number=number,
             ),
         )
-        yield outcome
+        yield _Row(outcome, candidates[i], p)
+
+
+def _check_row(
+    row: _Row | _RowError, limits: Limits, now: float, seen: set[str]
+) -> tuple[attempt_pb2.AttemptOutcome, tuple[list[str], float] | None] | _RowError:
+    """A row's validated outcome and logged choice, or why it is rejected."""
+    if isinstance(row, _RowError):
+        return row
+    try:
+        validate_outcome(row.outcome, limits, now, field_prefix="", pan_checked=True)
+    except InvalidArgument as err:
+        return _RowError(_FIELD_COLUMN.get(err.field, err.field), err.reason, err.message)
+    if row.outcome.event_id in seen:
+        return _RowError("event_id", "DUPLICATE_EVENT_ID", "event id repeats an earlier row")
+    choice = _logged_choice(row)
+    if isinstance(choice, _RowError):
+        return choice
+    return row.outcome, choice
+
+
+_MAX_CANDIDATES = 256
+_MAX_ROUTE_ID = 64
+
+
+def _logged_choice(row: _Row) -> tuple[list[str], float] | _RowError | None:
+    """The logging policy's candidates and propensity of a first attempt (None: not logged, or a
+    retry, whose routing is not a first-position choice); a _RowError for an inconsistent pair."""
+    if row.outcome.attempt.attempt_number != 1 or (not row.candidates and not row.propensity):
+        return None
+    if not 0 < row.propensity <= 1:
+        return _RowError(
+            "logging_propensity",
+            "INVALID_VALUE",
+            "logging_propensity must be in (0, 1] with candidate_routes",
+        )
+    routes = [r.strip() for r in row.candidates.split(";")]
+    if not row.candidates or not all(routes) or len(set(routes)) != len(routes):
+        return _RowError(
+            "candidate_routes",
+            "INVALID_VALUE",
+            "candidate_routes must list distinct route ids separated by ';' (with logging_propensity)",
+        )
+    if len(routes) > _MAX_CANDIDATES or any(len(r) > _MAX_ROUTE_ID for r in routes):
+        return _RowError(
+            "candidate_routes", "INVALID_VALUE", "candidate_routes: too many or too long route ids"
+        )
+    if row.outcome.route_id not in routes:
+        return _RowError("candidate_routes", "INVALID_VALUE", "route_id is not one of candidate_routes")
+    return routes, row.propensity
+
+
+def _decision(
+    outcome: attempt_pb2.AttemptOutcome, routes: list[str], propensity: float
+) -> events_pb2.DecisionRecord:
+    """The platform's own routing decision as the decision log records authopt's: the request with
+    its candidates, the route chosen first and its propensity (the only one the log knows)."""
+    return events_pb2.DecisionRecord(
+        request=optimizer_pb2.RecommendRequest(
+            request_id=outcome.request_id,
+            attempt=outcome.attempt,
+            candidates=[attempt_pb2.Route(id=r) for r in routes],
+        ),
+        response=optimizer_pb2.RecommendResponse(
+            request_id=outcome.request_id,
+            routes=[optimizer_pb2.RankedRoute(route_id=outcome.route_id)],
+            propensity=propensity,
+        ),
+        decided_at=outcome.attempted_at,
+        producer=PRODUCER,
+        first_position_propensities=[propensity],
+    )
 
 
 def _file_key(path: Path) -> str:
@@ -361,6 +458,7 @@ def import_file(
     summary = ImportSummary(files=[str(path)])
     rejects_path = out_dir / "rejects" / f"{key}.csv"
     writer = DayWriter(out_dir, key)
+    decisions = DayWriter(out_dir, key, "decisions")
     seen: set[str] = set()
     rejects: list[tuple[int, str, str, str]] = []
     first_row = 1
@@ -375,21 +473,12 @@ def import_file(
                 summary.ignored_columns = {n for n in batch.schema.names if n not in _KINDS}
             _scan_for_card_numbers(path, batch, first_row)
             n = batch.num_rows
-            for i, built in enumerate(_outcomes(batch)):
-                number = first_row + i
-                if isinstance(built, _RowError):
-                    rejects.append((number, built.column, built.reason, built.message))
+            for i, row in enumerate(_outcomes(batch)):
+                checked = _check_row(row, limits, now, seen)
+                if isinstance(checked, _RowError):
+                    rejects.append((first_row + i, checked.column, checked.reason, checked.message))
                     continue
-                try:
-                    validate_outcome(built, limits, now, field_prefix="", pan_checked=True)
-                except InvalidArgument as err:
-                    rejects.append((number, _FIELD_COLUMN.get(err.field, err.field), err.reason, err.message))
-                    continue
-                if built.event_id in seen:
-                    rejects.append(
-                        (number, "event_id", "DUPLICATE_EVENT_ID", "event id repeats an earlier row")
-                    )
-                    continue
+                built, choice = checked
                 seen.add(built.event_id)
                 at_us = built.attempted_at.ToMicroseconds()
                 received = at_us + 1000 * built.latency_ms
@@ -397,13 +486,19 @@ def import_file(
                     outcome=built, received_at=_timestamp(received), producer=PRODUCER
                 )
                 writer.add(built.event_id, at_us, event.SerializeToString())
+                if choice is not None:
+                    decision = _decision(built, *choice)
+                    decisions.add(decision_id(decision), at_us, decision.SerializeToString())
+                    summary.decisions += 1
             first_row += n
             if progress is not None:
                 progress(n)
     except BaseException:
         writer.abort()
+        decisions.abort()
         raise
     summary.days = writer.commit()
+    decisions.commit()
     summary.rows = first_row - 1
     summary.accepted = len(seen)
     summary.rejected = Counter(r[2] for r in rejects)

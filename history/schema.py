@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 
 __all__ = ["COLUMNS", "REQUIRED", "Column", "markdown_table"]
 
-Kind = Literal["time", "string", "int", "bool", "enum"]
+Kind = Literal["time", "string", "int", "bool", "enum", "float"]
 
 
 class Column(NamedTuple):
@@ -51,6 +51,11 @@ COLUMNS: tuple[Column, ...] = (
     Column("request_id", "string", False, "the Recommend request id whose decision the attempt followed; "
            "default payment_id (a payment's attempts share it: training groups attempts by it)"),
     Column("event_id", "string", False, "a unique id of the attempt; default <payment_id>:<attempt_number>"),
+    Column("candidate_routes", "string", False, "first attempts: the routes the platform's routing chose "
+           "among, `;`-separated, route_id one of them (with logging_propensity)"),
+    Column("logging_propensity", "float", False, "first attempts: the probability with which the "
+           "platform's routing chose route_id among candidate_routes, in (0, 1]: what off-policy "
+           "evaluation weighs by"),
 )  # fmt: skip
 
 REQUIRED = tuple(c.name for c in COLUMNS if c.required)

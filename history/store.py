@@ -30,6 +30,7 @@ __all__ = [
     "Kind",
     "LogRecords",
     "day_of",
+    "decision_id",
     "event_ids",
     "log_files",
     "read_decisions",
@@ -118,6 +119,11 @@ class DayWriter:
             self._tmp(day).unlink(missing_ok=True)
         self._writers.clear()
         self._pending.clear()
+
+
+def decision_id(record: events_pb2.DecisionRecord) -> str:
+    """A decision's event id in the log: its request id and when it was decided."""
+    return f"{record.request.request_id}@{record.decided_at.ToMicroseconds()}"
 
 
 def log_files(out_dir: Path, kind: Kind = "attempts") -> list[Path]:

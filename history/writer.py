@@ -8,7 +8,7 @@ and imported again is the same `AttemptOutcome` (tests/test_history.py checks it
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ _TYPES: dict[str, pa.DataType] = {
     "enum": pa.string(),
     "int": pa.int64(),
     "bool": pa.bool_(),
+    "float": pa.float64(),
 }
 
 
@@ -42,12 +43,21 @@ _INITIATOR = _names(attempt_pb2.Initiator, "INITIATOR_")
 _STATUS = _names(attempt_pb2.OutcomeStatus, "OUTCOME_STATUS_")
 
 
-def history_table(events: Iterable[events_pb2.AttemptEvent]) -> pa.Table:
+LoggedChoice = tuple[Sequence[str], float]  # (candidate routes, propensity of the route chosen)
+
+
+def history_table(
+    events: Iterable[events_pb2.AttemptEvent], choices: Mapping[str, LoggedChoice] | None = None
+) -> pa.Table:
     """The events' outcomes as one table in the import schema. The payment id is the request id
-    (a payment's attempts share it); the event id is kept as it is."""
+    (a payment's attempts share it); the event id is kept as it is. `choices` gives, by event id,
+    the logging policy's candidates and propensity of first attempts (`candidate_routes`,
+    `logging_propensity`)."""
     cols: dict[str, list[Any]] = {c.name: [] for c in COLUMNS}
+    choices = choices or {}
     for event in events:
         o = event.outcome
+        candidates, propensity = choices.get(o.event_id, ((), None))
         a, m, c = o.attempt, o.attempt.merchant, o.attempt.card
         row = {
             "time": o.attempted_at.ToMicroseconds(),
@@ -76,18 +86,22 @@ def history_table(events: Iterable[events_pb2.AttemptEvent]) -> pa.Table:
             "latency_ms": o.latency_ms,
             "request_id": o.request_id,
             "event_id": o.event_id,
+            "candidate_routes": ";".join(candidates) or None,
+            "logging_propensity": propensity,
         }
         for name, value in row.items():
             cols[name].append(value)
     return pa.table({c.name: pa.array(cols[c.name], _TYPES[c.kind]) for c in COLUMNS})
 
 
-def write_history(events: Iterable[events_pb2.AttemptEvent], path: Path) -> int:
+def write_history(
+    events: Iterable[events_pb2.AttemptEvent], path: Path, choices: Mapping[str, LoggedChoice] | None = None
+) -> int:
     """Write the events to `path` (.parquet or .csv) in the import schema; returns the row count."""
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise HistoryError(f"{path}: write a .parquet or .csv file")
-    table = history_table(events)
+    table = history_table(events, choices)
     tmp = path.with_name(f".{path.name}.tmp")
     if suffix == ".parquet":
         pq.write_table(table, tmp, compression="zstd")

@@ -53,7 +53,7 @@ from sim.play import NETWORK_NAME
 from sim.wire import EventEncoder
 from sim.world import APPROVED, DECLINED, ERROR, MACS, Payment, World
 
-__all__ = ["EmitStats", "emit_log"]
+__all__ = ["EmitStats", "emit_log", "logging_choices"]
 
 _I64 = npt.NDArray[np.int64]
 _F64 = npt.NDArray[np.float64]
@@ -113,6 +113,21 @@ def _eligible(world: World) -> tuple[_I64, _I64, _I64]:
                 p = world.merchant_primary[m]
                 primary[m, net] = p if p in ok else ok[0]
     return routes, count, primary
+
+
+def logging_choices(world: World, payments: Sequence[Payment]) -> dict[int, tuple[list[str], str]]:
+    """Per payment index: the routes the logging policy's first attempt chooses among (eligible for
+    the merchant and the card's network, in the merchant's order) and its primary route. With
+    `uniform` u and k candidates, the first attempt went to the primary with probability
+    (1 - u) + u / k and to each other candidate with u / k (`emit_log`)."""
+    routes, count, primary = _eligible(world)
+    ids = world.route_ids
+    out: dict[int, tuple[list[str], str]] = {}
+    for p in payments:
+        net = int(world.card_network[p.card])
+        k = int(count[p.merchant, net])
+        out[p.index] = ([ids[r] for r in routes[p.merchant, net, :k]], ids[int(primary[p.merchant, net])])
+    return out
 
 
 def _rule_tables(world: World) -> tuple[npt.NDArray[np.bool_], _F64]:

@@ -251,3 +251,39 @@ def test_cli_imports_and_prints_a_summary(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 1 and "merchant_id" in proc.stderr and "6011" not in proc.stderr
+
+
+def test_the_platforms_first_attempt_choices_become_decisions_and_bad_pairs_are_rejected(
+    tmp_path: Path,
+) -> None:
+    from history.store import read_decisions
+
+    rows = [
+        _row(1, route_id="acq-b", candidate_routes="acq-a; acq-b", logging_propensity=0.25),
+        _row(
+            2, payment_id="pay-1", attempt_number=2, candidate_routes="x;y", logging_propensity=7.0
+        ),  # retry
+        _row(3),  # no logged choice: an attempt, no decision
+        _row(4, route_id="acq-c", candidate_routes="acq-a;acq-b", logging_propensity=0.5),
+        _row(5, candidate_routes="acq-a;acq-a", logging_propensity=0.5),
+        _row(6, route_id="acq-a", candidate_routes="acq-a;acq-b", logging_propensity=1.5),
+        _row(7, route_id="acq-a", candidate_routes="", logging_propensity=0.5),
+    ]
+    for fmt, write in (("parquet", _write_parquet), ("csv", _write_csv)):
+        out = tmp_path / fmt
+        summary = import_file(write(tmp_path / f"h.{fmt}", rows), out)
+        assert (summary.accepted, summary.decisions) == (3, 1), fmt
+        assert [(r["row"], r["column"]) for r in _rejects(summary.rejects_files)] == [
+            ("4", "candidate_routes"),
+            ("5", "candidate_routes"),
+            ("6", "logging_propensity"),
+            ("7", "candidate_routes"),
+        ], fmt
+        (decision,) = read_decisions(out)
+        assert [c.id for c in decision.request.candidates] == ["acq-a", "acq-b"]
+        assert decision.request.request_id == "req-1" and decision.response.routes[0].route_id == "acq-b"
+        assert list(decision.first_position_propensities) == [0.25] == [decision.response.propensity]
+        assert (
+            decision.decided_at
+            == next(e for e in read_events(out) if e.outcome.request_id == "req-1").outcome.attempted_at
+        )
