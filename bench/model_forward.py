@@ -23,7 +23,7 @@ import torch
 
 from model import DELAY_BUCKETS_S, INPUT_LAYOUT, ApprovalNet, export_model
 from model.net import EnsembleNet, FusedEnsembleNet, layout_categorical_groups
-from sim.policies import load_policy_model
+from server.models import load_model_dir
 
 
 def _net(hidden: int, seed: int) -> ApprovalNet:
@@ -65,7 +65,7 @@ def main() -> None:
         fused = export_model(ensemble, Path(tmp) / "fused", "fused")
         with patch.object(FusedEnsembleNet, "can_fuse", staticmethod(lambda _: False)):
             unfused = export_model(ensemble, Path(tmp) / "unfused", "unfused")
-        a, b, c = (load_policy_model(p.parent) for p in (single, unfused, fused))
+        a, b, c = (load_model_dir(p.parent) for p in (single, unfused, fused))
         print(f"hidden {args.hidden}, {args.members} members, torch {torch.__version__}, one thread")
         print(
             "| batch | one net µs | ensemble µs | fused ensemble µs | ensemble / one | fused / one |\n"

@@ -12,6 +12,7 @@ import logging
 import click
 
 from cli.log import log
+from cli.model import model
 from cli.play import simulate, up
 from cli.serve import recommend, serve
 from cli.train import evaluate, train
@@ -29,7 +30,7 @@ def main(log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for _command in (serve, recommend, worker, broker, up, simulate, train, evaluate, world, log):
+for _command in (serve, recommend, worker, broker, up, simulate, train, evaluate, world, log, model):
     main.add_command(_command)
 
 

@@ -3,6 +3,7 @@ log, and its evaluation against the baselines and the oracle."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -234,13 +235,66 @@ def _train_log(
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated world seeds.")
 @click.option("--hours", type=float, help="Simulated hours per seed [default: the world's].")
 @click.option("--no-ope", is_flag=True, help="Skip the off-policy estimates (saves one play per seed).")
+@click.option(
+    "--log",
+    "log_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Evaluate off-policy on this log's decisions instead of playing a world.",
+)
+@click.option(
+    "--champion",
+    type=click.Path(path_type=Path, exists=True),
+    help="With --log: the model serving today, compared with --model (uplift, paired).",
+)
+@click.option(
+    "--routes", help="With --log: the server's routes, JSON or a JSON file [default: $AUTHOPT_SERVER_ROUTES]."
+)
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    help="With --log: evaluate on decisions from this time (UTC) [default: the model's hold-out, else all].",
+)
+@click.option(
+    "--exploration",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="With --log: the share of decisions the target policies spread over all candidates.",
+)
+@click.pass_context
 def evaluate(
-    world_refs: tuple[str, ...], model_dir: Path, out: Path, seeds: str, hours: float | None, no_ope: bool
+    ctx: click.Context,
+    world_refs: tuple[str, ...],
+    model_dir: Path,
+    out: Path,
+    seeds: str,
+    hours: float | None,
+    no_ope: bool,
+    log_dir: Path | None,
+    champion: Path | None,
+    routes: str | None,
+    since: datetime | None,
+    exploration: float,
 ) -> None:
-    """Play every policy on the same simulated payments and report how authopt compares.
+    """Play every policy on the same simulated payments and report how authopt compares; or, with
+    --log, estimate off-policy how --model (and --champion) would have done on a log's decisions.
 
-    Writes OUT/results.json (machine-readable), OUT/report.md and PNG plots.
+    Writes OUT/results.json (machine-readable), OUT/report.md and PNG plots; with --log,
+    OUT/ope.json and OUT/report.md (docs/history.md).
     """
+    given = {
+        n for n in ("world_refs", "seeds", "hours", "no_ope", "champion", "routes", "since", "exploration")
+        if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT
+    }  # fmt: skip
+    if log_dir is not None:
+        clash = sorted(given & {"world_refs", "seeds", "hours", "no_ope"})
+        if clash:
+            flags = ", ".join("--" + n.replace("_refs", "").replace("_", "-") for n in clash)
+            raise click.UsageError(f"{flags} play a world; --log evaluates on the log's decisions")
+        _evaluate_log(log_dir, model_dir, champion, routes, since, exploration, out)
+        return
+    if given & {"champion", "routes", "since", "exploration"}:
+        raise click.UsageError("--champion, --routes, --since and --exploration go with --log")
     try:
         import matplotlib  # noqa: F401  # the report's plots
     except ModuleNotFoundError as exc:
@@ -251,9 +305,8 @@ def evaluate(
     from model.numerics import pin_numerics
 
     pin_numerics()  # the same kernels as training (model/numerics.py)
-    from server.models import ModelRejected
+    from server.models import ModelRejected, load_model_dir
     from sim.evaluate import evaluate_world, write_results
-    from sim.policies import load_policy_model
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -262,7 +315,7 @@ def evaluate(
     if not seed_list:
         raise click.ClickException("--seeds names no seed")
     try:
-        load_policy_model(model_dir)
+        load_model_dir(model_dir)
     except (ModelRejected, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot use model {model_dir}: {exc}") from exc
     docs = []
@@ -280,4 +333,48 @@ def evaluate(
         for name, t in doc["targets"].items():
             verdict = "met" if t["met"] else "NOT met"
             click.echo(f"{doc['world']}: {name} {t['measured']:.4f} (target {t['target']}) {verdict}")
+    click.echo(str(path))
+
+
+def _evaluate_log(
+    log_dir: Path,
+    model_dir: Path,
+    champion: Path | None,
+    routes: str | None,
+    since: datetime | None,
+    exploration: float,
+    out: Path,
+) -> None:
+    from history.errors import HistoryError
+    from history.offline import evaluate_log, write_report
+
+    def show(done: int, total: int) -> None:
+        click.echo(f"replaying the log: {done:,} / {total:,} events", err=True)
+
+    try:
+        doc = evaluate_log(
+            log_dir,
+            _route_config(routes),
+            model_dir,
+            champion_dir=champion,
+            since=since.replace(tzinfo=UTC) if since is not None else None,
+            exploration=exploration,
+            progress=show,
+        )
+    except HistoryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    path = write_report(doc, out)
+    for warning in doc["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    for role, value in doc["policies"].items():
+        best = value["approval"].get("dr") or value["approval"]["dm"]
+        how = "DR" if "dr" in value["approval"] else "DM"
+        click.echo(
+            f"{role} {doc['models'][role]}: first-attempt approval {100 * best['value']:.2f} % "
+            f"[{100 * best['low']:.2f}, {100 * best['high']:.2f}] ({how})"
+        )
+    if "uplift" in doc:
+        u = doc["uplift"]["approval"]
+        low, high = 100 * u["low"], 100 * u["high"]
+        click.echo(f"uplift over the champion: {100 * u['value']:+.2f} pp [{low:+.2f}, {high:+.2f}]")
     click.echo(str(path))

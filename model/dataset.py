@@ -13,8 +13,9 @@ The encoding is `model.layout.encode_flat` with `model.features.lookup_features`
 
 from __future__ import annotations
 
+import array
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,8 +25,9 @@ from model.features import attempt_context, lookup_features
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, encode_flat
 from model.train import TrainingSet
 from streams.replay import FeatureReplay, ReplayStats
+from streams.store import FeatureStore
 
-__all__ = ["DatasetSummary", "build_training_set", "prior_of"]
+__all__ = ["DatasetSummary", "build_training_set", "encode_candidates", "prior_of"]
 
 _APPROVED = attempt_pb2.OUTCOME_STATUS_APPROVED
 _BUCKET_TOLERANCE_S = 1.0
@@ -68,6 +70,21 @@ def prior_of(outcome: attempt_pb2.AttemptOutcome) -> attempt_pb2.PriorAttempt:
     )
     prior.attempted_at.CopyFrom(outcome.attempted_at)
     return prior
+
+
+def encode_candidates(
+    store: FeatureStore,
+    attempt: attempt_pb2.Attempt,
+    priors: Sequence[attempt_pb2.PriorAttempt],
+    routes: Sequence[tuple[str, int]],
+    at: float,
+) -> array.array[float]:
+    """The model inputs of `attempt` on each of `routes` (id, cost in bps), one row after another, from
+    the features in `store` at time `at`: byte for byte what the server computes."""
+    ctx = attempt_context(attempt, priors, at=at)
+    feats = lookup_features(store, attempt, [r for r, _ in routes])
+    rows = [(r, cost, f) for (r, cost), f in zip(routes, feats.route_rows, strict=True)]
+    return encode_flat(ctx, rows, feats.attempt_rows)
 
 
 def _seconds(ts: object) -> float:
@@ -122,11 +139,7 @@ def build_training_set(
     def row(
         attempt: attempt_pb2.Attempt, priors: list[attempt_pb2.PriorAttempt], route: str, at: float
     ) -> None:
-        ctx = attempt_context(attempt, priors, at=at)
-        feats = lookup_features(live.store, attempt, [route])
-        xs.extend(
-            encode_flat(ctx, [(route, route_cost_bps.get(route, 0), feats.route_rows[0])], feats.attempt_rows)
-        )
+        xs.extend(encode_candidates(live.store, attempt, priors, [(route, route_cost_bps.get(route, 0))], at))
 
     for i, (record, e) in enumerate(zip(raw, events, strict=True)):
         o = e.outcome

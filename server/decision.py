@@ -26,7 +26,16 @@ from server.models import ModelRegistry
 from server.telemetry import tracer
 from streams.contract import Entity
 
-__all__ = ["DecisionEngine", "EngineConfig", "Scores", "fallback_scores", "model_scores", "respond"]
+__all__ = [
+    "DecisionEngine",
+    "EngineConfig",
+    "Scores",
+    "fallback_scores",
+    "model_scores",
+    "respond",
+    "retry_advice",
+    "retry_subject",
+]
 
 log = logging.getLogger(__name__)
 Source = optimizer_pb2.DecisionSource
@@ -284,19 +293,16 @@ def respond(
     return resp
 
 
-def _advise_retry(
-    req: optimizer_pb2.RecommendRequest,
-    cands: list[policy.Candidate],
-    feats: FeatureLookup,
-    scores: Scores,
-    now: float,
-    out: optimizer_pb2.RetryAdvice,
-) -> None:
+def retry_subject(
+    req: optimizer_pb2.RecommendRequest, feats: FeatureLookup
+) -> tuple[str, rules.Decline, rules.RetryCounters]:
+    """What the network rules judge a retry of the request's last prior attempt by: the card's
+    network, the decline, and the card's counters (the features', and the request's own prior
+    attempts, which count even before their outcomes reach the features)."""
     prior = req.prior_attempts
     last = prior[-1]
     card_merchant = feats.attempt_rows.get(Entity.CARD_MERCHANT) or {}
     cma = feats.attempt_rows.get(Entity.CARD_MERCHANT_AMOUNT) or {}
-    # The request's own prior attempts count even before their outcomes reach the features.
     counters = rules.RetryCounters(
         card_merchant_reattempts_30d=max(int(card_merchant.get("reattempts_30d", 0.0)), len(prior) - 1),
         card_merchant_amount_attempts_30d=max(int(cma.get("attempts_30d", 0.0)), len(prior)),
@@ -307,14 +313,30 @@ def _advise_retry(
         visa_category=int(last.visa_category),
         attempted_at=last.attempted_at.seconds + last.attempted_at.nanos / 1e9,
     )
-    network = _NETWORK_NAMES.get(req.attempt.card.network, "other")
+    return _NETWORK_NAMES.get(req.attempt.card.network, "other"), decline, counters
+
+
+def retry_advice(
+    req: optimizer_pb2.RecommendRequest,
+    cands: Sequence[policy.Candidate],
+    feats: FeatureLookup,
+    p_retry: Sequence[Sequence[float]],
+    buckets_s: Sequence[int],
+    now: float,
+) -> policy.RetryDecision:
+    """The retry advice for the request's last (declined or failed) prior attempt: the network rules'
+    constraint from the decline and the card's counters (the features' and the request's own), the
+    caller's retry window, and the retry head's probabilities valued by `policy.advise_retry`.
+    Pure: the decision engine answers with it, and an offline replay of a model's advice checks it."""
+    last = req.prior_attempts[-1]
+    network, decline, counters = retry_subject(req, feats)
     if last.status == attempt_pb2.OUTCOME_STATUS_ERROR:
         constraint = rules.RetryConstraint(
             True, now, "", "the last attempt failed before an issuer answered: no decline for the rules"
         )
     else:
         constraint = rules.evaluate_retry(network, decline, counters, now)
-    buckets, p_retry = list(scores.buckets_s), scores.p_retry
+    buckets, p_retry = list(buckets_s), list(p_retry)
     if req.retry_window_s:
         # The caller cannot retry after its window closes (a customer leaves the checkout): only
         # the delays that fit in it are valued, and a rule-imposed wait past it means no retry.
@@ -329,7 +351,18 @@ def _advise_retry(
                 f"no permitted retry time within the caller's {req.retry_window_s}s retry window"
                 + (f"; {constraint.reason}" if constraint.rule_id else ""),
             )
-    advice = policy.advise_retry(req.attempt.amount_minor, cands, p_retry, buckets, constraint, now)
+    return policy.advise_retry(req.attempt.amount_minor, cands, p_retry, buckets, constraint, now)
+
+
+def _advise_retry(
+    req: optimizer_pb2.RecommendRequest,
+    cands: list[policy.Candidate],
+    feats: FeatureLookup,
+    scores: Scores,
+    now: float,
+    out: optimizer_pb2.RetryAdvice,
+) -> None:
+    advice = retry_advice(req, cands, feats, scores.p_retry, scores.buckets_s, now)
     out.action = _ACTIONS[advice.action]  # type: ignore[assignment]
     out.route_id = advice.route_id
     if advice.action != "do_not_retry":

@@ -3,7 +3,9 @@
 `load_model` turns one version directory (written by `model.export_model`) into a warmed-up
 `LoadedModel`, refusing it — `ModelRejected` with a stable ``reason`` — when its manifest names another
 feature contract or input layout, or when the artifact does not load or produces garbage.
-`ModelRegistry` watches the model directory and swaps in the newest loadable version; the hot path
+`ModelRegistry` watches the model directory and swaps in the version its served pointer names
+(`CURRENT`, written by `authopt model promote`), or the newest loadable version when there is no
+pointer; the hot path
 reads `ModelRegistry.current`, which is replaced by a single attribute assignment (atomic under the
 GIL), so a request sees either the old model or the new one, never a mix.
 """
@@ -38,17 +40,22 @@ from server.policy import SelectionCorrection
 from streams.contract import CONTRACT_HASH
 
 __all__ = [
+    "POINTER_FILE",
     "LatencyEstimate",
     "LoadedModel",
     "ModelRegistry",
     "ModelRejected",
     "load_model",
+    "load_model_dir",
+    "natural_key",
     "resolve_device",
 ]
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_WARMUP_BATCH_SIZES: tuple[int, ...] = (1, 8, 32, 128)
+POINTER_FILE = "CURRENT"
+"""The served pointer in a model directory: one line, the name of the version to serve."""
 _WARMUP_RUNS = 3
 
 
@@ -306,7 +313,32 @@ def load_model(
     )
 
 
-def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+def load_model_dir(model_dir: Path) -> LoadedModel:
+    """Load the newest version under `model_dir` (or `model_dir` itself if it is a version) as the
+    server would, on the CPU: manifest checked against this code's contract and layout. For the
+    tools that score a model outside the server (evaluation, off-policy estimates)."""
+    model_dir = Path(model_dir)
+    version = model_dir if (model_dir / "manifest.json").is_file() else None
+    if version is None:
+        versions = (
+            sorted(p for p in model_dir.iterdir() if (p / "manifest.json").is_file())
+            if model_dir.is_dir()
+            else []
+        )
+        if not versions:
+            raise FileNotFoundError(f"no model version (a directory with manifest.json) under {model_dir}")
+        version = versions[-1]
+    return load_model(
+        version,
+        expected_contract_hash=CONTRACT_HASH,
+        expected_layout=INPUT_LAYOUT,
+        expected_layout_version=LAYOUT_VERSION,
+        device=torch.device("cpu"),
+        warmup_batch_sizes=(1,),
+    )
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """``v2`` < ``v10``; digit runs compare as numbers, other runs as text."""
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
 
@@ -319,10 +351,13 @@ def _artifact_mtime_ns(version_dir: Path) -> int:
 
 
 class ModelRegistry:
-    """Watches `model_dir` and serves the newest loadable version in it.
+    """Watches `model_dir` and serves the version its pointer names, else the newest loadable one.
 
-    A version that is refused stays refused (one ERROR line, listed in `rejected`) until its files
-    change. If the newest version is refused, the next newest that loads is used, down to the one
+    With a pointer (`model_dir/CURRENT`, moved atomically by `authopt model promote` and `rollback`)
+    only that version is a candidate: a promotion or a rollback is followed at the next poll, and a
+    pointed version that does not load is refused while the served one keeps serving. Without one:
+    a version that is refused stays refused (one ERROR line, listed in `rejected`) until its files
+    change; if the newest version is refused, the next newest that loads is used, down to the one
     being served, which keeps serving; deleting the newest version therefore rolls back.
     """
 
@@ -357,8 +392,20 @@ class ModelRegistry:
         return self._current
 
     def scan(self) -> list[Path]:
-        """Complete version directories, oldest first (natural sort of the names)."""
+        """The versions to serve from, best last: the pointer's version when there is a pointer
+        (none while it names no complete version), else every complete version directory, oldest
+        first (natural sort of the names)."""
         if self.model_dir is None:
+            return []
+        try:
+            pointed = (self.model_dir / POINTER_FILE).read_text().strip()
+        except OSError:
+            pointed = None
+        if pointed is not None:
+            version = self.model_dir / pointed
+            ok = pointed and not pointed.startswith(".") and "/" not in pointed
+            if ok and (version / MANIFEST_FILE).is_file() and (version / MODEL_FILE).is_file():
+                return [version]
             return []
         try:
             entries = list(self.model_dir.iterdir())
@@ -372,7 +419,7 @@ class ModelRegistry:
             and (p / MANIFEST_FILE).is_file()
             and (p / MODEL_FILE).is_file()
         ]
-        return sorted(complete, key=lambda p: _natural_key(p.name))
+        return sorted(complete, key=lambda p: natural_key(p.name))
 
     def _load(self, version_dir: Path) -> LoadedModel:
         return load_model(

@@ -27,7 +27,7 @@ import torch
 from model.features import attempt_context, lookup_features
 from model.layout import encode_flat
 from model.train import expected_calibration_error, reliability_bins
-from server.models import LoadedModel
+from server.models import LoadedModel, load_model_dir
 from sim.config import WorldConfig
 from sim.play import AttemptView, Decision, PlayResult, attempt_message, play
 from sim.policies import (
@@ -38,7 +38,6 @@ from sim.policies import (
     Static,
     SuccessRate,
     candidates,
-    load_policy_model,
 )
 from sim.world import World
 
@@ -176,7 +175,7 @@ def evaluate_world(
 ) -> dict[str, Any]:
     """Play every policy on `config` for every seed; the results document (see `write_results`)."""
     torch.set_num_threads(1)
-    model = load_policy_model(model_dir)
+    model = load_model_dir(model_dir)
     runs: dict[str, dict[int, dict[str, float]]] = {p: {} for p in policies}
     series: dict[str, dict[int, PlayResult]] = {p: {} for p in policies}
     ope_rows: dict[int, dict[str, float]] = {}

@@ -191,8 +191,9 @@ def _onpolicy_rows(
     """Rows from the first model's own closed-loop log (seed + 1, so other payments than the first log)."""
     import torch
 
+    from server.models import load_model_dir
     from sim.play import play
-    from sim.policies import Authopt, load_policy_model
+    from sim.policies import Authopt
 
     rows_path = work / "onpolicy-rows.npz"
     if not rows_path.exists():
@@ -203,7 +204,7 @@ def _onpolicy_rows(
             torch.set_num_threads(1)
             payments = world.payments()
             policy = Authopt(
-                load_policy_model(model_dir), exploration_rate=cfg.onpolicy_exploration, seed=cfg.seed
+                load_model_dir(model_dir), exploration_rate=cfg.onpolicy_exploration, seed=cfg.seed
             )
             tmp = _atomic(log_path)
             with _bar(cfg.progress, console) as bar, tmp.open("wb") as f:

@@ -21,18 +21,17 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import replace
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 from authopt.v1 import optimizer_pb2
 from model.features import attempt_context, lookup_features
-from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, LAYOUT_VERSION, encode_flat
+from model.layout import DELAY_BUCKETS_S, encode_flat
 from server import policy as server_policy
 from server import rules
 from server.decision import fallback_scores, model_scores, respond
-from server.models import LoadedModel, load_model
+from server.models import LoadedModel
 from sim.play import (
     NETWORK_NAME,
     AttemptView,
@@ -42,7 +41,6 @@ from sim.play import (
     attempt_message,
 )
 from sim.world import APPROVED, ERROR, Outcome
-from streams.contract import CONTRACT_HASH
 
 __all__ = [
     "Authopt",
@@ -53,7 +51,6 @@ __all__ = [
     "Static",
     "SuccessRate",
     "candidates",
-    "load_policy_model",
 ]
 
 _DAY = 86_400
@@ -249,30 +246,6 @@ class Logging(_Base):
             return None
         d = buckets[self.rng.randrange(len(buckets))]
         return RetryPlan(view.routes[self.rng.randrange(len(view.routes))], view.now + d)
-
-
-def load_policy_model(model_dir: Path) -> LoadedModel:
-    """Load the newest version under `model_dir` (or `model_dir` itself if it is a version) as the
-    server would: manifest checked against this code's contract and layout."""
-    model_dir = Path(model_dir)
-    version = model_dir if (model_dir / "manifest.json").is_file() else None
-    if version is None:
-        versions = (
-            sorted(p for p in model_dir.iterdir() if (p / "manifest.json").is_file())
-            if model_dir.is_dir()
-            else []
-        )
-        if not versions:
-            raise FileNotFoundError(f"no model version (a directory with manifest.json) under {model_dir}")
-        version = versions[-1]
-    return load_model(
-        version,
-        expected_contract_hash=CONTRACT_HASH,
-        expected_layout=INPUT_LAYOUT,
-        expected_layout_version=LAYOUT_VERSION,
-        device=torch.device("cpu"),
-        warmup_batch_sizes=(1,),
-    )
 
 
 class Authopt:

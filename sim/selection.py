@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from model.train import expected_calibration_error
-from server.models import LoadedModel
+from server.models import LoadedModel, load_model_dir
 from server.policy import SelectionCorrection
 from sim.config import WorldConfig
 from sim.play import AttemptView, Decision, play
-from sim.policies import Authopt, load_policy_model
+from sim.policies import Authopt
 from sim.world import Payment, World
 
 __all__ = ["SelectionFit", "fit_correction", "fit_selection", "record_decisions"]
@@ -151,7 +151,7 @@ def fit_selection(
     world_cfg = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
     worlds = {s: World(world_cfg, s) for s in seeds}
     traffic = {s: w.payments() for s, w in worlds.items()}
-    model = load_policy_model(model_dir)
+    model = load_model_dir(model_dir)
     correction: SelectionCorrection | None = None
     d = Decisions()
     for r in range(rounds):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from model.artifacts import DEFAULT_MODEL_DIR
-from sim.policies import load_policy_model
+from server.models import load_model_dir
 
 
 def test_the_bundled_model_loads_and_is_small() -> None:
     versions = [p for p in DEFAULT_MODEL_DIR.iterdir() if (p / "manifest.json").is_file()]
     assert versions, f"no bundled model under {DEFAULT_MODEL_DIR}"
-    model = load_policy_model(DEFAULT_MODEL_DIR)
+    model = load_model_dir(DEFAULT_MODEL_DIR)
     assert model.manifest.data_summary["world"] == "default"
     assert model.manifest.metrics["val_ece_route"] <= 0.02
     # Fitted by `authopt train` on plays of the model (sim/selection.py): it shrinks the

@@ -21,11 +21,11 @@ from history import import_file, read_events
 from history.store import DayWriter, read_records
 from history.train import LogTrainConfig, LogTrainingRefused, holdout_start, min_span_s, train_log
 from history.writer import write_history
+from server.models import load_model_dir
 from server.settings import RouteConfig
 from sim import World, load_world
 from sim.config import WorldConfig
 from sim.emit import emit_log
-from sim.policies import load_policy_model
 from streams.replay import iter_records
 
 ROUTES = [RouteConfig(id=r, cost_bps=20) for r in ("acq-a", "acq-b")]
@@ -188,7 +188,7 @@ def test_train_log_through_the_public_schema_gives_a_model_the_server_loads(tmp_
     assert info["holdout"]["rows"] > 0 and info["holdout"]["train_rows"] > info["holdout"]["rows"]
     assert set(info["skipped"]) == {"onpolicy_refit", "selection_correction"}
     assert 0.5 < manifest["metrics"]["val_auc_route"] <= 1.0
-    assert load_policy_model(version).version == "from-log"  # the server's checks: contract, layout
+    assert load_model_dir(version).version == "from-log"  # the server's checks: contract, layout
 
 
 def test_train_log_refuses_world_options_and_bad_routes(tmp_path: Path) -> None:

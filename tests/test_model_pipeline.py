@@ -17,13 +17,13 @@ from model.export import make_tiny_artifact
 from model.features import attempt_context, lookup_features
 from model.layout import encode_flat
 from model.train import TrainingDataError, TrainingSet
-from server.models import ModelRejected
+from server.models import ModelRejected, load_model_dir
 from sim import World, load_world
 from sim.config import WorldConfig
 from sim.evaluate import evaluate_world, write_results
 from sim.pipeline import TrainConfig, train_world
 from sim.play import play
-from sim.policies import Logging, load_policy_model
+from sim.policies import Logging
 from streams.replay import read_log, replay_final
 
 pytestmark = pytest.mark.slow
@@ -129,7 +129,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
-    model = load_policy_model(trained)
+    model = load_model_dir(trained)
     assert model.version == "default-s5"
     manifest = model.manifest
     assert manifest.data_summary["world"] == "default" and manifest.data_summary["events"] > 0
@@ -149,9 +149,9 @@ def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
     import torch
 
     a = model.infer(torch.from_numpy(x))
-    b = load_policy_model(trained / "again").infer(torch.from_numpy(x))
+    b = load_model_dir(trained / "again").infer(torch.from_numpy(x))
     torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert load_policy_model(trained / "again").manifest.route_selection == manifest.route_selection
+    assert load_model_dir(trained / "again").manifest.route_selection == manifest.route_selection
     with pytest.raises(FileExistsError, match="already exists"):
         train_world(tiny(), trained, TrainConfig(seed=5, hours=4, epochs=2, hidden=16, progress=False))
 
@@ -196,7 +196,7 @@ def test_evaluate_refuses_a_missing_or_mismatched_model(tmp_path: Path) -> None:
     res = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "contract" in res.output
     with pytest.raises(ModelRejected):
-        load_policy_model(tmp_path / "m")
+        load_model_dir(tmp_path / "m")
 
 
 def test_invalid_world_file_is_refused_by_the_commands(tmp_path: Path) -> None:

@@ -277,3 +277,19 @@ async def test_run_polls_until_cancelled(tmp_path: Path) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_the_registry_follows_the_served_pointer(tmp_path: Path) -> None:
+    """`CURRENT` names the version to serve (promote / rollback move it); a pointer to a version
+    that is not complete serves nothing new, and the served one keeps serving."""
+    for v in ("1", "2", "3"):
+        make_tiny_artifact(tmp_path, v, seed=int(v))
+    reg = _registry(tmp_path)
+    (tmp_path / "CURRENT").write_text("1\n")
+    assert await reg.refresh() is True and reg.current is not None and reg.current.version == "1"
+    (tmp_path / "CURRENT").write_text("2\n")
+    assert await reg.refresh() is True and reg.current.version == "2"
+    (tmp_path / "CURRENT").write_text("9\n")  # no such version (or still being copied in)
+    assert reg.scan() == [] and await reg.refresh() is False and reg.current.version == "2"
+    (tmp_path / "CURRENT").unlink()  # no pointer: the newest
+    assert await reg.refresh() is True and reg.current.version == "3"

@@ -11,8 +11,8 @@ import pytest
 
 from model import Manifest, make_tiny_artifact
 from server.decision import model_scores
+from server.models import load_model_dir
 from server.policy import SelectionCorrection
-from sim.policies import load_policy_model
 from sim.selection import MIN_DECISIONS, Decisions, _chosen_ece, fit_correction
 from tests.conftest import ROUTES, ServerFactory, make_request
 
@@ -105,8 +105,8 @@ def test_manifest_carries_and_checks_the_correction(tmp_path: Path) -> None:
     path = make_tiny_artifact(tmp_path, "1", route_selection=sel)
     manifest = Manifest.from_json((path / "manifest.json").read_text())
     assert manifest.route_selection == sel
-    assert load_policy_model(path).selection == SelectionCorrection(-0.18, 1.17, 0.77)
-    assert load_policy_model(make_tiny_artifact(tmp_path, "2")).selection is None  # none recorded
+    assert load_model_dir(path).selection == SelectionCorrection(-0.18, 1.17, 0.77)
+    assert load_model_dir(make_tiny_artifact(tmp_path, "2")).selection is None  # none recorded
     for bad, message in [
         ({"intercept": 0.0, "mean_scale": 1.0}, "exactly the keys"),
         ({**sel, "spread_scale": 0.0}, "spread_scale must be positive"),
