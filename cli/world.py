@@ -75,9 +75,6 @@ def world_emit(world_ref: str, out: Path, seed: int, hours: float | None) -> Non
     )
 
 
-_UNIFORM = 0.5  # the logging policy's exploration share (sim.emit.emit_log's default)
-
-
 @world.command("history")
 @click.argument("world_ref")
 @click.option(
@@ -122,16 +119,9 @@ def world_history(
     w = World(config, seed)
     buffer = io.BytesIO()
     payments = w.payments()
-    stats = emit_log(w, buffer, payments=payments, seed=seed, uniform=_UNIFORM)
+    stats = emit_log(w, buffer, payments=payments, seed=seed)
     events = [events_pb2.AttemptEvent.FromString(r) for r in iter_records(buffer.getvalue())]
-    options = logging_choices(w, payments)
-    choices = {}
-    for e in events:  # the first attempt's candidates and propensity under the logging policy
-        o = e.outcome
-        if o.attempt.attempt_number == 1:
-            candidates, primary = options[int(o.request_id.removeprefix("pay-"))]
-            k = len(candidates)
-            choices[o.event_id] = (candidates, (1 - _UNIFORM) * (o.route_id == primary) + _UNIFORM / k)
+    choices = logging_choices(w, payments, events)  # first attempts' candidates and propensities
     rows = write_history(events, out, choices)
     click.echo(f"{rows:,} attempts of {stats.payments:,} payments ({config.name}, seed {seed}) -> {out}")
     if routes_out is not None:

@@ -94,6 +94,7 @@ class LoggedDecisions:
 
     x: list[npt.NDArray[np.float32]] = field(default_factory=list)  # [k, inputs] per decision
     candidates: list[list[str]] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
     cost: list[_F] = field(default_factory=list)  # per candidate, minor units
     amount: list[float] = field(default_factory=list)
     chosen: list[int] = field(default_factory=list)  # index of the route the attempt went to
@@ -181,6 +182,7 @@ def _add(
     x = np.frombuffer(encode_candidates(live.store, o.attempt, [], routes, at), dtype=np.float32)
     out.x.append(x.reshape(len(names), len(INPUT_LAYOUT)))
     out.candidates.append(names)
+    out.request_ids.append(o.request_id)
     out.cost.append(np.array([amount * costs[n].cost_bps / 10_000 + costs[n].fixed_fee_minor for n in names]))
     out.amount.append(float(amount))
     out.chosen.append(names.index(o.route_id))

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
+from authopt.v1 import events_pb2
 from model.layout import DELAY_BUCKETS_S
 from server import rules
 from sim.play import NETWORK_NAME
@@ -115,18 +116,32 @@ def _eligible(world: World) -> tuple[_I64, _I64, _I64]:
     return routes, count, primary
 
 
-def logging_choices(world: World, payments: Sequence[Payment]) -> dict[int, tuple[list[str], str]]:
-    """Per payment index: the routes the logging policy's first attempt chooses among (eligible for
-    the merchant and the card's network, in the merchant's order) and its primary route. With
-    `uniform` u and k candidates, the first attempt went to the primary with probability
-    (1 - u) + u / k and to each other candidate with u / k (`emit_log`)."""
+def logging_choices(
+    world: World,
+    payments: Sequence[Payment],
+    events: Iterable[events_pb2.AttemptEvent],
+    uniform: float = 0.5,
+) -> dict[str, tuple[list[str], float]]:
+    """By event id, for each first attempt of `emit_log`'s log (played with `uniform`): the routes
+    the logging policy chose among (eligible for the merchant and the card's network, in the
+    merchant's order) and the propensity of the route it chose — (1 - u) + u / k for the merchant's
+    primary route, u / k for each other of the k candidates."""
     routes, count, primary = _eligible(world)
     ids = world.route_ids
-    out: dict[int, tuple[list[str], str]] = {}
-    for p in payments:
+    by_index = {p.index: p for p in payments}
+    out: dict[str, tuple[list[str], float]] = {}
+    for e in events:
+        o = e.outcome
+        if o.attempt.attempt_number != 1:
+            continue
+        p = by_index[int(o.request_id.removeprefix("pay-"))]
         net = int(world.card_network[p.card])
         k = int(count[p.merchant, net])
-        out[p.index] = ([ids[r] for r in routes[p.merchant, net, :k]], ids[int(primary[p.merchant, net])])
+        first = ids[int(primary[p.merchant, net])]
+        out[o.event_id] = (
+            [ids[r] for r in routes[p.merchant, net, :k]],
+            (1 - uniform) * (o.route_id == first) + uniform / k,
+        )
     return out
 
 

@@ -7,6 +7,7 @@ log held and which steps were skipped; a log that cannot train a sound model is 
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -204,3 +205,78 @@ def test_train_log_refuses_world_options_and_bad_routes(tmp_path: Path) -> None:
         main, ["train", "--log", str(log), "--out", str(tmp_path / "m"), "--routes", '[{"id": "acq-a"}]']
     )
     assert refused.exit_code == 1 and "does not know: acq-b" in refused.output
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_log_and_promote_through_the_gate(tmp_path: Path) -> None:
+    """A tiny world's history with the logging policy's propensities → import → a model trained on
+    it, evaluated off-policy against an untrained net; the gate promotes neither blindly."""
+    from model import make_tiny_artifact
+    from sim.emit import logging_choices
+
+    world = World(tiny(27), 11)
+    buffer = io.BytesIO()
+    payments = world.payments()
+    emit_log(world, buffer, payments=payments, seed=11)
+    events = [events_pb2.AttemptEvent.FromString(r) for r in iter_records(buffer.getvalue())]
+    history = tmp_path / "history.parquet"
+    write_history(events, history, logging_choices(world, payments, events))
+    routes = json.dumps(
+        [
+            {"id": r.id, "cost_bps": r.cost_bps, "fixed_fee_minor": r.fixed_fee_minor}
+            for r in world.config.routes
+        ]
+    )
+    runner = CliRunner()
+    assert (
+        runner.invoke(
+            main, ["log", "import", str(history), "--out", str(tmp_path / "log"), "--quiet"]
+        ).exit_code
+        == 0
+    )
+    models = tmp_path / "models"
+    trained = runner.invoke(
+        main,
+        ["train", "--log", str(tmp_path / "log"), "--routes", routes, "--out", str(models), "--epochs", "3",
+         "--hidden", "32", "--members", "1", "--version", "trained", "--quiet"],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    make_tiny_artifact(models, "untrained", seed=5)
+
+    evaluated = runner.invoke(
+        main,
+        ["evaluate", "--log", str(tmp_path / "log"), "--model", str(models / "trained"), "--champion",
+         str(models / "untrained"), "--routes", routes, "--out", str(tmp_path / "ope")],
+    )  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    doc = json.loads((tmp_path / "ope" / "ope.json").read_text())
+    assert (
+        doc["window_from"]
+        == json.loads((models / "trained" / "manifest.json").read_text())["data_summary"]["holdout"]["from"]
+    )
+    logged = [e.outcome for e in events if e.outcome.attempt.attempt_number == 1]
+    assert 0 < doc["decisions"] < len(logged)  # the hold-out days' first attempts
+    for role in ("candidate", "champion"):
+        value = doc["policies"][role]
+        assert set(value["approval"]) == {"dm", "ips", "snips", "dr"}
+        assert 0 < value["ess"] <= value["rows_weighted"] == doc["decisions"]
+        dr = value["approval"]["dr"]
+        assert dr["low"] <= dr["value"] <= dr["high"]
+        assert doc["rules"][role]["violations"] == 0 and doc["rules"][role]["declines"] > 0
+    assert doc["uplift"]["approval"]["value"] > 0  # a trained model routes better than a random net
+    assert (tmp_path / "ope" / "report.md").read_text().count("| candidate `trained` |") == 2
+
+    # the untrained net, promoted over the trained one, is refused, naming the condition
+    promoted = runner.invoke(
+        main,
+        ["model", "promote", "trained", "--models", str(models), "--log", str(tmp_path / "log"), "--routes",
+         routes, "--force", "--reason", "first model"],
+    )  # fmt: skip
+    assert promoted.exit_code == 0, promoted.output
+    refused = runner.invoke(
+        main,
+        ["model", "promote", "untrained", "--models", str(models), "--log", str(tmp_path / "log"), "--routes",
+         routes, "--since", doc["window_from"][:10]],
+    )  # fmt: skip
+    assert refused.exit_code == 1 and "FAIL uplift" in refused.output and "not promoted" in refused.output
+    assert (models / "CURRENT").read_text().strip() == "trained"
