@@ -29,6 +29,7 @@ from server.models import ModelRegistry, resolve_device
 from server.publisher import OutcomePublisher, make_publisher
 from server.service import OptimizerService
 from server.settings import ServerSettings
+from server.shadow import Shadow
 from server.telemetry import Metrics
 from streams.replica import FeatureReplica
 
@@ -40,6 +41,16 @@ SERVICE_NAME = optimizer_pb2.DESCRIPTOR.services_by_name["AuthorizationOptimizer
 #: readiness: NOT_SERVING until the feature replica has caught up, and while draining.
 LIVENESS_SERVICE = "liveness"
 _TRANSPORT_LIMIT = 4 * 1024 * 1024  # hard cap in gRPC core; the settings' limit is checked per RPC
+
+
+@dataclass
+class Challenger:
+    """The challenger's own parts: its versions (hot reloaded), its batcher, its shadow decisions."""
+
+    registry: ModelRegistry
+    batcher: MicroBatcher
+    engine: DecisionEngine
+    shadow: Shadow
 
 
 @dataclass
@@ -57,6 +68,7 @@ class AuthoptServer:
     metrics_http: Any = None  # the Prometheus HTTP server, when enabled
     replica: FeatureReplica | None = None  # follows authopt.features.v1 into `features`
     decision_log: DecisionLog = field(default_factory=NoDecisionLog)
+    challenger: Challenger | None = None  # the shadow / A/B model (server/shadow.py)
     health_server: grpc.aio.Server | None = None  # plaintext, health only (settings.health_port)
     health_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -69,6 +81,10 @@ class AuthoptServer:
         await self.batcher.start()
         self.decision_log.start()
         self._tasks.append(asyncio.create_task(self.registry.run(), name="model-watcher"))
+        if self.challenger is not None:
+            await self.challenger.registry.refresh()
+            await self.challenger.batcher.start()
+            self._tasks.append(asyncio.create_task(self.challenger.registry.run(), name="challenger-watcher"))
         await self.grpc_server.start()
         if self.health_server is not None:
             await self.health_server.start()
@@ -113,6 +129,9 @@ class AuthoptServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.challenger is not None:
+            await self.challenger.shadow.close(timeout_s=min(grace, 1.0))
+            await self.challenger.batcher.stop()
         await self.batcher.stop()
         await self.decision_log.close(timeout_s=min(grace, 5.0))
         await self.publisher.close()
@@ -141,8 +160,9 @@ def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Metrics) -> MicroBatcher:
-    """The micro-batcher over the registry's current model, feeding the metrics and its latency."""
+def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Metrics | None) -> MicroBatcher:
+    """The micro-batcher over the registry's current model, feeding the metrics (the served model's
+    only: `metrics` None for a challenger's) and the model's latency estimate."""
 
     def infer(x: torch.Tensor) -> torch.Tensor:
         model = registry.current
@@ -151,7 +171,8 @@ def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Me
         return model.infer(x)
 
     def on_batch(rows: int, requests: int, seconds: float) -> None:
-        metrics.observe_batch(rows, requests, seconds)
+        if metrics is not None:
+            metrics.observe_batch(rows, requests, seconds)
         model = registry.current
         if model is not None:  # keeps the budget check's latency estimate live
             model.latency.observe(rows, seconds)
@@ -166,6 +187,39 @@ def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Me
         ),
         on_batch=on_batch,
     )
+
+
+def _make_challenger(
+    settings: ServerSettings,
+    store: FeatureStore,
+    routes: tuple[policy.Candidate, ...],
+    decision_log: DecisionLog,
+    metrics: Metrics,
+) -> Challenger | None:
+    """With a shadow model directory: the challenger's registry, batcher, engine and shadow."""
+    if settings.shadow_model_dir is None:
+        return None
+    registry = ModelRegistry(
+        settings.shadow_model_dir,
+        device=resolve_device(settings.device),
+        poll_interval_s=settings.model_poll_interval_s,
+    )
+    batcher = _make_batcher(settings, registry, None)
+    engine = DecisionEngine(
+        EngineConfig(settings.exploration_rate, settings.feature_max_age_s, routes),
+        store,
+        registry,
+        batcher,
+        rng=random.Random(None if settings.seed is None else settings.seed + 1),
+    )
+    shadow = Shadow(
+        engine.decide,
+        decision_log,
+        metrics,
+        timeout_s=settings.shadow_timeout_ms / 1000,
+        max_in_flight=settings.shadow_max_in_flight,
+    )
+    return Challenger(registry, batcher, engine, shadow)
 
 
 def _feature_source(
@@ -262,6 +316,7 @@ async def create_server(
         if publisher is not None
         else make_publisher(settings.kafka, settings.kafka_publish_timeout_s)
     )
+    challenger = _make_challenger(settings, store, routes, decision_log, metrics)
     service = OptimizerService(
         engine,
         IdempotencyCache(make_cache(settings.cache_url), settings.idempotency_ttl_s),
@@ -273,6 +328,9 @@ async def create_server(
         has_configured_routes=bool(routes),
         replica_id=settings.replica_id,
         decision_log=decision_log,
+        challenger=challenger.engine if challenger else None,
+        shadow=challenger.shadow if challenger else None,
+        ab_challenger_share=settings.ab_challenger_share,
     )
     health = HealthServicer()
     server, port = _bind_api(settings, service, health)
@@ -296,6 +354,7 @@ async def create_server(
         metrics_http,
         replica,
         decision_log,
+        challenger,
         health_server=health_server,
         health_port=health_port,
     )

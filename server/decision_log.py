@@ -32,7 +32,13 @@ __all__ = ["DecisionLog", "KafkaDecisionLog", "NoDecisionLog", "decision_record"
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[optimizer_pb2.RecommendRequest, optimizer_pb2.RecommendResponse, float]
+_Item = tuple[
+    optimizer_pb2.RecommendRequest,
+    optimizer_pb2.RecommendResponse,
+    float,
+    optimizer_pb2.RecommendResponse | None,
+    str,
+]
 
 
 def decision_record(
@@ -42,8 +48,11 @@ def decision_record(
     *,
     producer: str,
     exploration_rate: float,
+    shadow: optimizer_pb2.RecommendResponse | None = None,
+    arm: str = "",
 ) -> events_pb2.DecisionRecord:
-    """The record of one decision (`decided_at`: epoch seconds)."""
+    """The record of one decision (`decided_at`: epoch seconds), with the challenger's decision for
+    the same request (`shadow`) and the A/B arm when there are."""
     ts = Timestamp()
     ts.FromMicroseconds(round(decided_at * 1e6))  # float seconds hold microseconds, not nanoseconds
     return events_pb2.DecisionRecord(
@@ -55,6 +64,8 @@ def decision_record(
         first_position_propensities=policy.first_position_propensities(
             len(resp.routes), exploration_rate, resp.explored
         ),
+        shadow=shadow,
+        arm=arm,
     )
 
 
@@ -62,9 +73,16 @@ class DecisionLog(Protocol):
     """Where the server's decisions go."""
 
     def offer(
-        self, req: optimizer_pb2.RecommendRequest, resp: optimizer_pb2.RecommendResponse, decided_at: float
+        self,
+        req: optimizer_pb2.RecommendRequest,
+        resp: optimizer_pb2.RecommendResponse,
+        decided_at: float,
+        *,
+        shadow: optimizer_pb2.RecommendResponse | None = None,
+        arm: str = "",
     ) -> None:
-        """Queue one decision for the log; never blocks, never raises."""
+        """Queue one decision (and the challenger's, and its A/B arm) for the log; never blocks, never
+        raises."""
 
     def start(self) -> None: ...
 
@@ -76,7 +94,13 @@ class NoDecisionLog:
     """No Kafka configured, or the log turned off: decisions are not recorded."""
 
     def offer(
-        self, req: optimizer_pb2.RecommendRequest, resp: optimizer_pb2.RecommendResponse, decided_at: float
+        self,
+        req: optimizer_pb2.RecommendRequest,
+        resp: optimizer_pb2.RecommendResponse,
+        decided_at: float,
+        *,
+        shadow: optimizer_pb2.RecommendResponse | None = None,
+        arm: str = "",
     ) -> None:
         return None
 
@@ -124,10 +148,16 @@ class KafkaDecisionLog:
         metrics.decision_log_queue.set_function(self._queue.qsize)
 
     def offer(
-        self, req: optimizer_pb2.RecommendRequest, resp: optimizer_pb2.RecommendResponse, decided_at: float
+        self,
+        req: optimizer_pb2.RecommendRequest,
+        resp: optimizer_pb2.RecommendResponse,
+        decided_at: float,
+        *,
+        shadow: optimizer_pb2.RecommendResponse | None = None,
+        arm: str = "",
     ) -> None:
         try:
-            self._queue.put_nowait((req, resp, decided_at))
+            self._queue.put_nowait((req, resp, decided_at, shadow, arm))
         except asyncio.QueueFull:
             self._drop("queue_full", 1)
 
@@ -180,9 +210,15 @@ class KafkaDecisionLog:
         async with asyncio.timeout(self._timeout_s):
             producer = await self._ensure_started()
             sends = []
-            for req, resp, decided_at in batch:
+            for req, resp, decided_at, shadow, arm in batch:
                 record = decision_record(
-                    req, resp, decided_at, producer=self._producer_id, exploration_rate=self._exploration_rate
+                    req,
+                    resp,
+                    decided_at,
+                    producer=self._producer_id,
+                    exploration_rate=self._exploration_rate,
+                    shadow=shadow,
+                    arm=arm,
                 )
                 sends.append(
                     await producer.send(

@@ -21,6 +21,7 @@ from server.decision_log import DecisionLog, NoDecisionLog
 from server.errors import InvalidArgument, StatusError, abort_with, to_stream_error
 from server.idempotency import IdempotencyCache
 from server.publisher import OutcomePublisher
+from server.shadow import CHALLENGER, Shadow, arm_of
 from server.telemetry import Metrics, extract_trace_context, tracer
 
 __all__ = ["OptimizerService"]
@@ -47,8 +48,16 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         has_configured_routes: bool,
         replica_id: str,
         decision_log: DecisionLog | None = None,
+        challenger: DecisionEngine | None = None,
+        shadow: Shadow | None = None,
+        ab_challenger_share: float = 0.0,
     ) -> None:
+        if (shadow is not None or ab_challenger_share > 0) and challenger is None:
+            raise ValueError("a shadow or an A/B split needs the challenger's engine")
         self._engine = engine
+        self._challenger = challenger
+        self._shadow = shadow
+        self._ab_share = ab_challenger_share
         self._idem = idempotency
         self._publisher = publisher
         self._metrics = metrics
@@ -96,9 +105,21 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         self, req: optimizer_pb2.RecommendRequest, deadline: float, started: float
     ) -> optimizer_pb2.RecommendResponse:
         """A new decision (an idempotent replay is not one), queued for the decision log: the log's
-        task publishes it after the response has gone."""
-        resp = await self._engine.decide(req, deadline, started)
-        self._decision_log.offer(req, resp, time.time())
+        task publishes it after the response has gone. Under an A/B split the card's arm decides
+        (server/shadow.py); with a shadow, the challenger's decision for the champion's requests
+        follows in the background, and the log gets both."""
+        arm = ""
+        engine = self._engine
+        if self._ab_share > 0:
+            arm = arm_of(req.attempt.card.fingerprint, self._ab_share)
+            self._metrics.ab_decisions.labels(arm).inc()
+            if arm == CHALLENGER and self._challenger is not None:
+                engine = self._challenger
+        resp = await engine.decide(req, deadline, started)
+        if self._shadow is not None and arm != CHALLENGER:
+            self._shadow.after(req, resp, time.time(), arm)
+        else:
+            self._decision_log.offer(req, resp, time.time(), arm=arm)
         return resp
 
     async def Recommend(

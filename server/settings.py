@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.kafka import KafkaSettings
@@ -42,6 +42,23 @@ class ServerSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     model_dir: Path | None = Field(None, description="directory of model versions (<dir>/<version>/)")
     model_poll_interval_s: float = Field(2.0, gt=0, description="how often the model directory is scanned")
+    shadow_model_dir: Path | None = Field(
+        None,
+        description="directory of a challenger's versions: scored beside the served model on every "
+        "request, off the caller's path, both decisions in the decision log",
+    )
+    shadow_timeout_ms: int = Field(
+        200, ge=1, le=10_000, description="how long a shadow decision may take before it is skipped (counted)"
+    )
+    shadow_max_in_flight: int = Field(
+        256, ge=1, le=100_000, description="shadow decisions at once; beyond it they are skipped (counted)"
+    )
+    ab_challenger_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of cards (by fingerprint hash, sticky) the shadow model decides for (A/B)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
     torch_threads: int = Field(
         1, ge=0, le=256, description="CPU intra-op threads for inference; 0 keeps torch's default"
@@ -105,3 +122,11 @@ class ServerSettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle; when set, require client certs")
     seed: int | None = Field(None, description="exploration RNG seed (tests and simulations)")
     replica_id: str = Field("authopt-server", description="producer id stamped on published events")
+
+    @model_validator(mode="after")
+    def _ab_needs_a_challenger(self) -> ServerSettings:
+        if self.ab_challenger_share > 0 and self.shadow_model_dir is None:
+            raise ValueError(
+                "ab_challenger_share > 0 needs shadow_model_dir: the challenger to split traffic with"
+            )
+        return self

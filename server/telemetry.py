@@ -69,6 +69,23 @@ class Metrics:
         self.decision_log_queue = Gauge(
             "authopt_decision_log_queue", "decisions waiting to be published to the log", registry=r
         )
+        self.shadow_decisions = Counter(
+            "authopt_shadow_decisions_total",
+            "shadow (challenger) decisions by outcome: agree / disagree on the first route with the "
+            "champion, or skipped: slow, error, busy, fallback",
+            ["outcome"],
+            registry=r,
+        )
+        self.shadow_expected_value = Counter(
+            "authopt_shadow_expected_value_minor_total",
+            "sum of the first route's expected value (minor units) as each model predicts it, over the "
+            "requests both decided with their model (divide by the agree + disagree count for a mean)",
+            ["model"],
+            registry=r,
+        )
+        self.ab_decisions = Counter(
+            "authopt_ab_decisions_total", "decisions under the A/B split, by arm", ["arm"], registry=r
+        )
 
     def observe_batch(self, rows: int, requests: int, seconds: float) -> None:
         """Called by the batcher after each forward."""

@@ -348,6 +348,7 @@ def test_schema_offers_every_setting() -> None:
     server_managed = {
         "host", "port", "model_dir", "device", "grace_period_s", "metrics_port", "tls_cert_file",
         "tls_key_file", "tls_client_ca_file", "kafka", "replica_id", "health_port",
+        "shadow_model_dir",  # model.shadow: a directory on the model volume
         "seed",  # tests and simulations only
     }  # fmt: skip
     worker_managed = {
@@ -405,6 +406,25 @@ def test_model_delivery(chart: helm.Chart) -> None:
     volume = next(v for v in spec["volumes"] if v["name"] == "model")
     assert volume["persistentVolumeClaim"] == {"claimName": "authopt-models", "readOnly": True}
     assert pod_env(pvc, pvc.server(), "server")["AUTHOPT_SERVER_MODEL_DIR"] == "/models"
+    assert "AUTHOPT_SERVER_SHADOW_MODEL_DIR" not in pod_env(pvc, pvc.server(), "server")
+
+
+def test_a_shadow_model_lives_on_the_model_volume(chart: helm.Chart) -> None:
+    values = {**VARIANTS["rocksdb-workers"]}
+    values["model"] = {**values["model"], "shadow": {"enabled": True}}
+    values["server"] = {
+        **values.get("server", {}),
+        "settings": {"abChallengerShare": 0.1, "shadowTimeoutMs": 150},
+    }
+    rendered = render(chart, values)
+    env = pod_env(rendered, rendered.server(), "server")
+    assert env["AUTHOPT_SERVER_SHADOW_MODEL_DIR"] == "/models/.challenger"
+    assert (
+        env["AUTHOPT_SERVER_AB_CHALLENGER_SHARE"] == "0.1"
+        and env["AUTHOPT_SERVER_SHADOW_TIMEOUT_MS"] == "150"
+    )
+    with pytest.raises(Exception, match=r"model\.shadow needs the model volume"):
+        render(chart, {"model": {"shadow": {"enabled": True}}})
 
 
 def test_workers_memory_store_is_a_deployment(chart: helm.Chart) -> None:

@@ -27,7 +27,7 @@ from authopt.v1 import optimizer_pb2 as authopt_dot_v1_dot_optimizer__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61uthopt/v1/events.proto\x12\nauthopt.v1\x1a\x18\x61uthopt/v1/attempt.proto\x1a\x1a\x61uthopt/v1/optimizer.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\x0c\x41ttemptEvent\x12+\n\x07outcome\x18\x01 \x01(\x0b\x32\x1a.authopt.v1.AttemptOutcome\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x03 \x01(\t\"\xf1\x01\n\x0e\x44\x65\x63isionRecord\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.authopt.v1.RecommendRequest\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1d.authopt.v1.RecommendResponse\x12.\n\ndecided_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x04 \x01(\t\x12\x18\n\x10\x65xploration_rate\x18\x05 \x01(\x01\x12#\n\x1b\x66irst_position_propensities\x18\x06 \x03(\x01\"\xb5\x02\n\x0f\x46\x65\x61tureSnapshot\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12)\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcontract_hash\x18\x05 \x01(\t\x12\x18\n\x10source_partition\x18\x06 \x01(\r\x12\x33\n\x04sums\x18\x07 \x03(\x0b\x32%.authopt.v1.FeatureSnapshot.SumsEntry\x12)\n\x06recent\x18\x08 \x03(\x0b\x32\x19.authopt.v1.RecentAttempt\x12\x0e\n\x06\x65vents\x18\t \x01(\x04\x1a+\n\tSumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x03\x10\x04R\x06values\"\x8b\x01\n\rRecentAttempt\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61ttempted_at_us\x18\x02 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x15\n\rresponse_code\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65\x63lined\x18\x06 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61uthopt/v1/events.proto\x12\nauthopt.v1\x1a\x18\x61uthopt/v1/attempt.proto\x1a\x1a\x61uthopt/v1/optimizer.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\x0c\x41ttemptEvent\x12+\n\x07outcome\x18\x01 \x01(\x0b\x32\x1a.authopt.v1.AttemptOutcome\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x03 \x01(\t\"\xad\x02\n\x0e\x44\x65\x63isionRecord\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.authopt.v1.RecommendRequest\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1d.authopt.v1.RecommendResponse\x12.\n\ndecided_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x04 \x01(\t\x12\x18\n\x10\x65xploration_rate\x18\x05 \x01(\x01\x12#\n\x1b\x66irst_position_propensities\x18\x06 \x03(\x01\x12-\n\x06shadow\x18\x07 \x01(\x0b\x32\x1d.authopt.v1.RecommendResponse\x12\x0b\n\x03\x61rm\x18\x08 \x01(\t\"\xb5\x02\n\x0f\x46\x65\x61tureSnapshot\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12)\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcontract_hash\x18\x05 \x01(\t\x12\x18\n\x10source_partition\x18\x06 \x01(\r\x12\x33\n\x04sums\x18\x07 \x03(\x0b\x32%.authopt.v1.FeatureSnapshot.SumsEntry\x12)\n\x06recent\x18\x08 \x03(\x0b\x32\x19.authopt.v1.RecentAttempt\x12\x0e\n\x06\x65vents\x18\t \x01(\x04\x1a+\n\tSumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x03\x10\x04R\x06values\"\x8b\x01\n\rRecentAttempt\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61ttempted_at_us\x18\x02 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x15\n\rresponse_code\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65\x63lined\x18\x06 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,11 +39,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTEMPTEVENT']._serialized_start=126
   _globals['_ATTEMPTEVENT']._serialized_end=252
   _globals['_DECISIONRECORD']._serialized_start=255
-  _globals['_DECISIONRECORD']._serialized_end=496
-  _globals['_FEATURESNAPSHOT']._serialized_start=499
-  _globals['_FEATURESNAPSHOT']._serialized_end=808
-  _globals['_FEATURESNAPSHOT_SUMSENTRY']._serialized_start=751
-  _globals['_FEATURESNAPSHOT_SUMSENTRY']._serialized_end=794
-  _globals['_RECENTATTEMPT']._serialized_start=811
-  _globals['_RECENTATTEMPT']._serialized_end=950
+  _globals['_DECISIONRECORD']._serialized_end=556
+  _globals['_FEATURESNAPSHOT']._serialized_start=559
+  _globals['_FEATURESNAPSHOT']._serialized_end=868
+  _globals['_FEATURESNAPSHOT_SUMSENTRY']._serialized_start=811
+  _globals['_FEATURESNAPSHOT_SUMSENTRY']._serialized_end=854
+  _globals['_RECENTATTEMPT']._serialized_start=871
+  _globals['_RECENTATTEMPT']._serialized_end=1010
 # @@protoc_insertion_point(module_scope)

@@ -70,10 +70,16 @@ class DecisionRecord(_message.Message):
     PRODUCER_FIELD_NUMBER: _builtins.int
     EXPLORATION_RATE_FIELD_NUMBER: _builtins.int
     FIRST_POSITION_PROPENSITIES_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
     producer: _builtins.str
     """Identifier of the server replica that decided."""
     exploration_rate: _builtins.float
     """The exploration rate (epsilon) the first position was drawn with, in [0, 1]."""
+    arm: _builtins.str
+    """Which model decided under an A/B split (AUTHOPT_SERVER_AB_CHALLENGER_SHARE): "champion" or
+    "challenger", assigned by a hash of the card fingerprint; empty when there is no split.
+    """
     @_builtins.property
     def request(self) -> _optimizer_pb2.RecommendRequest:
         """The request as the server validated it: attempt, candidates, prior attempts, budget."""
@@ -96,6 +102,13 @@ class DecisionRecord(_message.Message):
         other epsilon / K; they sum to 1). The first equals `response.propensity`.
         """
 
+    @_builtins.property
+    def shadow(self) -> _optimizer_pb2.RecommendResponse:
+        """The challenger's decision for the same request when a shadow model is configured
+        (AUTHOPT_SERVER_SHADOW_MODEL_DIR): scored beside the champion, off the caller's path; unset when
+        there is none, or when it was skipped (slow, failed, or too many in flight).
+        """
+
     def __init__(
         self,
         *,
@@ -105,10 +118,12 @@ class DecisionRecord(_message.Message):
         producer: _builtins.str = ...,
         exploration_rate: _builtins.float = ...,
         first_position_propensities: _abc.Iterable[_builtins.float] | None = ...,
+        shadow: _optimizer_pb2.RecommendResponse | None = ...,
+        arm: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "request", b"request", "response", b"response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "request", b"request", "response", b"response", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "exploration_rate", b"exploration_rate", "first_position_propensities", b"first_position_propensities", "producer", b"producer", "request", b"request", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "decided_at", b"decided_at", "exploration_rate", b"exploration_rate", "first_position_propensities", b"first_position_propensities", "producer", b"producer", "request", b"request", "response", b"response", "shadow", b"shadow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
