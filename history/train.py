@@ -8,9 +8,12 @@ partitioned Parquet) and what cannot be done without a world:
 - the hold-out is by time: the newest whole UTC days (at least `holdout_fraction` of the attempts,
   at most half), else the newest `holdout_fraction` of the attempts by time when no day boundary
   gives such a split; its metrics are the manifest's;
-- the on-policy refit and the ranking's selection correction need the served model's own logged
-  decisions (`authopt.decisions.v1` joined to outcomes); without them each is skipped and the
-  manifest says why.
+- the ranking's selection correction is fitted off-policy on the hold-out days' logged decisions
+  (authopt's decision log, or a platform's routing imported with its propensities): those whose
+  logged route is the one the new net would have put first, weighted by 1 / their propensity;
+- there is no separate on-policy round: when the log's decisions are a served model's, its attempts
+  are that model's own routing, trained on and (the newest days) calibrated on;
+- without decisions, both are skipped and the manifest says why.
 
 A log that cannot train a sound model is refused with what is wrong (`LogTrainingRefused`), never
 trained into NaNs: an empty log, one class only, a route with too few attempts to learn, a span
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -30,18 +34,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from authopt.v1 import attempt_pb2, events_pb2
+from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
 from history.errors import HistoryError
-from history.store import LogRecords, log_files, read_records
+from history.ope import collect, predict
+from history.store import LogRecords, log_files, read_decisions, read_records
 from model.dataset import build_training_set
 from model.export import export_model
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT
 from model.net import layout_categorical_groups
 from model.numerics import numerics
 from model.train import TrainingSet, fit_ensemble
+from server.models import load_model_dir
+from server.policy import SelectionCorrection
+from server.selection import MIN_DECISIONS, Decisions, chosen_ece, fit_correction
 from server.settings import RouteConfig
 from streams.contract import FEATURES, Entity
 
@@ -174,6 +183,60 @@ def _work_dir(out: Path, log_dir: Path, cfg: LogTrainConfig) -> Path:
     return out / ".work" / f"log-{h.hexdigest()}"
 
 
+def _selection_from_log(
+    net: torch.nn.Module,
+    metrics: dict[str, float],
+    work: Path,
+    log_dir: Path,
+    routes: Sequence[RouteConfig],
+    holdout_us: int,
+) -> dict[str, Any]:
+    """The selection correction of the trained net, fitted off-policy on the hold-out days' logged
+    decisions: those whose logged route is the one this net would have put first (by expected value,
+    uncorrected), each weighted by 1 / its logged propensity — an unbiased sample of the net's own
+    choices under an exploring logging policy (`server.selection`)."""
+    uncorrected = work / "uncorrected"
+    if not (uncorrected / "v1").exists():
+        export_model(net, uncorrected, "v1", metrics=metrics)
+    model = load_model_dir(uncorrected / "v1")
+    logged = collect(log_dir, routes, since_us=holdout_us)
+    d = Decisions(weight=[])
+    assert d.weight is not None
+    for p, amount, cost, chosen, mu, ok in zip(
+        predict(model, logged, corrected=False),
+        logged.amount,
+        logged.cost,
+        logged.chosen,
+        logged.propensity,
+        logged.approved,
+        strict=True,
+    ):
+        if math.isnan(mu) or int(np.argmax(amount * p - cost)) != chosen:
+            continue
+        d.route_p.append([float(v) for v in p])
+        d.chosen.append(chosen)
+        d.approved.append(bool(ok))
+        d.weight.append(1.0 / mu)
+    correction = fit_correction(d)
+    versions = sorted(
+        {dec.response.model_version for dec in read_decisions(log_dir) if dec.response.model_version}
+    )
+    served = sum(
+        1
+        for dec in read_decisions(log_dir)
+        if dec.response.decision_source == optimizer_pb2.DECISION_SOURCE_MODEL
+    )
+    return {
+        "correction": {} if correction.is_identity else dict(correction._asdict()),
+        "decisions": len(d.chosen),
+        "logged_decisions": len(logged),
+        "ece_before": chosen_ece(d, SelectionCorrection()),
+        "ece_after": chosen_ece(d, correction),
+        "served_model_decisions": served,
+        "served_versions": versions,
+    }
+
+
 def train_log(
     log_dir: Path, out: Path, routes: Sequence[RouteConfig], cfg: LogTrainConfig = LogTrainConfig()
 ) -> Path:
@@ -239,17 +302,42 @@ def train_log(
         progress=cfg.progress,
         categorical_groups=layout_categorical_groups(INPUT_LAYOUT),
     )
-    decision_files = len(log_files(log_dir, "decisions"))
-    why_not = (
-        f"the log holds decisions ({decision_files} files under {log_dir / 'decisions'}), but fitting "
-        "from them is not built yet"
-        if decision_files
-        else f"no decisions of a served model in the log ({log_dir / 'decisions'} absent)"
-    )
-    skipped = {
-        "onpolicy_refit": f"{why_not}: the refit on the model's own routing needs its logged decisions",
-        "selection_correction": f"{why_not}: the chosen route's predicted vs realized approval needs them",
-    }
+    skipped: dict[str, str] = {}
+    selection: dict[str, float] = {}
+    steps: dict[str, object] = {}
+    if log_files(log_dir, "decisions"):
+        fit = _selection_from_log(result.net, result.metrics, work, log_dir, routes, holdout_us)
+        steps["selection"] = fit
+        if fit["correction"]:
+            selection = fit["correction"]
+            console.print(
+                f"selection correction from {fit['decisions']:,} logged decisions: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in selection.items())
+                + f" (chosen-route ECE {fit['ece_before']:.4f} -> {fit['ece_after']:.4f})"
+            )
+        else:
+            skipped["selection_correction"] = (
+                f"{fit['decisions']} logged decisions where this model would have chosen the logged route "
+                f"(need {MIN_DECISIONS}, both outcomes): too few to fit"
+            )
+        served = fit["served_model_decisions"]
+        if served:
+            steps["onpolicy"] = (
+                f"{served:,} of the log's decisions are a served model's own routing "
+                f"({', '.join(fit['served_versions'])}): their attempts are trained on, and the hold-out "
+                "(its newest days) calibrates on them; no separate on-policy round"
+            )
+        else:
+            skipped["onpolicy_refit"] = (
+                "the log's decisions are not a served authopt model's (a platform's routing, imported): "
+                "the refit on a model's own routing needs its decisions"
+            )
+    else:
+        absent = f"no decisions in the log ({log_dir / 'decisions'} absent)"
+        skipped = {
+            "onpolicy_refit": f"{absent}: the refit on a model's own routing needs its logged decisions",
+            "selection_correction": f"{absent}: the chosen route's predicted vs realized approval needs them",
+        }
     for step, reason in skipped.items():
         console.print(f"{step} skipped: {reason}")
     manifest_info: dict[str, object] = {
@@ -258,10 +346,18 @@ def train_log(
         "holdout": {"from": _iso(holdout_us), "rows": n - split_row, "train_rows": split_row},
         **rows_summary,
         "rows": n,
+        **steps,
         "skipped": skipped,
         "numerics": numerics(),
     }
-    path = export_model(result.net, out, version, metrics=result.metrics, data_summary=manifest_info)
+    path = export_model(
+        result.net,
+        out,
+        version,
+        metrics=result.metrics,
+        data_summary=manifest_info,
+        route_selection=selection,
+    )
     console.print(
         f"exported {path} — " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()))
     )

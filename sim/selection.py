@@ -21,35 +21,24 @@ applied and the correction refitted on that second round's decisions, which pool
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from model.train import expected_calibration_error
 from server.models import LoadedModel, load_model_dir
 from server.policy import SelectionCorrection
+from server.selection import Decisions, chosen_ece, fit_correction
 from sim.config import WorldConfig
 from sim.play import AttemptView, Decision, play
 from sim.policies import Authopt
 from sim.world import Payment, World
 
-__all__ = ["SelectionFit", "fit_correction", "fit_selection", "record_decisions"]
-
-MIN_DECISIONS = 500
-"""Below this many model decisions (or with one outcome class) the correction stays the identity."""
-
-
-@dataclass
-class Decisions:
-    """Model decisions of one play: candidates' uncorrected route probabilities, the chosen index,
-    and whether the first attempt was approved."""
-
-    route_p: list[list[float]] = field(default_factory=list)
-    chosen: list[int] = field(default_factory=list)
-    approved: list[bool] = field(default_factory=list)
+__all__ = [
+    "SelectionFit",
+    "fit_correction",
+    "fit_selection",
+    "record_decisions",
+]  # fit_correction: server.selection
 
 
 @dataclass(frozen=True)
@@ -90,49 +79,6 @@ def record_decisions(
     return out
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    q: np.ndarray = np.clip(p, 1e-6, 1 - 1e-6)
-    out: np.ndarray = np.log(q / (1 - q))
-    return out
-
-
-def _design(d: Decisions) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[1, m, z_chosen − m]`` and outcomes."""
-    x = np.empty((len(d.chosen), 3))
-    for k, (p, c) in enumerate(zip(d.route_p, d.chosen, strict=True)):
-        z = _logit(np.asarray(p, dtype=np.float64))
-        m = z.mean()
-        x[k] = (1.0, m, z[c] - m)
-    return x, np.asarray(d.approved, dtype=np.float64)
-
-
-def fit_correction(d: Decisions) -> SelectionCorrection:
-    """Maximum-likelihood logistic fit of the chosen routes' outcomes (Newton's method, float64:
-    deterministic). The identity when the data cannot support a fit."""
-    if len(d.chosen) < MIN_DECISIONS or all(d.approved) or not any(d.approved):
-        return SelectionCorrection()
-    x, y = _design(d)
-    w = np.array([0.0, 1.0, 1.0])
-    for _ in range(50):
-        p = 1.0 / (1.0 + np.exp(-(x @ w)))
-        grad = x.T @ (y - p)
-        hess = (x * (p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(3)
-        step = np.linalg.solve(hess, grad)
-        w = w + step
-        if float(np.abs(step).max()) < 1e-10:
-            break
-    if not np.all(np.isfinite(w)) or w[1] <= 0 or w[2] <= 0:
-        return SelectionCorrection()  # a fit that would erase or reverse the ranking is not used
-    return SelectionCorrection(float(w[0]), float(w[1]), float(w[2]))
-
-
-def _chosen_ece(d: Decisions, correction: SelectionCorrection) -> float:
-    if not d.chosen:
-        return math.nan
-    p = [correction.apply(rp)[c] for rp, c in zip(d.route_p, d.chosen, strict=True)]
-    return expected_calibration_error(p, [float(a) for a in d.approved])
-
-
 def fit_selection(
     config: WorldConfig,
     model_dir: Path,
@@ -171,5 +117,5 @@ def fit_selection(
         correction = fit_correction(d)
     assert correction is not None
     return SelectionFit(
-        correction, len(d.chosen), _chosen_ece(d, SelectionCorrection()), _chosen_ece(d, correction)
+        correction, len(d.chosen), chosen_ece(d, SelectionCorrection()), chosen_ece(d, correction)
     )

@@ -13,7 +13,7 @@ from model import Manifest, make_tiny_artifact
 from server.decision import model_scores
 from server.models import load_model_dir
 from server.policy import SelectionCorrection
-from sim.selection import MIN_DECISIONS, Decisions, _chosen_ece, fit_correction
+from server.selection import MIN_DECISIONS, Decisions, chosen_ece, fit_correction
 from tests.conftest import ROUTES, ServerFactory, make_request
 
 
@@ -71,7 +71,7 @@ def test_fit_removes_the_winners_curse_on_fresh_decisions() -> None:
     after = np.mean([c.apply(p)[i] for p, i in zip(fresh.route_p, fresh.chosen, strict=True)])
     assert before - true_mean > 0.03  # the chosen route's estimate is biased upward ...
     assert abs(after - true_mean) < 0.01  # ... and the correction removes it out of sample
-    assert _chosen_ece(fresh, c) < 0.5 * _chosen_ece(fresh, SelectionCorrection())
+    assert chosen_ece(fresh, c) < 0.5 * chosen_ece(fresh, SelectionCorrection())
 
 
 def test_fit_recovers_known_parameters() -> None:
@@ -89,6 +89,20 @@ def test_fit_recovers_known_parameters() -> None:
     assert got.mean_scale == pytest.approx(want.mean_scale, abs=0.1)
     assert got.spread_scale == pytest.approx(want.spread_scale, abs=0.1)
     assert fit_correction(d) == got  # deterministic
+
+
+def test_weights_count_a_decision_as_often_as_its_weight() -> None:
+    """Importance weights (a log's decisions weighted by 1 / propensity) are frequency weights."""
+    rng = np.random.default_rng(11)
+    d, _ = _winners_curse(rng, 3000, noise=0.5)
+    twice = Decisions(
+        d.route_p + d.route_p[:1000], d.chosen + d.chosen[:1000], d.approved + d.approved[:1000]
+    )
+    weighted = Decisions(d.route_p, d.chosen, d.approved, weight=[2.0] * 1000 + [1.0] * 2000)
+    a, b = fit_correction(twice), fit_correction(weighted)
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, abs=1e-9)
+    assert a != fit_correction(d)
 
 
 def test_fit_is_the_identity_without_enough_evidence() -> None:
