@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from cli.train import ROUTES_OPTION, log_option
+
 __all__ = ["model"]
 
 
@@ -29,13 +31,8 @@ _MODELS = click.option(
 @model.command("promote")
 @click.argument("candidate")
 @_MODELS
-@click.option(
-    "--log",
-    "log_dir",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="The log to evaluate on (decisions with propensities); required unless --force.",
-)
-@click.option("--routes", help="The server's routes, JSON or a JSON file [default: $AUTHOPT_SERVER_ROUTES].")
+@log_option("The log to evaluate on (decisions with propensities); required unless --force.")
+@ROUTES_OPTION
 @click.option(
     "--metric",
     type=click.Choice(["approval", "net_revenue"]),

@@ -3,9 +3,10 @@ log, and its evaluation against the baselines and the oracle."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -17,22 +18,28 @@ if TYPE_CHECKING:
 __all__ = ["evaluate", "train"]
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def log_option(help: str) -> Callable[[_F], _F]:
+    """The --log option of the commands that work on a log (`history/`)."""
+    return click.option(
+        "--log", "log_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), help=help
+    )
+
+
+ROUTES_OPTION = click.option(
+    "--routes", help="The server's routes, JSON or a JSON file [default: $AUTHOPT_SERVER_ROUTES]."
+)
+
 _WORLD_ONLY = ("world_ref", "hours", "onpolicy_hours", "incident_boost", "selection_rounds")
 _LOG_ONLY = ("routes", "min_route_attempts")
 
 
 @click.command()
 @click.option("--world", "world_ref", default="default", show_default=True, help=WORLD_HELP)
-@click.option(
-    "--log",
-    "log_dir",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="Train on this log alone (what `authopt log import` wrote), not on a world.",
-)
-@click.option(
-    "--routes",
-    help="With --log: the server's routes, JSON or a JSON file [default: $AUTHOPT_SERVER_ROUTES].",
-)
+@log_option("Train on this log alone (what `authopt log import` / `log export` wrote), not on a world.")
+@ROUTES_OPTION
 @click.option(
     "--min-route-attempts",
     type=click.IntRange(1),
@@ -235,20 +242,13 @@ def _train_log(
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated world seeds.")
 @click.option("--hours", type=float, help="Simulated hours per seed [default: the world's].")
 @click.option("--no-ope", is_flag=True, help="Skip the off-policy estimates (saves one play per seed).")
-@click.option(
-    "--log",
-    "log_dir",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="Evaluate off-policy on this log's decisions instead of playing a world.",
-)
+@log_option("Evaluate off-policy on this log's decisions instead of playing a world.")
 @click.option(
     "--champion",
     type=click.Path(path_type=Path, exists=True),
     help="With --log: the model serving today, compared with --model (uplift, paired).",
 )
-@click.option(
-    "--routes", help="With --log: the server's routes, JSON or a JSON file [default: $AUTHOPT_SERVER_ROUTES]."
-)
+@ROUTES_OPTION
 @click.option(
     "--since",
     type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),

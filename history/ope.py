@@ -159,6 +159,13 @@ def collect(
     return out
 
 
+def _candidates(decision: events_pb2.DecisionRecord, costs: dict[str, RouteConfig]) -> list[str] | None:
+    """The decision's candidate routes (the configured ones when it named none); None when one of
+    them is not configured (its cost unknown)."""
+    names = [c.id for c in decision.request.candidates] or list(costs)
+    return None if any(n not in costs for n in names) else names
+
+
 def _add(
     out: LoggedDecisions,
     live: FeatureReplay,
@@ -166,8 +173,8 @@ def _add(
     o: attempt_pb2.AttemptOutcome,
     costs: dict[str, RouteConfig],
 ) -> None:
-    names = [c.id for c in decision.request.candidates] or list(costs)
-    if any(n not in costs for n in names):
+    names = _candidates(decision, costs)
+    if names is None:
         out.skipped["unknown_route"] += 1
         return
     if o.route_id not in names:
@@ -201,8 +208,8 @@ def _add_retry(
     o: attempt_pb2.AttemptOutcome,
     costs: dict[str, RouteConfig],
 ) -> None:
-    names = [c.id for c in decision.request.candidates] or list(costs)
-    if any(n not in costs for n in names):
+    names = _candidates(decision, costs)
+    if names is None:
         return
     prior = prior_of(o)
     prior.status = o.status
