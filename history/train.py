@@ -10,7 +10,9 @@ partitioned Parquet) and what cannot be done without a world:
   gives such a split; its metrics are the manifest's;
 - the ranking's selection correction is fitted off-policy on the hold-out days' logged decisions
   (authopt's decision log, or a platform's routing imported with its propensities): those whose
-  logged route is the one the new net would have put first, weighted by 1 / their propensity;
+  logged route is the one the new net would have put first, weighted by 1 / their propensity; it
+  is applied only when the decisions are a served model's own (another policy's traffic cannot
+  show the shift the model's own routing causes: measured, docs/history.md);
 - there is no separate on-policy round: when the log's decisions are a served model's, its attempts
   are that model's own routing, trained on and (the newest days) calibrated on;
 - without decisions, both are skipped and the manifest says why.
@@ -308,19 +310,30 @@ def train_log(
     if log_files(log_dir, "decisions"):
         fit = _selection_from_log(result.net, result.metrics, work, log_dir, routes, holdout_us)
         steps["selection"] = fit
-        if fit["correction"]:
+        served = fit["served_model_decisions"]
+        fit["applied"] = bool(fit["correction"]) and served > 0
+        if fit["applied"]:
             selection = fit["correction"]
             console.print(
                 f"selection correction from {fit['decisions']:,} logged decisions: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in selection.items())
                 + f" (chosen-route ECE {fit['ece_before']:.4f} -> {fit['ece_after']:.4f})"
             )
-        else:
+        elif not fit["correction"]:
             skipped["selection_correction"] = (
                 f"{fit['decisions']} logged decisions where this model would have chosen the logged route "
                 f"(need {MIN_DECISIONS}, both outcomes): too few to fit"
             )
-        served = fit["served_model_decisions"]
+        else:
+            # Measured (docs/history.md, proof 1): fitted on a logging policy's decisions, the
+            # correction raised approval a little but made the served model's calibration worse
+            # (ECE 0.023 -> 0.063): another policy's traffic cannot show the feature shift the model's
+            # own routing causes, and that shift sets the level the correction moves.
+            skipped["selection_correction"] = (
+                "fitted (data_summary.selection) but not applied: the log's decisions are another policy's "
+                "routing, not a served model's, and a level fitted there miscalibrates the model's own "
+                "traffic (docs/history.md)"
+            )
         if served:
             steps["onpolicy"] = (
                 f"{served:,} of the log's decisions are a served model's own routing "
