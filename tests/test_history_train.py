@@ -241,6 +241,12 @@ def test_evaluate_on_a_log_and_promote_through_the_gate(tmp_path: Path) -> None:
          "--hidden", "32", "--members", "1", "--version", "trained", "--quiet"],
     )  # fmt: skip
     assert trained.exit_code == 0, trained.output
+    manifest = json.loads((models / "trained" / "manifest.json").read_text())
+    fit = manifest["data_summary"]["selection"]  # fitted off-policy from the imported decisions ...
+    assert fit["logged_decisions"] > 0 and not fit["applied"]  # ... a platform's routing: not applied
+    assert "selection_correction" in manifest["data_summary"]["skipped"] and not manifest.get(
+        "route_selection"
+    )
     make_tiny_artifact(models, "untrained", seed=5)
 
     evaluated = runner.invoke(
