@@ -351,9 +351,16 @@ def _bootstrap(
         for k, (t, w) in terms.items():
             denom = float(counts @ w) if w is not None else float(total)
             samples[k].append(float(counts @ t) / denom if denom > 0 else math.nan)
-    return {
-        k: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))) for k, v in samples.items()
-    }
+    return {k: _interval(v) for k, v in samples.items()}
+
+
+def _interval(samples: list[float]) -> tuple[float, float]:
+    """The 2.5 and 97.5 percentiles of the finite samples (nan, nan when there are none)."""
+    finite = np.asarray(samples, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not len(finite):
+        return math.nan, math.nan
+    return float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))
 
 
 def evaluate_policy(
