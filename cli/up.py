@@ -11,6 +11,15 @@ outcome from the topic, then stops the server (it drains), the worker and the br
 summary (also written as JSON). A second SIGINT skips the waiting. Logs of the three processes stay
 in the work directory. What is shown — the dashboard, the status lines, the summary text — is
 `cli.dashboard`.
+
+**Supervision**: a worker or server that dies while the traffic runs is restarted with backoff
+(0.5 s, doubling, at most `MAX_RESTARTS` times each), as Compose's `restart: on-failure` or
+Kubernetes would, and the traffic carries on: payments decided while the server is down count as
+errors, outcomes wait in the platform's report queue until it is back; a restarted worker resumes
+from the consumer group's committed offsets. The dashboard and the summary show each restart. The
+broker keeps its data in memory only, so its death ends the run. What the workers took is the sum
+of their counters; after a restart that is an upper bound (a killed worker's uncommitted events are
+taken again by the next), so "lost" is then a lower bound.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ from streams.broker import LocalBroker, LocalWorker, die_with_parent, free_port,
 __all__ = ["Child", "Stack", "UpError", "UpOptions", "run_up"]
 
 _SERVICE = "authopt.v1.AuthorizationOptimizerService"
+MAX_RESTARTS = 5
+SUPERVISED = ("worker", "server")
 
 
 class UpError(CliError, RuntimeError):
@@ -74,16 +85,22 @@ class Child:
     log_path: Path | None = None
     stopped_by_us: bool = False
     exit_code: int | None = None
+    earlier_exits: list[int] = field(default_factory=list)  # exit codes of the processes restarted
 
     @property
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    @property
+    def restarts(self) -> int:
+        return len(self.earlier_exits)
+
     def status(self) -> str:
         code = self.process.poll()
+        again = f", restarted {self.restarts}x" if self.restarts else ""
         if code is None:
-            return "up"
-        return "stopped" if self.stopped_by_us else f"EXITED ({code})"
+            return "up" + again
+        return ("stopped" if self.stopped_by_us else f"EXITED ({code})") + again
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +108,8 @@ class Child:
             "address": self.address,
             "status": self.status(),
             "exit_code": self.process.poll(),
+            "restarts": self.restarts,
+            "earlier_exit_codes": list(self.earlier_exits),
             "log": str(self.log_path) if self.log_path else None,
         }
 
@@ -106,6 +125,8 @@ class Stack:
     worker: LocalWorker | None = None
     children: dict[str, Child] = field(default_factory=dict)
     worker_stats_path: Path | None = None
+    starters: dict[str, Callable[[], Child]] = field(default_factory=dict)  # how to start each again
+    earlier_worker_events: int = 0  # events taken by workers that died, by their last counters
 
     def worker_counters(self) -> dict[str, Any]:
         path = self.worker_stats_path
@@ -118,8 +139,10 @@ class Stack:
         return doc
 
     def events_folded(self) -> int:
-        """Events the worker has taken from the topic, by its counters."""
-        return int(self.worker_counters().get("events", 0))
+        """Events the workers have taken from the topic, by their counters: the running worker's and,
+        after a restart, the last counts of those before it (events a killed worker took but had
+        not committed are taken again by the next and counted twice: an upper bound then)."""
+        return self.earlier_worker_events + int(self.worker_counters().get("events", 0))
 
     def dead_lettered(self) -> int:
         """Events the worker dead-lettered, all reasons together, by its counters."""
@@ -131,6 +154,19 @@ class Stack:
             for c in self.children.values()
             if c.status().startswith("EXITED")
         ]
+
+    def restart(self, name: str) -> Child:
+        """Start `name` again as it was started; the dead process's exit code is kept."""
+        old = self.children[name]
+        code = old.process.poll()
+        if name == "worker":  # its counters file is the next worker's: keep what this one took
+            self.earlier_worker_events += int(self.worker_counters().get("events", 0))
+            if self.worker_stats_path is not None:
+                self.worker_stats_path.unlink(missing_ok=True)
+        new = self.starters[name]()
+        new.earlier_exits = [*old.earlier_exits, -1 if code is None else code]
+        self.children[name] = new
+        return new
 
 
 def _start_server(bootstrap: str, port: int, log_path: Path, seed: int, model_dir: Path | None) -> Child:
@@ -193,21 +229,31 @@ def start_stack(opts: UpOptions, workdir: Path, say: Callable[[str], None]) -> t
         stack.children["broker"] = Child("broker", broker.process, broker.bootstrap)
         say(f"broker  pid {broker.pid} on {broker.bootstrap}")
         stack.worker_stats_path = workdir / "worker-stats.json"
-        worker = start_worker(
-            broker.bootstrap,
-            workdir / "worker.log",
-            env={
-                "AUTHOPT_WORKER_STATS_FILE": str(stack.worker_stats_path),
-                "AUTHOPT_WORKER_STATS_INTERVAL_S": "0.5",
-                "AUTHOPT_WORKER_DATA_DIR": str(workdir / "worker-data"),
-            },
-            tie_to_parent=True,
-        )
-        stack.worker = worker
-        stack.children["worker"] = Child("worker", worker.process, "", worker.log_path)
-        say(f"worker  pid {worker.pid}, log {worker.log_path}")
+
+        def worker_child() -> Child:
+            worker = start_worker(
+                broker.bootstrap,
+                workdir / "worker.log",
+                env={
+                    "AUTHOPT_WORKER_STATS_FILE": str(stack.worker_stats_path),
+                    "AUTHOPT_WORKER_STATS_INTERVAL_S": "0.5",
+                    "AUTHOPT_WORKER_DATA_DIR": str(workdir / "worker-data"),
+                },
+                tie_to_parent=True,
+            )
+            stack.worker = worker
+            return Child("worker", worker.process, "", worker.log_path)
+
+        stack.starters["worker"] = worker_child
+        stack.children["worker"] = worker_child()
+        say(f"worker  pid {stack.children['worker'].process.pid}, log {workdir / 'worker.log'}")
         port = opts.port or free_port()
-        server = _start_server(broker.bootstrap, port, workdir / "server.log", opts.seed, opts.model_dir)
+
+        def server_child() -> Child:
+            return _start_server(broker.bootstrap, port, workdir / "server.log", opts.seed, opts.model_dir)
+
+        stack.starters["server"] = server_child
+        server = server_child()
         stack.children["server"] = server
         say(f"server  pid {server.process.pid} on {server.address}, log {server.log_path}")
         _wait_serving(stack, server.address, opts.ready_timeout_s, say)
@@ -217,11 +263,13 @@ def start_stack(opts: UpOptions, workdir: Path, say: Callable[[str], None]) -> t
         raise
 
 
-def stop_stack(stack: Stack, *, timeout_s: float = 15.0) -> None:
-    """Server (it drains), then worker, then broker: SIGTERM, SIGKILL after `timeout_s`."""
+def stop_stack(
+    stack: Stack, *, timeout_s: float = 15.0, names: tuple[str, ...] = ("server", "worker", "broker")
+) -> None:
+    """Server (it drains), then worker, then broker (those of `names`): SIGTERM, SIGKILL after `timeout_s`."""
     from streams.broker import stop_process
 
-    for name in ("server", "worker", "broker"):
+    for name in names:
         child = stack.children.get(name)
         if child is None:
             continue
@@ -233,8 +281,34 @@ def stop_stack(stack: Stack, *, timeout_s: float = 15.0) -> None:
         child.exit_code = child.process.returncode
 
 
+async def _supervise(stack: Stack, stop: asyncio.Event, echo: Callable[[str], None]) -> None:
+    """Restart a dead worker or server (with backoff, at most MAX_RESTARTS each); a dead broker, or
+    a process past its restarts, stops the run."""
+    broker = stack.children.get("broker")
+    if broker is not None and not broker.alive and not broker.stopped_by_us:
+        echo(f"broker exited with {broker.process.poll()}: its in-memory data is gone; stopping")
+        stop.set()
+        return
+    for name in SUPERVISED:
+        child = stack.children.get(name)
+        if child is None or child.alive or child.stopped_by_us or name not in stack.starters:
+            continue
+        code = child.process.poll()
+        if child.restarts >= MAX_RESTARTS:
+            echo(f"{name} exited with {code} after {child.restarts} restarts: stopping")
+            stop.set()
+            return
+        delay = 0.5 * 2**child.restarts
+        echo(f"{name} exited with {code}: restarting in {delay:g}s ({child.restarts + 1} of {MAX_RESTARTS})")
+        await asyncio.sleep(delay)
+        if stop.is_set():
+            return
+        new = stack.restart(name)
+        echo(f"{name} restarted: pid {new.process.pid}")
+
+
 async def _wait_consumed(stack: Stack, produced: int, timeout_s: float) -> int:
-    """Until the worker has taken `produced` events from the topic (or the timeout); returns its count."""
+    """Until the workers have taken `produced` events from the topic (or the timeout); returns their count."""
     deadline = time.monotonic() + timeout_s
     events = 0
     while time.monotonic() < deadline:
@@ -300,9 +374,8 @@ async def _session(
 
     async def watch() -> None:
         while not task.done():
-            if stack.failed() and not stop.is_set():
-                echo("a process exited: stopping (" + "; ".join(stack.failed()) + ")")
-                stop.set()
+            if not stop.is_set():
+                await _supervise(stack, stop, echo)
             await asyncio.sleep(0.25)
 
     watcher = asyncio.create_task(watch())
@@ -329,6 +402,7 @@ def run_up(opts: UpOptions, echo: Callable[[str], None]) -> tuple[int, dict[str,
     echo(f"authopt up: logs in {workdir}")
     stack, target = start_stack(opts, workdir, echo)
     problems: list[str] = []
+    consumed = 0
     try:
         # SIGINT/SIGTERM from here on stop the traffic (a second one skips the waiting).
         platform, consumed = asyncio.run(_session(opts, target, stack, echo))
