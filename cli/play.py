@@ -51,6 +51,12 @@ __all__ = ["simulate", "up"]
     help="Model directory for the server [default: the bundled model].",
 )
 @click.option(
+    "--shadow-model-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="A challenger's model directory, scored in the shadow of the served model (README, "
+    '"Shadow and A/B"); both decisions go to the decision log.',
+)
+@click.option(
     "--workdir",
     type=click.Path(path_type=Path, file_okay=False),
     help="Where the processes' logs go [default: a new temporary directory].",
@@ -64,6 +70,7 @@ def up(
     summary_json: Path | None,
     port: int,
     model_dir: Path | None,
+    shadow_model_dir: Path | None,
     workdir: Path | None,
 ) -> None:
     """Run the whole loop on this machine: broker, streams worker, server and a simulated platform.
@@ -88,6 +95,7 @@ def up(
         workdir=workdir,
         port=port,
         model_dir=model_dir,
+        shadow_model_dir=shadow_model_dir,
     )
     from streams.broker import BrokerError
 

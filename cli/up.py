@@ -71,6 +71,7 @@ class UpOptions:
     port: int = 0  # the server's gRPC port; 0 picks a free one
     status_interval_s: float = 5.0  # plain mode: one line this often
     model_dir: Path | None = None
+    shadow_model_dir: Path | None = None  # a challenger scored in the shadow (server/shadow.py)
     ready_timeout_s: float = 90.0
     consume_timeout_s: float = 30.0
 
@@ -169,13 +170,22 @@ class Stack:
         return new
 
 
-def _start_server(bootstrap: str, port: int, log_path: Path, seed: int, model_dir: Path | None) -> Child:
+def _start_server(
+    bootstrap: str,
+    port: int,
+    log_path: Path,
+    seed: int,
+    model_dir: Path | None,
+    shadow_model_dir: Path | None = None,
+) -> Child:
     env = {
         **os.environ,
         "AUTHOPT_KAFKA_BOOTSTRAP": bootstrap,
         "AUTHOPT_SERVER_HOST": "127.0.0.1",
         "AUTHOPT_SERVER_SEED": str(seed),
     }
+    if shadow_model_dir is not None:
+        env["AUTHOPT_SERVER_SHADOW_MODEL_DIR"] = str(shadow_model_dir)
     cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port)]
     if model_dir is not None:
         cmd += ["--model-dir", str(model_dir)]
@@ -250,7 +260,14 @@ def start_stack(opts: UpOptions, workdir: Path, say: Callable[[str], None]) -> t
         port = opts.port or free_port()
 
         def server_child() -> Child:
-            return _start_server(broker.bootstrap, port, workdir / "server.log", opts.seed, opts.model_dir)
+            return _start_server(
+                broker.bootstrap,
+                port,
+                workdir / "server.log",
+                opts.seed,
+                opts.model_dir,
+                opts.shadow_model_dir,
+            )
 
         stack.starters["server"] = server_child
         server = server_child()

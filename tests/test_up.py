@@ -190,3 +190,43 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(tmp_path: Path) -> Non
     assert o["produced"] > 1000 and o["consumed"] >= o["produced"] and o["lost"] == 0, o
     assert doc["problems"] == [] and doc["platform"]["payments"] >= 2000
     _assert_nothing_left(doc)
+
+
+@pytest.mark.timeout(300)
+def test_up_with_a_shadow_model_and_an_export_while_it_runs(tmp_path: Path) -> None:
+    """`up --shadow-model-dir`: the challenger decides in the shadow of the served model, and
+    `authopt log export`, run against the live broker, takes both decisions out with the attempts."""
+    from model import make_tiny_artifact
+
+    shadow = tmp_path / "shadow"
+    make_tiny_artifact(shadow, "challenger-1", seed=3)
+    proc = _up(tmp_path, "--duration", "20", "--rate", "100", "--shadow-model-dir", str(shadow))
+    assert proc.stdout is not None
+    lines: list[str] = []
+    bootstrap = None
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("broker  pid"):
+            bootstrap = line.split(" on ")[1].strip()
+        if "payments/s" in line:
+            break
+    assert bootstrap is not None and any("payments/s" in line for line in lines), "".join(lines)[-3000:]
+    exported = subprocess.run(
+        [sys.executable, "-m", "cli.main", "log", "export", "--brokers", bootstrap,
+         "--out", str(tmp_path / "log"), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, ("".join(lines) + out)[-4000:]
+    assert exported.returncode == 0, exported.stderr
+    from history.store import read_decisions, read_events
+
+    decisions = list(read_decisions(tmp_path / "log"))
+    assert len(decisions) > 100 and len(list(read_events(tmp_path / "log"))) > 100
+    shadowed = [d for d in decisions if d.HasField("shadow")]
+    assert shadowed and {d.shadow.model_version for d in shadowed} == {"challenger-1"}
+    assert {d.response.model_version for d in shadowed} == {"default-s1000"}  # the served, bundled model
