@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cli.up import Stack, UpOptions
+    from cli.up import Child, Stack, UpOptions
     from sim.platform import Platform
     from sim.platform_stats import PlatformStats
 
@@ -63,8 +63,13 @@ def platform_line(stats: PlatformStats, elapsed: float) -> str:
 
 def status_line(stats: PlatformStats, stack: Stack, elapsed: float) -> str:
     """One line for logs (--no-dashboard): the traffic, the worker, the processes."""
+    health = stack.worker_health()
+
+    def shown(c: Child) -> str:
+        return f"{c.name} {c.status()}" + (f" ({health})" if c.name == "worker" and health else "")
+
     return f"{platform_line(stats, elapsed)}, {stack.events_folded():,} folded | " + " ".join(
-        f"{c.name} {c.status()}" for c in stack.children.values()
+        shown(c) for c in stack.children.values()
     )
 
 
@@ -136,7 +141,14 @@ def dashboard(platform: Platform, stack: Stack, opts: UpOptions, elapsed: float)
         procs.add_column(col, style="dim" if col == "pid" else None)
     details = {
         "broker": stack.children["broker"].address,
-        "worker": f"{stack.events_folded():,} events folded, {stack.dead_lettered():,} dead-lettered",
+        "worker": ", ".join(
+            part
+            for part in (
+                stack.worker_health(),
+                f"{stack.events_folded():,} events folded, {stack.dead_lettered():,} dead-lettered",
+            )
+            if part
+        ),
         "server": f"{stack.children['server'].address}, {p['outcomes_reported']:,} outcomes reported",
     }
     for c in stack.children.values():

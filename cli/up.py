@@ -128,6 +128,7 @@ class Stack:
     worker_stats_path: Path | None = None
     starters: dict[str, Callable[[], Child]] = field(default_factory=dict)  # how to start each again
     earlier_worker_events: int = 0  # events taken by workers that died, by their last counters
+    _health: tuple[float, str] = (0.0, "")  # the worker's last /readyz answer and when it was asked
 
     def worker_counters(self) -> dict[str, Any]:
         path = self.worker_stats_path
@@ -138,6 +139,33 @@ class Stack:
         except (OSError, ValueError):
             return {}
         return doc
+
+    def worker_health(self) -> str:
+        """The worker's readiness from its health endpoint (streams/health.py), asked at most once a
+        second: "ready", "not ready: <why>", or "" before it serves."""
+        import urllib.error
+        import urllib.request
+
+        asked, answer = self._health
+        now = time.monotonic()
+        if now - asked < 1.0:
+            return answer
+        port = self.worker_counters().get("health_port")
+        if not port:
+            answer = ""
+        else:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=0.2):
+                    answer = "ready"
+            except urllib.error.HTTPError as err:
+                try:
+                    answer = "not ready: " + str(json.loads(err.read()).get("detail", ""))
+                except ValueError:
+                    answer = "not ready"
+            except OSError:
+                answer = "health: no answer"
+        self._health = (now, answer)
+        return answer
 
     def events_folded(self) -> int:
         """Events the workers have taken from the topic, by their counters: the running worker's and,
@@ -247,6 +275,7 @@ def start_stack(opts: UpOptions, workdir: Path, say: Callable[[str], None]) -> t
                 env={
                     "AUTHOPT_WORKER_STATS_FILE": str(stack.worker_stats_path),
                     "AUTHOPT_WORKER_STATS_INTERVAL_S": "0.5",
+                    "AUTHOPT_WORKER_HEALTH_PORT": "0",  # a free port; the stats file names it
                     "AUTHOPT_WORKER_DATA_DIR": str(workdir / "worker-data"),
                 },
                 tie_to_parent=True,

@@ -28,6 +28,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.health import serve_health
 from streams.kafka import ATTEMPTS_TOPIC, DLQ_TOPIC, FEATURES_TOPIC, KafkaSettings
 from streams.processor import DEFAULT_LATENESS_S, DEFAULT_MAX_FUTURE_S, FeatureProcessor
 from streams.progress import PartitionProgress
@@ -75,6 +76,10 @@ class WorkerSettings(BaseSettings):
         description="a partition with records past its position and no event for this long is sought back",
     )
     stats_interval_s: float = Field(10.0, gt=0, description="how often the worker logs its counters")
+    health_host: str = Field("127.0.0.1", description="address of the health endpoint; 0.0.0.0 in a pod")
+    health_port: int = Field(
+        -1, ge=-1, le=65535, description="HTTP port of /livez and /readyz (streams/health.py); -1 off, 0 free"
+    )
     stats_file: Path | None = Field(
         None, description="also write the counters as JSON to this file at each stats tick and at exit"
     )
@@ -100,6 +105,7 @@ class WorkerStats:
     repairs: int = 0
     dead: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+    health_port: int | None = None  # the bound health port, when the endpoint is on
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as JSON-ready values; `events` counts every event taken from the topic."""
@@ -113,6 +119,7 @@ class WorkerStats:
             "batches": self.batches,
             "repairs": self.repairs,
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "health_port": self.health_port,
         }
 
     def write(self, path: Path) -> None:
@@ -257,6 +264,7 @@ class _BatchHandler:
         self.app, self.store, self.processor, self.dlq, self.stats = app, store, processor, dlq, stats
         self.end_marker = end_marker
         self.progress = PartitionProgress(stall_s)
+        self.stalled: set[int] = set()  # attempts partitions the last watch found stalled, until they move
 
     async def seek(self, partition: int, offset: int, why: str) -> None:
         """Seek one attempts partition back (streams.progress): what comes twice changes nothing."""
@@ -279,6 +287,7 @@ class _BatchHandler:
         # Faust keeps the offsets it sought to at assignment here; it has no public accessor.
         committed = {tp.partition: consumer._committed_offset.get(tp) for tp in tps}
         stalled = self.progress.stalled(ends, committed, time.monotonic(), app.consumer_generation_id)
+        self.stalled |= set(stalled)
         for partition, offset in stalled.items():
             await self.seek(
                 partition,
@@ -298,6 +307,7 @@ class _BatchHandler:
         for partition, part in by_partition.items():
             if part[0].message.generation_id in (generation, None):  # fetched before a rebalance: stale
                 seek = self.progress.observe(partition, [e.message.offset for e in part], now, generation)
+                self.stalled.discard(partition)
                 if seek is not None:
                     gaps[partition] = seek
             # Table writes go to the changelog partition of Faust's "current event"; a batch mixes
@@ -403,6 +413,9 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
     async def watch_progress() -> None:
         await handle.watch()
 
+    if settings.health_port >= 0:
+        _add_health(app, handle, settings, stats)
+
     @app.timer(settings.stats_interval_s)  # type: ignore[untyped-decorator]
     async def log_stats() -> None:
         log.info("%s", stats.line())
@@ -410,6 +423,39 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
             stats.write(settings.stats_file)
 
     return app, stats
+
+
+def _add_health(app: Any, handle: _BatchHandler, settings: WorkerSettings, stats: WorkerStats) -> None:
+    """Serve /livez and /readyz (streams.health) on the worker's loop once the app starts."""
+    servers: list[Any] = []  # kept referenced while the app runs
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def health() -> None:
+        server = await serve_health(
+            settings.health_host, settings.health_port, lambda: _readiness(app, handle)
+        )
+        servers.append(server)
+        stats.health_port = int(server.sockets[0].getsockname()[1])
+        if settings.stats_file is not None:
+            stats.write(settings.stats_file)
+
+
+def _readiness(app: Any, handle: _BatchHandler) -> tuple[bool, str]:
+    """Ready when the table is recovered, no rebalance is under way and no attempts partition this
+    worker owns is stalled."""
+    if app.rebalancing:
+        return False, "rebalancing"
+    recovery = getattr(app.tables, "recovery", None)
+    completed = getattr(recovery, "completed", None)
+    if completed is None or not completed.is_set():
+        return False, "recovering the feature table"
+    if handle.stalled:
+        return False, f"{ATTEMPTS_TOPIC} partitions {sorted(handle.stalled)} stalled (being sought back)"
+    try:
+        owned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == ATTEMPTS_TOPIC)
+    except Exception:
+        return False, "no consumer yet"
+    return True, f"consuming {ATTEMPTS_TOPIC} partitions {owned}" if owned else "idle: no partitions assigned"
 
 
 async def _kafka_answers(kafka: KafkaSettings) -> None:

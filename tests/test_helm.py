@@ -354,6 +354,7 @@ def test_schema_offers_every_setting() -> None:
     worker_managed = {
         "partitions", "store", "data_dir",
         "local_broker", "local_broker_workers", "stats_file",  # the local broker and `authopt up` only
+        "health_host", "health_port",  # workers.health
     }  # fmt: skip
     offered = {snake(k) for k in props["server"]["properties"]["settings"]["properties"]}
     assert offered == set(ServerSettings.model_fields) - server_managed
@@ -438,6 +439,18 @@ def test_workers_memory_store_is_a_deployment(chart: helm.Chart) -> None:
     assert rendered.all("StatefulSet") == [] and rendered.all("PersistentVolumeClaim") == []
     # No workers unless asked for: they need Kafka.
     assert [w["metadata"]["name"] for w in render(chart, {}).workloads()] == [RELEASE]
+
+
+def test_workers_are_probed_on_their_health_endpoint(chart: helm.Chart) -> None:
+    rendered = render(chart, VARIANTS["default"])
+    worker = rendered.worker()
+    c = container(worker, "worker")
+    env = pod_env(rendered, worker, "worker")
+    assert env["AUTHOPT_WORKER_HEALTH_PORT"] == "8081" and env["AUTHOPT_WORKER_HEALTH_HOST"] == "0.0.0.0"
+    assert c["ports"] == [{"name": "health", "containerPort": 8081, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 def test_workers_rocksdb_store_is_a_statefulset_with_volumes(chart: helm.Chart) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -359,3 +361,40 @@ async def test_feature_update_span_links_to_the_reported_outcome(
     spans = [s for s in log.split('"name": "')[1:] if s.startswith("authopt.features.update")]
     assert spans, "no authopt.features.update span exported"
     assert any(f'"trace_id": "0x{trace_id}"' in s.split('"resource"')[0] for s in spans)
+
+
+async def test_worker_health_endpoint_answers_liveness_and_readiness(
+    broker: LocalBroker, workers: WorkerFactory, tmp_path: Path
+) -> None:
+    """/livez while the loop turns; /readyz 503 until the table is recovered, then 200 naming the
+    partitions it consumes; anything else 404 (streams/health.py)."""
+    import urllib.error
+    import urllib.request
+
+    stats_file = tmp_path / "stats.json"
+    w = workers(AUTHOPT_WORKER_HEALTH_PORT="0", AUTHOPT_WORKER_STATS_FILE=str(stats_file))
+
+    def port() -> int | None:
+        try:
+            return json.loads(stats_file.read_text()).get("health_port")
+        except (OSError, ValueError):
+            return None
+
+    await wait_for(lambda: port() is not None, 60, "the health port in the stats file")
+
+    def get(path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port()}{path}", timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    assert get("/livez") == (200, {"status": "alive"})
+    assert get("/nowhere")[0] == 404
+    await wait_for(lambda: get("/readyz")[0] == 200, 60, "readiness")
+    _, doc = get("/readyz")
+    assert doc["status"] == "ready" and ATTEMPTS_TOPIC in doc["detail"], doc
+    await produce(broker.bootstrap, [e.SerializeToString() for e in random_events(50, seed=5)])
+    await asyncio.sleep(1.0)
+    assert get("/readyz")[0] == 200 and get("/livez")[0] == 200
+    assert w.process.poll() is None

@@ -70,6 +70,7 @@ def test_up_runs_the_whole_loop_and_authopt_beats_static(tmp_path: Path) -> None
     assert p["outcomes_unreported"] == 0 and o["dead_lettered"] == 0
     _assert_nothing_left(doc)
     assert "authopt up:" in out and "0 lost" in out  # the printed summary
+    assert "worker up (ready)" in out  # the worker's health endpoint, in the status lines
 
 
 @pytest.mark.timeout(180)
