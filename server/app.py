@@ -331,6 +331,7 @@ async def create_server(
         challenger=challenger.engine if challenger else None,
         shadow=challenger.shadow if challenger else None,
         ab_challenger_share=settings.ab_challenger_share,
+        max_in_flight=settings.max_in_flight,
     )
     health = HealthServicer()
     server, port = _bind_api(settings, service, health)

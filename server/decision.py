@@ -136,6 +136,17 @@ class DecisionEngine:
         resp.server_time_us = int((self.loop_time() - started) * 1e6)
         return resp
 
+    def shed(self, req: optimizer_pb2.RecommendRequest, started: float) -> optimizer_pb2.RecommendResponse:
+        """An answer at once from the fallback policy (`DECISION_SOURCE_FALLBACK_OVERLOAD`), for a
+        request admission control does not let near the model: no queue, no inference."""
+        now = time.time()
+        cands = self.candidates(req)
+        feats = lookup_features(self._store, req.attempt, [c.route_id for c in cands])
+        scores = self._fallback(Source.DECISION_SOURCE_FALLBACK_OVERLOAD, req, cands, feats)
+        resp = self._apply_policy(req, cands, feats, scores, now)
+        resp.server_time_us = int((self.loop_time() - started) * 1e6)
+        return resp
+
     def loop_time(self) -> float:
         """The event loop's clock (deadlines are on it), its bound method kept after the first call."""
         clock = self._clock

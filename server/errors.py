@@ -25,6 +25,7 @@ from authopt.v1 import optimizer_pb2
 
 __all__ = [
     "DOMAIN",
+    "DeadlinePassed",
     "InvalidArgument",
     "ResourceExhausted",
     "ServerError",
@@ -91,6 +92,12 @@ class Unavailable(StatusError):
     """A dependency (e.g. the Kafka broker) cannot be reached; the caller may retry with backoff."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlinePassed(StatusError):
+    """The call's deadline passed before the server could start on it: not worked on."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ResourceExhausted(StatusError):

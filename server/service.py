@@ -18,7 +18,7 @@ from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server import validation
 from server.decision import DecisionEngine, annotate
 from server.decision_log import DecisionLog, NoDecisionLog
-from server.errors import InvalidArgument, StatusError, abort_with, to_stream_error
+from server.errors import DeadlinePassed, InvalidArgument, StatusError, abort_with, to_stream_error
 from server.idempotency import IdempotencyCache
 from server.publisher import OutcomePublisher
 from server.shadow import CHALLENGER, Shadow, arm_of
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _SERVICE = "authopt.v1.AuthorizationOptimizerService"
 Context = grpc.aio.ServicerContext[Any, Any]
 _STREAM_CONCURRENCY = 64  # decisions in flight per RecommendStream
+_MIN_REMAINING_S = 0.002  # a call with less left than this is not started (DEADLINE_PASSED)
 
 
 class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer):
@@ -51,6 +52,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         challenger: DecisionEngine | None = None,
         shadow: Shadow | None = None,
         ab_challenger_share: float = 0.0,
+        max_in_flight: int = 64,
     ) -> None:
         if (shadow is not None or ab_challenger_share > 0) and challenger is None:
             raise ValueError("a shadow or an A/B split needs the challenger's engine")
@@ -58,6 +60,10 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         self._challenger = challenger
         self._shadow = shadow
         self._ab_share = ab_challenger_share
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        metrics.in_flight.set_function(lambda: self._in_flight)
+        self._shed = {r: metrics.shed.labels(r) for r in ("deadline_passed", "overload")}
         self._idem = idempotency
         self._publisher = publisher
         self._metrics = metrics
@@ -85,6 +91,16 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
     async def _recommend(
         self, req: optimizer_pb2.RecommendRequest, time_remaining: float | None
     ) -> optimizer_pb2.RecommendResponse:
+        if time_remaining is not None and time_remaining < _MIN_REMAINING_S:
+            # Waited in the transport past (or to the edge of) its deadline: the caller has given up
+            # or is about to. Working on it would only delay the calls that can still be answered.
+            self._shed["deadline_passed"].inc()
+            raise DeadlinePassed(
+                "DEADLINE_PASSED",
+                f"the call's deadline passed before the server could start on it "
+                f"({max(time_remaining, 0.0) * 1000:.1f} ms left); not worked on",
+                field="",
+            )
         started = self._engine.loop_time()
         self._check_size(req)
         validation.validate_recommend(
@@ -108,6 +124,22 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         task publishes it after the response has gone. Under an A/B split the card's arm decides
         (server/shadow.py); with a shadow, the challenger's decision for the champion's requests
         follows in the background, and the log gets both."""
+        if self._in_flight >= self._max_in_flight:
+            # Admission control: the model path is full; waiting for it would spend the request's
+            # budget in a queue. Answer now from the fallback policy, which says so in its source.
+            self._shed["overload"].inc()
+            resp = self._engine.shed(req, started)
+            self._decision_log.offer(req, resp, time.time())
+            return resp
+        self._in_flight += 1
+        try:
+            return await self._admitted(req, deadline, started)
+        finally:
+            self._in_flight -= 1
+
+    async def _admitted(
+        self, req: optimizer_pb2.RecommendRequest, deadline: float, started: float
+    ) -> optimizer_pb2.RecommendResponse:
         arm = ""
         engine = self._engine
         if self._ab_share > 0:

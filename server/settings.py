@@ -81,6 +81,13 @@ class ServerSettings(BaseSettings):
         65_536, ge=1024, le=4 * 1024 * 1024, description="largest request accepted"
     )
     max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are refused")
+    max_in_flight: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="decisions worked on at once; beyond it a request is answered at once from the "
+        "fallback policy (DECISION_SOURCE_FALLBACK_OVERLOAD)",
+    )
     max_candidates: int = Field(16, ge=1, le=256, description="most candidate routes per request")
     routes: tuple[RouteConfig, ...] = Field((), description="routes used when a request names none (JSON)")
     feature_max_age_s: float = Field(

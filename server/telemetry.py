@@ -83,6 +83,14 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.shed = Counter(
+            "authopt_shed_total",
+            "requests not worked on normally: deadline_passed (refused, DEADLINE_EXCEEDED) or "
+            "overload (answered at once from the fallback)",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge("authopt_in_flight", "decisions being worked on", registry=r)
         self.ab_decisions = Counter(
             "authopt_ab_decisions_total", "decisions under the A/B split, by arm", ["arm"], registry=r
         )

@@ -319,3 +319,40 @@ async def test_async_client_generates_idempotency_keys(start_server: ServerFacto
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await client.report_outcome(attempt_pb2.AttemptOutcome())
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _shed(srv: Running, reason: str) -> float:
+    value = srv.server.metrics.registry.get_sample_value("authopt_shed_total", {"reason": reason})
+    return 0.0 if value is None else float(value)
+
+
+async def test_admission_control_answers_beyond_the_limit_from_the_fallback_at_once(
+    start_server: ServerFactory, model_dir: Path
+) -> None:
+    """Beyond `max_in_flight` decisions at once, a request is not queued for the model: it is
+    answered at once from the fallback policy, its source saying so, and counted."""
+    srv = await start_server(model_dir=model_dir, max_in_flight=1, idempotency_ttl_s=0)
+    responses = await asyncio.gather(
+        *(srv.stub.Recommend(make_request(f"burst-{i}"), timeout=10) for i in range(40))
+    )
+    sources = [r.decision_source for r in responses]
+    overload = optimizer_pb2.DECISION_SOURCE_FALLBACK_OVERLOAD
+    assert optimizer_pb2.DECISION_SOURCE_MODEL in sources and overload in sources  # all answered
+    assert _shed(srv, "overload") == sources.count(overload)
+    shed = next(r for r in responses if r.decision_source == overload)
+    assert len(shed.routes) == len(ROUTES) and shed.model_version == "1"
+
+
+async def test_a_call_whose_deadline_has_passed_is_not_worked_on(
+    start_server: ServerFactory, model_dir: Path
+) -> None:
+    srv = await start_server(model_dir=model_dir)
+    for i in range(20):  # a 1 ms deadline: less than the 2 ms a call needs to be started on
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await srv.stub.Recommend(make_request(f"late-{i}"), timeout=0.001)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.sleep(0.2)
+    decided = srv.server.metrics.registry.get_sample_value(
+        "authopt_decisions_total", {"source": "DECISION_SOURCE_MODEL"}
+    )
+    assert _shed(srv, "deadline_passed") >= 1 and not decided  # refused, none decided
