@@ -37,6 +37,21 @@ def _up(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def _until_traffic(proc: subprocess.Popen[str], timeout_s: float = 150) -> list[str]:
+    """`up`'s output lines until the first status line (the traffic is flowing)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "payments/s" in line:
+            return lines
+    raise AssertionError("no traffic: " + "".join(lines)[-3000:])
+
+
 def _assert_nothing_left(doc: dict[str, Any]) -> None:
     for name in ("broker", "worker", "server"):
         proc = doc["processes"][name]
@@ -76,17 +91,7 @@ def test_up_runs_the_whole_loop_and_authopt_beats_static(tmp_path: Path) -> None
 @pytest.mark.timeout(180)
 def test_ctrl_c_stops_everything_in_order(tmp_path: Path) -> None:
     proc = _up(tmp_path, "--rate", "50")
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # until the traffic is flowing (the first status line)
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "payments/s" in line:
-            break
-    assert any("payments/s" in line for line in lines), "".join(lines)[-3000:]
+    lines = _until_traffic(proc, timeout_s=120)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, ("".join(lines) + out)[-4000:]
@@ -165,20 +170,8 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(tmp_path: Path) -> Non
     """SIGKILL the worker while the traffic runs: `up` restarts it, the traffic carries on, and the
     workers together took every reported outcome (their counters: an upper bound after a restart)."""
     proc = _up(tmp_path, "--duration", "30", "--rate", "100")
-    assert proc.stdout is not None
-    lines: list[str] = []
-    worker_pid = None
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("worker  pid"):
-            worker_pid = int(line.split()[2].rstrip(","))
-        if "payments/s" in line:  # traffic is flowing: kill the worker
-            break
-    assert worker_pid is not None and any("payments/s" in line for line in lines), "".join(lines)[-3000:]
+    lines = _until_traffic(proc)  # traffic is flowing: kill the worker
+    worker_pid = int(next(line for line in lines if line.startswith("worker  pid")).split()[2].rstrip(","))
     os.kill(worker_pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=240)
     text = "".join(lines) + out
@@ -202,20 +195,8 @@ def test_up_with_a_shadow_model_and_an_export_while_it_runs(tmp_path: Path) -> N
     shadow = tmp_path / "shadow"
     make_tiny_artifact(shadow, "challenger-1", seed=3)
     proc = _up(tmp_path, "--duration", "20", "--rate", "100", "--shadow-model-dir", str(shadow))
-    assert proc.stdout is not None
-    lines: list[str] = []
-    bootstrap = None
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("broker  pid"):
-            bootstrap = line.split(" on ")[1].strip()
-        if "payments/s" in line:
-            break
-    assert bootstrap is not None and any("payments/s" in line for line in lines), "".join(lines)[-3000:]
+    lines = _until_traffic(proc)
+    bootstrap = next(line for line in lines if line.startswith("broker  pid")).split(" on ")[1].strip()
     exported = subprocess.run(
         [sys.executable, "-m", "cli.main", "log", "export", "--brokers", bootstrap,
          "--out", str(tmp_path / "log"), "--quiet"],
