@@ -40,6 +40,11 @@ def _timeout(req: optimizer_pb2.RecommendRequest, timeout_s: float | None) -> fl
     return max(DEFAULT_TIMEOUT_S, req.latency_budget_ms / 1000 * 2)
 
 
+def _auth(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries a bearer token (server/auth.py); none without one."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 class AsyncClient:
     """grpc.aio client: `async with AsyncClient("127.0.0.1:50051") as c: await c.recommend(req)`."""
 
@@ -49,12 +54,14 @@ class AsyncClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float | None = None,
+        token: str | None = None,
     ) -> None:
         self._channel = (
             grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
         )
         self._stub = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(self._channel)
         self._timeout_s = timeout_s
+        self._auth = _auth(token)
 
     async def recommend(
         self,
@@ -65,7 +72,9 @@ class AsyncClient:
     ) -> optimizer_pb2.RecommendResponse:
         req = _prepare(req)
         resp: optimizer_pb2.RecommendResponse = await self._stub.Recommend(
-            req, timeout=_timeout(req, timeout_s or self._timeout_s), metadata=metadata
+            req,
+            timeout=_timeout(req, timeout_s or self._timeout_s),
+            metadata=(*self._auth, *(metadata or ())),
         )
         return resp
 
@@ -73,7 +82,7 @@ class AsyncClient:
         self, outcome: attempt_pb2.AttemptOutcome, *, timeout_s: float = 5.0
     ) -> optimizer_pb2.ReportOutcomeResponse:
         resp: optimizer_pb2.ReportOutcomeResponse = await self._stub.ReportOutcome(
-            optimizer_pb2.ReportOutcomeRequest(outcome=outcome), timeout=timeout_s
+            optimizer_pb2.ReportOutcomeRequest(outcome=outcome), timeout=timeout_s, metadata=self._auth
         )
         return resp
 
@@ -81,7 +90,7 @@ class AsyncClient:
         self, outcomes: list[attempt_pb2.AttemptOutcome], *, timeout_s: float = 10.0
     ) -> optimizer_pb2.ReportOutcomesResponse:
         resp: optimizer_pb2.ReportOutcomesResponse = await self._stub.ReportOutcomes(
-            optimizer_pb2.ReportOutcomesRequest(outcomes=outcomes), timeout=timeout_s
+            optimizer_pb2.ReportOutcomesRequest(outcomes=outcomes), timeout=timeout_s, metadata=self._auth
         )
         return resp
 
@@ -111,19 +120,21 @@ class Client:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float | None = None,
+        token: str | None = None,
     ) -> None:
         self._channel = (
             grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
         )
         self._stub = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(self._channel)
         self._timeout_s = timeout_s
+        self._auth = _auth(token)
 
     def recommend(
         self, req: optimizer_pb2.RecommendRequest, *, timeout_s: float | None = None
     ) -> optimizer_pb2.RecommendResponse:
         req = _prepare(req)
         resp: optimizer_pb2.RecommendResponse = self._stub.Recommend(
-            req, timeout=_timeout(req, timeout_s or self._timeout_s)
+            req, timeout=_timeout(req, timeout_s or self._timeout_s), metadata=self._auth
         )
         return resp
 
@@ -131,7 +142,7 @@ class Client:
         self, outcome: attempt_pb2.AttemptOutcome, *, timeout_s: float = 5.0
     ) -> optimizer_pb2.ReportOutcomeResponse:
         resp: optimizer_pb2.ReportOutcomeResponse = self._stub.ReportOutcome(
-            optimizer_pb2.ReportOutcomeRequest(outcome=outcome), timeout=timeout_s
+            optimizer_pb2.ReportOutcomeRequest(outcome=outcome), timeout=timeout_s, metadata=self._auth
         )
         return resp
 

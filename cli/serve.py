@@ -81,7 +81,13 @@ def serve(
 @click.argument("request_json", required=False)
 @click.option("--target", default="127.0.0.1:50051", show_default=True, help="Server address host:port.")
 @click.option("--timeout", "timeout_s", type=float, default=2.0, show_default=True, help="Deadline, seconds.")
-def recommend(request_json: str | None, target: str, timeout_s: float) -> None:
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    envvar="AUTHOPT_CLIENT_TOKEN_FILE",
+    help="A file holding the bearer token to send (a server with AUTHOPT_SERVER_AUTH_TOKENS_FILE).",
+)
+def recommend(request_json: str | None, target: str, timeout_s: float, token_file: Path | None) -> None:
     """Ask a server for a decision and print it as JSON.
 
     REQUEST_JSON is a RecommendRequest in protobuf JSON form (e.g. '{"attempt": {...}}'); '-' or no
@@ -95,7 +101,8 @@ def recommend(request_json: str | None, target: str, timeout_s: float) -> None:
     from authopt.client import Client
     from server.errors import error_info
 
-    with Client(target) as client:
+    token = token_file.read_text().strip() if token_file is not None else None
+    with Client(target, token=token) as client:
         try:
             resp = client.recommend(req, timeout_s=timeout_s)
         except grpc.RpcError as err:

@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 from authopt.v1 import optimizer_pb2, optimizer_pb2_grpc
 from model.features import FeatureStore, InMemoryFeatureStore
 from server import policy, validation
+from server.auth import TokenAuth
 from server.batcher import BatcherConfig, MicroBatcher
 from server.decision import DecisionEngine, EngineConfig
 from server.decision_log import DecisionLog, KafkaDecisionLog, NoDecisionLog
@@ -235,11 +236,21 @@ def _feature_source(
 
 
 def _bind_api(
-    settings: ServerSettings, service: OptimizerService, health: HealthServicer
+    settings: ServerSettings, service: OptimizerService, health: HealthServicer, metrics: Metrics
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with the optimizer, health and reflection services, bound (TLS if configured)."""
     limit = max(_TRANSPORT_LIMIT, settings.max_message_bytes)
+    interceptors = []
+    if settings.auth_tokens_file is not None:
+        interceptors.append(
+            TokenAuth(
+                settings.auth_tokens_file,
+                protect_health=settings.auth_protect_health,
+                on_refusal=lambda reason: metrics.errors.labels(reason).inc(),
+            )
+        )
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -334,7 +345,7 @@ async def create_server(
         max_in_flight=settings.max_in_flight,
     )
     health = HealthServicer()
-    server, port = _bind_api(settings, service, health)
+    server, port = _bind_api(settings, service, health, metrics)
     health_server, health_port = _bind_health(settings, health)
     metrics.queue_depth.set_function(lambda: batcher.queue_depth)
     metrics.model_loaded.set_function(lambda: 1.0 if registry.current is not None else 0.0)

@@ -127,6 +127,12 @@ class ServerSettings(BaseSettings):
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with the key, serve TLS")
     tls_key_file: Path | None = Field(None, description="PEM private key")
     tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle; when set, require client certs")
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="bearer tokens, one caller a line '<name> <token> [recommend,report]' (server/auth.py); "
+        "none: no check",
+    )
+    auth_protect_health: bool = Field(False, description="with tokens: health and reflection need one too")
     seed: int | None = Field(None, description="exploration RNG seed (tests and simulations)")
     replica_id: str = Field("authopt-server", description="producer id stamped on published events")
 

@@ -349,6 +349,7 @@ def test_schema_offers_every_setting() -> None:
         "host", "port", "model_dir", "device", "grace_period_s", "metrics_port", "tls_cert_file",
         "tls_key_file", "tls_client_ca_file", "kafka", "replica_id", "health_port",
         "shadow_model_dir",  # model.shadow: a directory on the model volume
+        "auth_tokens_file", "auth_protect_health",  # server.auth: a mounted Secret
         "seed",  # tests and simulations only
     }  # fmt: skip
     worker_managed = {
@@ -654,3 +655,26 @@ def test_checks_the_schema_cannot_express(chart: helm.Chart) -> None:
     values = {"server": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}
     with pytest.raises(helm.HelmRenderError, match=r"minReplicas \(5\) is more than maxReplicas \(2\)"):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_auth_tokens_come_from_a_mounted_secret_never_the_configmap(chart: helm.Chart) -> None:
+    rendered = render(
+        chart, {"server": {"auth": {"enabled": True, "tokensSecret": {"name": "authopt-tokens"}}}}
+    )
+    server = rendered.server()
+    env = pod_env(rendered, server, "server")
+    assert env["AUTHOPT_SERVER_AUTH_TOKENS_FILE"] == "/etc/authopt/auth/tokens"
+    spec = server["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "auth")
+    assert (
+        volume["secret"]["secretName"] == "authopt-tokens"
+        and volume["secret"]["items"][0]["path"] == "tokens"
+    )
+    mount = next(m for m in container(server, "server")["volumeMounts"] if m["name"] == "auth")
+    assert mount == {"name": "auth", "mountPath": "/etc/authopt/auth", "readOnly": True}
+    assert all("tok" not in str(v) or k.endswith("TOKENS_FILE") for k, v in env.items())
+    with pytest.raises(Exception, match=r"server\.auth\.enabled needs server\.auth\.tokensSecret\.name"):
+        render(chart, {"server": {"auth": {"enabled": True}}})
+    assert "AUTHOPT_SERVER_AUTH_TOKENS_FILE" not in pod_env(
+        render(chart, {}), render(chart, {}).server(), "server"
+    )
