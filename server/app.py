@@ -152,13 +152,42 @@ class AuthoptServer:
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert_file is None and settings.tls_key_file is None:
+    """TLS (mutual with a client CA) from the files, read again when they change: gRPC asks before
+    each new connection's handshake, so a renewed certificate (cert-manager, a rotated Secret) is
+    served without a restart; a half-written or unreadable pair keeps the one before (logged)."""
+    cert, key, ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    if cert is None and key is None:
         return None
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
+    if cert is None or key is None:
         raise ValueError("TLS needs both AUTHOPT_SERVER_TLS_CERT_FILE and AUTHOPT_SERVER_TLS_KEY_FILE")
-    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
-    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    files = [p for p in (cert, key, ca) if p is not None]
+
+    def stamp() -> tuple[int, ...]:
+        return tuple(p.stat().st_mtime_ns for p in files)
+
+    def configuration() -> Any:
+        pair = (key.read_bytes(), cert.read_bytes())
+        roots = ca.read_bytes() if ca is not None else None
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=roots)
+
+    seen = [stamp()]
+
+    def fetch() -> Any:
+        try:
+            now = stamp()
+            if now == seen[0]:
+                return None
+            fresh = configuration()
+        except (OSError, ValueError) as exc:
+            log.error("TLS files changed but cannot be read (%s): keeping the certificate before", exc)
+            return None
+        seen[0] = now
+        log.info("TLS certificate reloaded from %s", cert)
+        return fresh
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(), fetch, require_client_authentication=ca is not None
+    )
 
 
 def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Metrics | None) -> MicroBatcher:

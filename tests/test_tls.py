@@ -84,3 +84,38 @@ def test_a_key_without_a_certificate_is_refused(tmp_path: Path) -> None:
     key.write_text("not used")
     with pytest.raises(ValueError, match="both AUTHOPT_SERVER_TLS_CERT_FILE and AUTHOPT_SERVER_TLS_KEY_FILE"):
         _credentials(ServerSettings(tls_key_file=key))  # type: ignore[call-arg]
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(
+    start_server: ServerFactory, certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certificate
+    srv = await start_server(tls_cert_file=cert, tls_key_file=key)
+    old_ca = cert.read_bytes()
+
+    async def answered(ca: bytes) -> bool:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca)
+        async with grpc.aio.secure_channel(f"localhost:{srv.port}", creds) as channel:
+            api = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(channel)
+            try:
+                return bool(
+                    (await api.Recommend(make_request(f"r-{len(ca)}-{id(channel)}"), timeout=3)).routes
+                )
+            except grpc.aio.AioRpcError:
+                return False
+
+    assert await answered(old_ca)
+    # The operator renews the certificate in place (a new key, a new self-signed certificate).
+    renewed = tmp_path / "renewed"
+    renewed.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(renewed / "key.pem"),
+         "-out", str(renewed / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    key.write_bytes((renewed / "key.pem").read_bytes())
+    cert.write_bytes((renewed / "cert.pem").read_bytes())
+    new_ca = cert.read_bytes()
+    assert await answered(new_ca)  # new connections get the renewed certificate ...
+    assert not await answered(old_ca)  # ... which the old one no longer vouches for
