@@ -284,6 +284,13 @@ def _bind_api(
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a client's calls beyond it wait in the client,
+            # inside their own deadline, instead of in this server's queue (docs/reliability.md).
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            # grpc-core's "overload protection" keeps counting a finished stream until it is freed and
+            # refuses (RST_STREAM REFUSED_STREAM: UNAVAILABLE) the client's next call, which a client
+            # obeying the limit has every right to open: off, as in grpc's own stream-limit tests.
+            ("grpc.http.overload_protection", 0),
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )

@@ -171,6 +171,9 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
                 await abort_with(context, err)
             if span.is_recording():
                 annotate(span, resp)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                self._metrics.late.inc()
         except BaseException as exc:
             if span.is_recording():
                 span.record_exception(exc)

@@ -81,6 +81,13 @@ class ServerSettings(BaseSettings):
         65_536, ge=1024, le=4 * 1024 * 1024, description="largest request accepted"
     )
     max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are refused")
+    max_streams_per_connection: int = Field(
+        32,
+        ge=1,
+        le=100_000,
+        description="HTTP/2 streams (calls) one connection may have open at once; a client's further "
+        "calls wait in the client within their own deadlines, not in the server's queue",
+    )
     max_in_flight: int = Field(
         64,
         ge=1,

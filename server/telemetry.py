@@ -91,6 +91,12 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("authopt_in_flight", "decisions being worked on", registry=r)
+        self.late = Counter(
+            "authopt_late_answers_total",
+            "Recommend answers finished after the call's deadline (the caller got DEADLINE_EXCEEDED): "
+            "work wasted; goodput is decisions minus these",
+            registry=r,
+        )
         self.ab_decisions = Counter(
             "authopt_ab_decisions_total", "decisions under the A/B split, by arm", ["arm"], registry=r
         )

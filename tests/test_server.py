@@ -356,3 +356,19 @@ async def test_a_call_whose_deadline_has_passed_is_not_worked_on(
         "authopt_decisions_total", {"source": "DECISION_SOURCE_MODEL"}
     )
     assert _shed(srv, "deadline_passed") >= 1 and not decided  # refused, none decided
+
+
+async def test_a_connection_beyond_its_stream_limit_waits_in_the_client_not_the_server(
+    start_server: ServerFactory, model_dir: Path
+) -> None:
+    """HTTP/2 MAX_CONCURRENT_STREAMS: with 2 streams a connection, 40 calls at once on one channel
+    are all answered by the model, none shed (at most 2 ever reach the handlers at once); without
+    the limit the same burst exceeds `max_in_flight=2` and is shed to the fallback."""
+    srv = await start_server(
+        model_dir=model_dir, max_in_flight=2, max_streams_per_connection=2, idempotency_ttl_s=0
+    )
+    responses = await asyncio.gather(
+        *(srv.stub.Recommend(make_request(f"conn-{i}"), timeout=10) for i in range(40))
+    )
+    assert {r.decision_source for r in responses} == {optimizer_pb2.DECISION_SOURCE_MODEL}
+    assert _shed(srv, "overload") == 0
