@@ -1,0 +1,204 @@
+"""Chaos scenarios over real processes (issue 20): the broker, streams workers and `authopt serve`
+servers on 127.0.0.1, the simulated platform's traffic, and a fault injected while it plays. Each
+ends with the ledger: every payment answered (no request errors), every outcome the servers accepted
+counted exactly once in the features read back from the features topic."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.chaos.lab import SERVICE, Lab, Timeline, features_folded, kill, lab, report, scaled
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(240)]
+
+RATE = 30.0  # payments/s: a fraction of one server's capacity on this 2-core machine
+
+
+def _ledger(doc: dict[str, Any], folded: int) -> dict[str, Any]:
+    return {
+        "payments": doc["payments"],
+        "answered": doc["requests"],
+        "errors": doc["request_errors"],
+        "outcomes_produced": doc["outcomes_reported"],
+        "outcomes_folded": folded,
+        "outcomes_unreported": doc["outcomes_unreported"],
+    }
+
+
+def _assert_ledger(row: dict[str, Any]) -> None:
+    assert row["errors"] == {}, row  # every payment got its answers
+    assert row["outcomes_unreported"] == 0, row
+    assert row["outcomes_produced"] > 0 and row["outcomes_folded"] == row["outcomes_produced"], row
+
+
+async def _health(target: str) -> str:
+    async with grpc.aio.insecure_channel(target) as ch:
+        try:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE), timeout=0.5
+            )
+        except grpc.aio.AioRpcError as err:
+            return str(err.code().name)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+async def _started(the_lab: Lab, servers: int = 1, **server_env: str) -> None:
+    the_lab.start_broker()
+    the_lab.start_worker()
+    for _ in range(servers):
+        the_lab.start_server(**server_env)
+    for s in the_lab.servers:
+        await the_lab.serving(s)
+
+
+async def test_server_sigterm_under_load_drains_and_the_client_goes_on(tmp_path: Path) -> None:
+    """Scenario 3: two servers behind the client's round-robin; one gets SIGTERM mid-traffic. Its
+    health turns NOT_SERVING, its in-flight calls finish, it exits 0; the platform's calls go to the
+    other server: 0 failed payments, every outcome counted once."""
+    with lab(tmp_path) as the_lab:
+        await _started(the_lab, servers=2, AUTHOPT_SERVER_GRACE_PERIOD_S="3")
+        victim = the_lab.servers[0]
+        seen: list[str] = []
+
+        async def faults(tl: Timeline) -> None:
+            await asyncio.sleep(scaled(4))
+            tl.mark("fault")
+            victim.process.send_signal(signal.SIGTERM)
+            for _ in range(10):
+                seen.append(await _health(f"127.0.0.1:{victim.health_port}"))
+                await asyncio.sleep(0.1)
+            tl.mark("recovered")
+
+        doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(10), faults=faults)
+        code = victim.process.wait(15)
+        folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
+    row = {
+        "scenario": "3. SIGTERM one of two servers under load",
+        "load": f"{RATE:g}/s, {scaled(10):g} s",
+        **_ledger(doc, folded),
+        "p99_ms": [tl.p99("start", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
+    }
+    report(row)
+    assert code == 0, victim.log_text()[-2000:]
+    assert "NOT_SERVING" in seen, seen  # the drain was visible to health checks
+    assert "draining" in victim.log_text()
+    _assert_ledger(row)
+
+
+async def test_worker_sigkill_and_restart_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    """Scenario 1: the worker is SIGKILLed mid-stream and a new one started: the outcomes it had
+    taken but not committed are taken again and skipped as duplicates, those it had not taken are
+    folded by the new one: each counted exactly once."""
+    with lab(tmp_path) as the_lab:
+        await _started(the_lab)
+
+        async def faults(tl: Timeline) -> None:
+            await asyncio.sleep(scaled(4))
+            tl.mark("fault")
+            kill(the_lab.workers[0].process)
+            the_lab.workers[0].process.wait(10)
+            await asyncio.sleep(1.0)
+            the_lab.start_worker()
+            tl.mark("recovered")
+
+        doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(10), faults=faults)
+        folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
+    row = {
+        "scenario": "1. SIGKILL the worker, start another",
+        "load": f"{RATE:g}/s, {scaled(10):g} s",
+        **_ledger(doc, folded),
+        "p99_ms": [tl.p99("start", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
+    }
+    report(row)
+    _assert_ledger(row)
+
+
+async def test_features_gone_fall_back_and_return_to_the_model(tmp_path: Path) -> None:
+    """Scenario 6: the worker is down for longer than the feature max age: decisions fall back and say
+    so (FALLBACK_FEATURES); once a worker folds again they come from the model again."""
+    max_age = 4.0
+    with lab(tmp_path) as the_lab:
+        await _started(the_lab, AUTHOPT_SERVER_FEATURE_MAX_AGE_S=str(max_age))
+
+        async def all_model(tl: Timeline, timeout_s: float = 30) -> None:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                recent = [p for p in tl.points if p[0] > time.monotonic() - 1.0]
+                if recent and all(p[2] == "DECISION_SOURCE_MODEL" for p in recent):
+                    return
+
+        async def faults(tl: Timeline) -> None:
+            # Cold start: a route has no features until its first outcomes are folded.
+            await all_model(tl)
+            tl.mark("warm")
+            await asyncio.sleep(scaled(2))
+            tl.mark("fault")
+            kill(the_lab.workers[0].process)
+            await asyncio.sleep(max_age + 3)
+            tl.mark("stale")
+            the_lab.start_worker()
+            await all_model(tl)
+            tl.mark("recovered")
+
+        doc, tl = await the_lab.play(
+            the_lab.servers, rate=RATE, duration_s=scaled(2) + max_age + 40, faults=faults
+        )
+        folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
+    before, during, after = (
+        tl.sources("warm", "fault"),
+        tl.sources("stale", "recovered"),
+        tl.sources("recovered", "end"),
+    )
+    row = {
+        "scenario": f"6. worker down {max_age + 3:g} s (feature max age {max_age:g} s)",
+        "load": f"{RATE:g}/s",
+        **_ledger(doc, folded),
+        "sources_before_during_after": [dict(before), dict(during), dict(after)],
+        "p99_ms": [tl.p99("warm", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
+    }
+    report(row)
+    assert set(before) == {"DECISION_SOURCE_MODEL"}, before
+    assert during["DECISION_SOURCE_FALLBACK_FEATURES"] > 0, during
+    assert after and set(after) == {"DECISION_SOURCE_MODEL"}, after
+    _assert_ledger(row)
+
+
+async def test_a_stalled_broker_slows_no_decision_and_loses_no_outcome(tmp_path: Path) -> None:
+    """Scenario 7: the broker is frozen (SIGSTOP) for a while: Recommend does not wait on it (the
+    decision log and features are off the critical path); outcome reports fail and are retried with
+    backoff by the platform; after SIGCONT every outcome is accepted and counted once."""
+    with lab(tmp_path) as the_lab:
+        await _started(the_lab)
+        assert the_lab.broker is not None
+        broker = the_lab.broker.process
+
+        async def faults(tl: Timeline) -> None:
+            await asyncio.sleep(scaled(3))
+            tl.mark("fault")
+            kill(broker, signal.SIGSTOP)
+            await asyncio.sleep(scaled(4))
+            kill(broker, signal.SIGCONT)
+            tl.mark("recovered")
+
+        doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(10), faults=faults)
+        folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
+    row = {
+        "scenario": "7. broker frozen (SIGSTOP) 4 s",
+        "load": f"{RATE:g}/s, {scaled(10):g} s",
+        **_ledger(doc, folded),
+        "report_errors": doc["report_errors"],
+        "p99_ms": [tl.p99("start", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
+    }
+    report(row)
+    p99_before, p99_during, _ = row["p99_ms"]
+    assert p99_during is not None and p99_during < max(3 * (p99_before or 0), 100), row
+    _assert_ledger(row)
