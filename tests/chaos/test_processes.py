@@ -6,6 +6,9 @@ counted exactly once in the features read back from the features topic."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from model.artifacts import DEFAULT_MODEL_DIR
 from tests.chaos.lab import SERVICE, Lab, Timeline, features_folded, kill, lab, report, scaled
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -201,4 +205,61 @@ async def test_a_stalled_broker_slows_no_decision_and_loses_no_outcome(tmp_path:
     report(row)
     p99_before, p99_during, _ = row["p99_ms"]
     assert p99_during is not None and p99_during < max(3 * (p99_before or 0), 100), row
+    _assert_ledger(row)
+
+
+async def test_bad_models_dropped_under_load_are_refused_and_the_served_one_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    """Scenario 5: a corrupt, a truncated and a contract-mismatched model version dropped into the
+    model directory under load: each is refused with a log line that says why, the version being
+    served keeps serving, no payment fails."""
+    models = tmp_path / "models"
+    bundled = next(p for p in DEFAULT_MODEL_DIR.iterdir() if (p / "manifest.json").is_file())
+    good = models / bundled.name  # newer versions sort after it: "<name>-v2", ...
+    shutil.copytree(bundled, good)
+    with lab(tmp_path) as the_lab:
+        await _started(
+            the_lab, AUTHOPT_SERVER_MODEL_DIR=str(models), AUTHOPT_SERVER_MODEL_POLL_INTERVAL_S="0.5"
+        )
+        srv = the_lab.servers[0]
+
+        def drop(name: str, model: bytes, manifest: dict[str, Any] | None = None) -> None:
+            d = models / f"{good.name}-{name}"
+            d.mkdir()
+            doc = json.loads((good / "manifest.json").read_text()) if manifest is None else manifest
+            doc["version"] = d.name
+            (d / "manifest.json").write_text(json.dumps(doc))
+            (d / "model.pt").write_bytes(model)
+
+        async def faults(tl: Timeline) -> None:
+            await asyncio.sleep(scaled(3))
+            tl.mark("fault")
+            weights = (good / "model.pt").read_bytes()
+            drop("v2", os.urandom(len(weights)))  # corrupt
+            await asyncio.sleep(1.5)
+            drop("v3", weights[: len(weights) // 2])  # truncated
+            await asyncio.sleep(1.5)
+            other = json.loads((good / "manifest.json").read_text())
+            other["contract_hash"] = "sha256:not-our-contract"
+            drop("v4", weights, other)  # another feature contract
+            await asyncio.sleep(1.5)
+            tl.mark("recovered")
+
+        doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(10), faults=faults)
+        folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
+        log_text = srv.log_text()
+    row = {
+        "scenario": "5. corrupt, truncated, mismatched model dropped in",
+        "load": f"{RATE:g}/s, {scaled(10):g} s",
+        **_ledger(doc, folded),
+        "sources_during": dict(tl.sources("fault", "end")),
+        "p99_ms": [tl.p99("start", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
+    }
+    report(row)
+    refusals = [line for line in log_text.splitlines() if "refused" in line]
+    for version in ("v2", "v3", "v4"):
+        assert any(f"{bundled.name}-{version} refused" in line for line in refusals), (version, refusals)
+    assert any("not-our-contract" in line for line in refusals), refusals
+    assert "DECISION_SOURCE_FALLBACK_NO_MODEL" not in row["sources_during"], row
     _assert_ledger(row)
