@@ -25,6 +25,7 @@ from server.auth import TokenAuth
 from server.batcher import BatcherConfig, MicroBatcher
 from server.decision import DecisionEngine, EngineConfig
 from server.decision_log import DecisionLog, KafkaDecisionLog, NoDecisionLog
+from server.errors import MalformedRequests
 from server.idempotency import IdempotencyCache, make_cache
 from server.models import ModelRegistry, resolve_device
 from server.publisher import OutcomePublisher, make_publisher
@@ -260,8 +261,21 @@ def _feature_source(
         return features, None
     memory = InMemoryFeatureStore()
     if settings.kafka.bootstrap and settings.feature_replica:
-        return memory, FeatureReplica(settings.kafka, memory)
+        return memory, FeatureReplica(settings.kafka, memory, max_cards=settings.max_cards)
     return memory, None
+
+
+def _pending_call_limits(hard: int) -> list[tuple[str, int]]:
+    """grpc-core's backlog of calls received but not yet taken by this process's handlers: beyond
+    `hard` (and at random between hard/4 and hard) a new call is refused at once (CANCELLED), in C,
+    before it costs any Python. 0 keeps grpc's own limits (1,000 / 3,000): calls wait instead, and
+    under open-loop overload most of them expire while waiting (docs/reliability.md)."""
+    if hard <= 0:
+        return []
+    return [
+        ("grpc.server.max_pending_requests", max(1, hard // 4)),
+        ("grpc.server.max_pending_requests_hard_limit", hard),
+    ]
 
 
 def _bind_api(
@@ -269,7 +283,7 @@ def _bind_api(
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with the optimizer, health and reflection services, bound (TLS if configured)."""
     limit = max(_TRANSPORT_LIMIT, settings.max_message_bytes)
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
     if settings.auth_tokens_file is not None:
         interceptors.append(
             TokenAuth(
@@ -278,6 +292,8 @@ def _bind_api(
                 on_refusal=lambda reason: metrics.errors.labels(reason).inc(),
             )
         )
+    # Bytes that do not parse: INVALID_ARGUMENT / MALFORMED_MESSAGE, not grpc's UNKNOWN.
+    interceptors.append(MalformedRequests(on_refusal=lambda reason: metrics.errors.labels(reason).inc()))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -291,6 +307,7 @@ def _bind_api(
             # refuses (RST_STREAM REFUSED_STREAM: UNAVAILABLE) the client's next call, which a client
             # obeying the limit has every right to open: off, as in grpc's own stream-limit tests.
             ("grpc.http.overload_protection", 0),
+            *_pending_call_limits(settings.max_pending_calls),
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -385,6 +402,9 @@ async def create_server(
     health_server, health_port = _bind_health(settings, health)
     metrics.queue_depth.set_function(lambda: batcher.queue_depth)
     metrics.model_loaded.set_function(lambda: 1.0 if registry.current is not None else 0.0)
+    if replica is not None:
+        cards = replica.materializer
+        metrics.feature_cards.watch(held=lambda: cards.cards, evicted=lambda: cards.evicted)
     metrics_http = None
     if settings.metrics_port >= 0:
         metrics_http, _ = start_http_server(

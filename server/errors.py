@@ -11,12 +11,14 @@ message may change between releases; clients must branch on ``reason`` only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, ClassVar, NoReturn
 
 import grpc
 import grpc.aio
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -27,6 +29,7 @@ __all__ = [
     "DOMAIN",
     "DeadlinePassed",
     "InvalidArgument",
+    "MalformedRequests",
     "ResourceExhausted",
     "ServerError",
     "StatusError",
@@ -171,3 +174,120 @@ def error_info(
             detail.Unpack(info)
             return info
     return None
+
+
+# --- requests that do not parse -----------------------------------------------------------------------
+
+
+class _Malformed:
+    """What the tolerant deserializer hands on instead of a request whose bytes do not parse."""
+
+    __slots__ = ()
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _MALFORMED
+
+    return parse
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Bytes that do not parse as the method's request: ``INVALID_ARGUMENT`` with reason
+    ``MALFORMED_MESSAGE``, where grpc would answer ``UNKNOWN`` (and log the ``DecodeError``).
+
+    A unary request is refused before the handler runs. On a request stream (RecommendStream) the
+    messages before the bad one are answered, then the call ends with that status: the handler only
+    ever sees parsed messages. Handlers of other shapes are left as they are.
+    """
+
+    def __init__(self, on_refusal: Callable[[str], None] | None = None) -> None:
+        self._on_refusal = on_refusal  # e.g. the errors metric, by reason
+        # Wrapped once per method handler, not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, self._refuse)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        err = InvalidArgument(
+            "MALFORMED_MESSAGE",
+            "the request is not a serialized message of the method's type (corrupt wire format, or a "
+            "string field that is not UTF-8)",
+            field="",
+        )
+        if self._on_refusal is not None:
+            self._on_refusal(err.reason)
+        await abort_with(context, err)
+
+
+def _wrap(
+    handler: Any, refuse: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[NoReturn]]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    # ``Any``: the stubs type the behaviours for the synchronous server; these are grpc.aio's.
+    parse = _tolerant(handler.request_deserializer)
+    serialize = handler.response_serializer
+    if (
+        not handler.request_streaming
+        and not handler.response_streaming
+        and inspect.iscoroutinefunction(handler.unary_unary)
+    ):
+        unary = handler.unary_unary
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if request is _MALFORMED:
+                await refuse(context)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked, request_deserializer=parse, response_serializer=serialize
+        )
+    if (
+        handler.request_streaming
+        and handler.response_streaming
+        and inspect.isasyncgenfunction(handler.stream_stream)
+    ):
+        stream = handler.stream_stream
+
+        async def checked_stream(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            malformed = False
+
+            async def parsed() -> AsyncIterator[Any]:
+                nonlocal malformed
+                async for request in requests:
+                    if request is _MALFORMED:
+                        malformed = True
+                        return
+                    yield request
+
+            async for response in stream(parsed(), context):
+                yield response
+            if malformed:
+                await refuse(context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            checked_stream, request_deserializer=parse, response_serializer=serialize
+        )
+    kept: grpc.RpcMethodHandler[Any, Any] = handler
+    return kept

@@ -79,7 +79,12 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
             v.number: metrics.decisions.labels(v.name) for v in optimizer_pb2.DecisionSource.DESCRIPTOR.values
         }
 
-    def _check_size(self, msg: optimizer_pb2.RecommendRequest | optimizer_pb2.ReportOutcomesRequest) -> None:
+    def _check_size(
+        self,
+        msg: optimizer_pb2.RecommendRequest
+        | optimizer_pb2.ReportOutcomeRequest
+        | optimizer_pb2.ReportOutcomesRequest,
+    ) -> None:
         size = msg.ByteSize()
         if size > self._max_bytes:
             raise InvalidArgument(
@@ -258,6 +263,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
     ) -> optimizer_pb2.ReportOutcomeResponse:
         t0 = time.perf_counter()
         try:
+            self._check_size(request)
             if not request.HasField("outcome"):
                 raise InvalidArgument("MISSING_FIELD", "outcome is required", field="outcome")
             validation.validate_outcome(request.outcome, self._limits, time.time())

@@ -88,6 +88,14 @@ class ServerSettings(BaseSettings):
         description="HTTP/2 streams (calls) one connection may have open at once; a client's further "
         "calls wait in the client within their own deadlines, not in the server's queue",
     )
+    max_pending_calls: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="calls received but not yet picked up by the handlers beyond which new ones are "
+        "refused at once (CANCELLED, in grpc-core); 0: grpc's own limits (calls wait, and expire under "
+        "overload)",
+    )
     max_in_flight: int = Field(
         64,
         ge=1,
@@ -113,6 +121,14 @@ class ServerSettings(BaseSettings):
     feature_replica: bool = Field(
         True,
         description="with Kafka: follow authopt.features.v1 into memory; NOT_SERVING until caught up",
+    )
+    max_cards: int = Field(
+        1_000_000,
+        ge=1,
+        le=100_000_000,
+        description="card x merchant keys the feature replica holds; beyond it the least recently "
+        "updated or read is evicted (decided as a new card until its next snapshot). ~1 KiB each "
+        "(python -m bench.card_memory): ~1 GiB, beside the ~300 MiB process, within the chart's 2 GiB",
     )
     decision_log: bool = Field(
         True, description="with Kafka: publish every decision to authopt.decisions.v1 (off the critical path)"

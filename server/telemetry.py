@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 __all__ = ["Metrics", "extract_trace_context", "tracer"]
 
@@ -28,6 +29,44 @@ def extract_trace_context(metadata: Iterable[Any] | None) -> Context | None:
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _none() -> int:
+    return 0
+
+
+class FeatureCards:
+    """The feature replica's per-card state, read when scraped from its counts (streams.replica
+    Materializer `cards`, `evicted`: streams/ does not import the server): 0 without a replica."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._held: Callable[[], int] = _none
+        self._evicted: Callable[[], int] = _none
+        registry.register(self)
+
+    def watch(self, *, held: Callable[[], int], evicted: Callable[[], int]) -> None:
+        """Report these counts from now on (called once, by create_server, when there is a replica)."""
+        self._held, self._evicted = held, evicted
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(None, None)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._held(), self._evicted())
+
+    @staticmethod
+    def _families(held: int | None, evicted: int | None) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "authopt_feature_cards",
+            "card x merchant keys the feature replica holds (at most AUTHOPT_SERVER_MAX_CARDS)",
+            value=held,
+        )
+        yield CounterMetricFamily(
+            "authopt_feature_cards_evicted",
+            "cards the feature replica evicted for its limit, least recently updated or read first "
+            "(decided as new cards until their next snapshot)",
+            value=evicted,
+        )
 
 
 class Metrics:
@@ -100,6 +139,7 @@ class Metrics:
         self.ab_decisions = Counter(
             "authopt_ab_decisions_total", "decisions under the A/B split, by arm", ["arm"], registry=r
         )
+        self.feature_cards = FeatureCards(r)
 
     def observe_batch(self, rows: int, requests: int, seconds: float) -> None:
         """Called by the batcher after each forward."""

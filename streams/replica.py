@@ -4,6 +4,10 @@
 the entity's feature values into an InMemoryFeatureStore; the offline replay uses it too, which is
 what makes served and replayed features the same numbers.
 
+In a server it holds at most `max_cards` card x merchant keys (AUTHOPT_SERVER_MAX_CARDS): the least
+recently updated or read card goes, rows and all, and comes back with its next snapshot; until then
+a request for it is decided as for a new card. The replay keeps every card (no limit).
+
 `FeatureReplica` runs it from Kafka: it reads every partition of the compacted topic from the
 beginning without a consumer group (every replica needs every key), reports ready only once it has
 caught up to the end offsets it saw at start, then follows the topic. When the broker goes away the
@@ -17,13 +21,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from authopt.v1 import events_pb2
 from streams.contract import CONTRACT_HASH, Entity
 from streams.errors import StreamsError
-from streams.features import EntityState, card_amount_rows, evaluate, from_snapshot, merge
+from streams.features import (
+    EntityState,
+    amount_key,
+    card_amount_rows,
+    evaluate,
+    from_snapshot,
+    merge,
+)
 from streams.kafka import FEATURES_TOPIC, KafkaSettings
 from streams.store import InMemoryFeatureStore
 
@@ -39,23 +51,40 @@ class _TopicMissing(StreamsError):
 class Materializer:
     """Applies FeatureSnapshots to a store: merge an entity's partitions, evaluate, put the row.
 
-    Memory matters here (every server holds every card it has seen): card x merchant partials are
-    kept as their snapshot bytes, decoded only when the card changes again; the aggregate entities
-    (a few thousand keys, changing all the time) are kept decoded.
+    Memory matters here (cards keep coming: ~1 KiB each, docs/reliability.md "Bounded memory"): card
+    x merchant partials are kept as their snapshot bytes, decoded only when the card changes again,
+    and with `max_cards` at most that many cards are held: beyond it the least recently updated or
+    read (through the store's `get`) card is evicted with its card x merchant and card x merchant x
+    amount rows. The aggregate entities (a few thousand keys, changing all the time) are kept
+    decoded, all of them. `max_cards` None keeps every card (the offline replay).
     """
 
     def __init__(
         self,
         store: InMemoryFeatureStore,
         on_apply: Callable[[events_pb2.FeatureSnapshot], None] | None = None,
+        *,
+        max_cards: int | None = None,
     ) -> None:
+        if max_cards is not None and max_cards < 1:
+            raise ValueError(f"max_cards must be at least 1 (None: no limit), not {max_cards}")
         self.store = store
         self._partials: dict[tuple[Entity, str], dict[int, EntityState]] = {}
-        # card key -> its one partition's snapshot, or {partition: snapshot} when several
-        self._cards: dict[str, bytes | dict[int, bytes]] = {}
+        # card key -> its one partition's snapshot, or {partition: snapshot} when several; with a
+        # limit, least recently updated or read first
+        self._cards: OrderedDict[str, bytes | dict[int, bytes]] = OrderedDict()
         self._on_apply = on_apply
+        self.max_cards = max_cards
         self.applied = 0
         self.refused_contract = 0
+        self.evicted = 0  # cards evicted for the limit
+        if max_cards is not None:
+            store.watch_reads(Entity.CARD_MERCHANT, self._read_card)
+
+    @property
+    def cards(self) -> int:
+        """Card x merchant keys held."""
+        return len(self._cards)
 
     def events_for(self, entity: Entity, key: str) -> int:
         """Events behind an entity's values, over every source partition (0 when unknown)."""
@@ -122,10 +151,34 @@ class Materializer:
             store.put(Entity.CARD_MERCHANT_AMOUNT, f"{key}|{amount}", values, merged.as_of)
         for gone in before - rows.keys():
             store.delete(Entity.CARD_MERCHANT_AMOUNT, f"{key}|{gone}")
+        if self.max_cards is not None:
+            self._cards.move_to_end(key)
+            while len(self._cards) > self.max_cards:
+                self._evict_oldest()
+
+    def _read_card(self, key: str) -> None:
+        """The store found this card's row for a decision: it is the most recently used now."""
+        cards = self._cards
+        if key in cards:  # not when the row was put into the store directly
+            cards.move_to_end(key)
+
+    def _evict_oldest(self) -> None:
+        key, held = self._cards.popitem(last=False)
+        delete = self.store.delete
+        delete(Entity.CARD_MERCHANT, key)
+        # Its amount rows are those of its recent attempts within 30 days (card_amount_rows): deleting
+        # the amount of every attempt it holds removes them all, without merging its states again
+        # (that doubled the cost of a new card once the limit is reached).
+        for raw in [held] if isinstance(held, bytes) else held.values():
+            for r in events_pb2.FeatureSnapshot.FromString(raw).recent:
+                delete(Entity.CARD_MERCHANT_AMOUNT, f"{key}|{amount_key(r.amount_minor, r.currency)}")
+        self.evicted += 1
 
 
 class FeatureReplica:
-    """Follows `authopt.features.v1` into `store`; `ready` is set once caught up at start."""
+    """Follows `authopt.features.v1` into `store`; `ready` is set once caught up at start.
+
+    `max_cards`: most card x merchant keys held (Materializer); None keeps every one."""
 
     def __init__(
         self,
@@ -135,10 +188,11 @@ class FeatureReplica:
         topic: str = FEATURES_TOPIC,
         max_backoff_s: float = 10.0,
         probe_after_s: float = 2.0,
+        max_cards: int | None = None,
     ) -> None:
         self._kafka = kafka
         self._topic = topic
-        self.materializer = Materializer(store)
+        self.materializer = Materializer(store, max_cards=max_cards)
         self.store = store
         self.ready = asyncio.Event()
         self.connected = False
@@ -166,6 +220,8 @@ class FeatureReplica:
             "snapshots_applied": self.materializer.applied,
             "refused_contract": self.materializer.refused_contract,
             "rows": len(self.store),
+            "cards": self.materializer.cards,
+            "cards_evicted": self.materializer.evicted,
             "last_applied_at": self.last_applied_at,
         }
 

@@ -7,7 +7,7 @@ offline replay (streams.replay) write it through streams.replica.Materializer.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,14 +30,28 @@ class FeatureStore(Protocol):
     def get(self, entity: Entity, key: str) -> FeatureRow | None: ...
 
 
+def _ignore(key: str) -> None:
+    pass
+
+
 class InMemoryFeatureStore:
     """A dict of the latest FeatureRow per (entity, key)."""
 
     def __init__(self) -> None:
         self._rows: dict[tuple[Entity, str], FeatureRow] = {}
+        self._watched: Entity | None = None
+        self._on_read: Callable[[str], None] = _ignore
+
+    def watch_reads(self, entity: Entity, on_read: Callable[[str], None]) -> None:
+        """Call `on_read(key)` each time `get` finds a row of `entity` (one watcher: the replica's
+        card limit, which keeps the cards being decided on; streams.replica.Materializer)."""
+        self._watched, self._on_read = entity, on_read
 
     def get(self, entity: Entity, key: str) -> FeatureRow | None:
-        return self._rows.get((entity, key))
+        row = self._rows.get((entity, key))
+        if entity is self._watched and row is not None:
+            self._on_read(key)
+        return row
 
     def put(self, entity: Entity, key: str, values: Mapping[str, float], as_of: float | None = None) -> None:
         self._rows[(entity, key)] = FeatureRow(dict(values), time.time() if as_of is None else as_of)

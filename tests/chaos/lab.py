@@ -36,7 +36,9 @@ from streams.kafka import KafkaSettings
 from streams.replica import FeatureReplica
 from streams.store import InMemoryFeatureStore
 
+# Read at import: the suite's autouse fixture clears AUTHOPT_* variables before each test.
 LONG = os.environ.get("AUTHOPT_CHAOS_LONG") == "1"
+REPORT = os.environ.get("AUTHOPT_CHAOS_REPORT")
 SCALE = 5.0 if LONG else 1.0
 SERVICE = "authopt.v1.AuthorizationOptimizerService"
 
@@ -273,9 +275,8 @@ def kill(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGKILL)
 
 def report(row: dict[str, Any]) -> None:
     """Append the scenario's row to AUTHOPT_CHAOS_REPORT (bench/chaos.py's table), when set."""
-    path = os.environ.get("AUTHOPT_CHAOS_REPORT")
-    if path:
-        with open(path, "a") as f:
+    if REPORT:
+        with open(REPORT, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
@@ -286,3 +287,56 @@ def lab(workdir: Path) -> Iterator[Lab]:
         yield the_lab
     finally:
         the_lab.close()
+
+
+def server_counts(srv: ServerProc) -> dict[str, float]:
+    """The server's decisions by source, shed and late answers, from its Prometheus endpoint."""
+    import urllib.request
+
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(
+                ("authopt_decisions_total{", "authopt_shed_total{", "authopt_late_answers_total ")
+            ):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+    return out
+
+
+def decided(counts: dict[str, float]) -> float:
+    return sum(v for k, v in counts.items() if k.startswith("authopt_decisions_total{"))
+
+
+def h2load_body(seed: int = 1) -> bytes:
+    """One of the simulated platform's Recommend requests, gRPC-framed, for h2load (`-d`)."""
+    import struct
+
+    settings = SimulateSettings(seed=seed, duration_s=1)
+    platform = Platform(settings, load_world(settings.world))
+    day, world, payment = next(platform.payments())
+    req = platform._request(day, world, payment, 0, [], 0.0)  # the platform's own request, as it sends it
+    msg = req.SerializeToString()
+    return struct.pack(">BI", 0, len(msg)) + msg
+
+
+def h2load(
+    srv: ServerProc, body: Path, *, duration_s: float, connections: int, streams: int, rps: float | None
+) -> subprocess.Popen[str]:
+    """h2load against the server: `connections` x `streams` in flight, each connection sending at most
+    `rps` requests a second (open loop) when given; 50 ms gRPC deadlines."""
+    cmd = [
+        "h2load",
+        f"-c{connections}",
+        "-t1",
+        f"-m{streams}",
+        f"-D{duration_s:g}",
+        f"-d{body}",
+        "-Hcontent-type: application/grpc",
+        "-Hte: trailers",
+        "-Hgrpc-timeout: 50m",
+    ]
+    if rps is not None:
+        cmd.append(f"--rps={rps:g}")
+    cmd.append(f"http://{srv.target}/authopt.v1.AuthorizationOptimizerService/Recommend")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
