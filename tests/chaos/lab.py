@@ -340,3 +340,26 @@ def h2load(
         cmd.append(f"--rps={rps:g}")
     cmd.append(f"http://{srv.target}/authopt.v1.AuthorizationOptimizerService/Recommend")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def window_p99s(tl: Timeline, start: float, end: float, width_s: float = 5.0) -> list[float]:
+    """The p99 latency of each `width_s` window of answers between `start` and `end` (monotonic)."""
+    out = []
+    t = start
+    while t + width_s <= end:
+        lat = sorted(p[1] for p in tl.points if t <= p[0] < t + width_s)
+        if lat:
+            out.append(lat[min(len(lat) - 1, int(0.99 * len(lat)))])
+        t += width_s
+    return out

@@ -1,0 +1,87 @@
+"""Chaos scenario 9, the soak (the long run only: `python -m bench.chaos`): 10 minutes at half the
+server's measured capacity. After warm-up the server's memory grows < 10 % and its threads and file
+descriptors do not grow; the p99 of every 5-second window stays <= 3x the median window's p99."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.lab import (
+    LONG,
+    Timeline,
+    decided,
+    features_folded,
+    h2load,
+    h2load_body,
+    lab,
+    open_fds,
+    report,
+    server_counts,
+    threads,
+    window_p99s,
+)
+from tests.chaos.test_processes import RATE, _ledger, _started
+
+pytestmark = [
+    pytest.mark.chaos,
+    pytest.mark.slow,
+    pytest.mark.timeout(1200),
+    pytest.mark.skipif(not LONG, reason="the long run only (AUTHOPT_CHAOS_LONG=1: python -m bench.chaos)"),
+    pytest.mark.skipif(shutil.which("h2load") is None, reason="needs h2load (Debian: nghttp2-client)"),
+]
+
+SOAK_S = float(os.environ.get("AUTHOPT_CHAOS_SOAK_S", "600"))  # read at import, as lab.LONG
+WARM_UP_S = min(60.0, SOAK_S / 5)
+
+
+async def test_soak_at_half_capacity(tmp_path: Path) -> None:
+    with lab(tmp_path) as the_lab:
+        await _started(the_lab, AUTHOPT_SERVER_IDEMPOTENCY_TTL_S="0")
+        srv = the_lab.servers[0]
+        pid = srv.process.pid
+        body = tmp_path / "recommend.grpc"
+        body.write_bytes(h2load_body())
+        before = server_counts(srv)
+        t0 = time.monotonic()
+        proc = h2load(srv, body, duration_s=3, connections=1, streams=16, rps=None)
+        await asyncio.to_thread(proc.communicate)
+        capacity = (decided(server_counts(srv)) - decided(before)) / 3
+        samples: list[tuple[float, float, int, int]] = []  # (t, RSS MiB, fds, threads)
+
+        async def load(tl: Timeline) -> None:
+            tl.mark("fault")
+            flood = h2load(srv, body, duration_s=SOAK_S, connections=8, streams=32, rps=0.5 * capacity / 8)
+            waiting = asyncio.ensure_future(asyncio.to_thread(flood.communicate))
+            while not waiting.done():
+                samples.append((time.monotonic(), srv.rss_mib(), open_fds(pid), threads(pid)))
+                await asyncio.wait([waiting], timeout=10)
+            tl.mark("recovered")
+
+        doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=SOAK_S + 10, faults=load)
+        folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
+    start = tl.marks["fault"]
+    warm = [s for s in samples if s[0] >= start + WARM_UP_S]
+    windows = window_p99s(tl, start + WARM_UP_S, tl.marks["recovered"])
+    median = statistics.median(windows)
+    row = {
+        "scenario": f"9. soak: {SOAK_S / 60:g} min at half capacity",
+        "load": f"h2load {0.5 * capacity:,.0f}/s + platform {RATE:g}/s",
+        **_ledger(doc, folded),
+        "rss_mib_after_warmup_first_last": [round(warm[0][1]), round(warm[-1][1])],
+        "fds_first_last": [warm[0][2], warm[-1][2]],
+        "threads_first_last": [warm[0][3], warm[-1][3]],
+        "window_p99_ms_median_max": [round(median, 1), round(max(windows), 1)],
+        "seconds": round(time.monotonic() - t0),
+    }
+    report(row)
+    assert row["errors"] == {} and row["outcomes_folded"] == row["outcomes_produced"], row
+    assert warm[-1][1] < 1.10 * warm[0][1], row
+    assert warm[-1][2] <= warm[0][2] + 4 and warm[-1][3] <= warm[0][3] + 2, row
+    assert max(windows) <= 3 * median, row
