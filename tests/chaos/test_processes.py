@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from model.artifacts import DEFAULT_MODEL_DIR
 from tests.chaos.lab import (
+    LONG,
     SERVICE,
     Lab,
     Timeline,
@@ -286,8 +287,9 @@ async def test_overload_at_2x_and_5x_capacity(tmp_path: Path, pending: int) -> N
     deadlines); memory stays bounded and latency comes back when the load drops.
 
     With grpc's own backlog (`MAX_PENDING_CALLS=0`, the default) every platform payment is answered
-    and the excess gets fallback answers that say so — but the 50 ms calls wait in the backlog and
-    most expire: goodput collapses (reported, the open finding). With a 32-call backlog the excess is
+    in a short overload and the excess gets fallback answers that say so — but the 50 ms calls wait
+    in the backlog and most expire: goodput collapses (reported, the open finding); sustained, the
+    backlog fills and grpc refuses calls anyway. With a 32-call backlog the excess is
     refused at once in grpc-core (CANCELLED, also some of the platform's calls: its client must fall
     back) and goodput holds at >= 0.5x capacity."""
     with lab(tmp_path) as the_lab:
@@ -342,7 +344,10 @@ async def test_overload_at_2x_and_5x_capacity(tmp_path: Path, pending: int) -> N
     assert p99_after is not None and p99_after <= max(3 * (p99_before or 0), 50), row
     assert row["outcomes_folded"] == row["outcomes_produced"] > 0 and row["outcomes_unreported"] == 0, row
     if pending == 0:
-        assert row["errors"] == {}, row  # every payment answered
+        # A short overload: every payment answered. Sustained (the long run, 25 s each), grpc's own
+        # backlog (1,000 / 3,000) fills and refuses calls too: CANCELLED (docs/reliability.md).
+        allowed = {"CANCELLED", "DEADLINE_EXCEEDED"} if LONG else set()
+        assert set(row["errors"]) <= allowed, row
         assert shed_5x > 0, row  # the excess answered from the fallback, and saying so
     else:
         assert set(row["errors"]) <= {"CANCELLED", "RESOURCE_EXHAUSTED"}, row  # refused at once, not expired
