@@ -35,10 +35,18 @@ def _ignore(key: str) -> None:
 
 
 class InMemoryFeatureStore:
-    """A dict of the latest FeatureRow per (entity, key)."""
+    """The latest feature values per (entity, key): per entity, a dict of each key's values and a
+    dict of each key's as-of time.
+
+    Held so that CPython's garbage collector does not track them: a dict of floats is untracked, a
+    FeatureRow instance, an (entity, key) tuple or a tuple holding a dict never is. A server holds a
+    row per card, up to millions, and a full collection that walked them all paused every request
+    (docs/reliability.md). FeatureRow is made on read.
+    """
 
     def __init__(self) -> None:
-        self._rows: dict[tuple[Entity, str], FeatureRow] = {}
+        self._values: dict[Entity, dict[str, dict[str, float]]] = {e: {} for e in Entity}
+        self._as_of: dict[Entity, dict[str, float]] = {e: {} for e in Entity}
         self._watched: Entity | None = None
         self._on_read: Callable[[str], None] = _ignore
 
@@ -48,25 +56,33 @@ class InMemoryFeatureStore:
         self._watched, self._on_read = entity, on_read
 
     def get(self, entity: Entity, key: str) -> FeatureRow | None:
-        row = self._rows.get((entity, key))
-        if entity is self._watched and row is not None:
+        values = self._values[entity].get(key)
+        if values is None:
+            return None
+        if entity is self._watched:
             self._on_read(key)
-        return row
+        return FeatureRow(values, self._as_of[entity][key])
 
     def put(self, entity: Entity, key: str, values: Mapping[str, float], as_of: float | None = None) -> None:
-        self._rows[(entity, key)] = FeatureRow(dict(values), time.time() if as_of is None else as_of)
+        self._values[entity][key] = dict(values)
+        self._as_of[entity][key] = time.time() if as_of is None else as_of
 
     def delete(self, entity: Entity, key: str) -> None:
-        self._rows.pop((entity, key), None)
+        if self._values[entity].pop(key, None) is not None:
+            del self._as_of[entity][key]
 
     def age_s(self, entity: Entity, key: str, now: float | None = None) -> float | None:
         """Seconds since the newest event behind this entity's values; None when it is unknown."""
-        row = self._rows.get((entity, key))
-        return None if row is None else (time.time() if now is None else now) - row.as_of
+        as_of = self._as_of[entity].get(key)
+        return None if as_of is None else (time.time() if now is None else now) - as_of
 
     def rows(self) -> dict[tuple[Entity, str], FeatureRow]:
         """A copy of every row (for tests, parity checks and inspection)."""
-        return dict(self._rows)
+        return {
+            (e, k): FeatureRow(values, self._as_of[e][k])
+            for e, rows in self._values.items()
+            for k, values in rows.items()
+        }
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return sum(len(rows) for rows in self._values.values())
