@@ -289,16 +289,18 @@ def lab(workdir: Path) -> Iterator[Lab]:
         the_lab.close()
 
 
-def server_counts(srv: ServerProc) -> dict[str, float]:
-    """The server's decisions by source, shed and late answers, from its Prometheus endpoint."""
+COUNTS = ("authopt_decisions_total{", "authopt_shed_total{", "authopt_late_answers_total ")
+
+
+def server_counts(srv: ServerProc, *prefixes: str) -> dict[str, float]:
+    """The server's Prometheus samples starting with `prefixes` (by default its decisions by source,
+    shed and late answers)."""
     import urllib.request
 
     out: dict[str, float] = {}
     with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith(
-                ("authopt_decisions_total{", "authopt_shed_total{", "authopt_late_answers_total ")
-            ):
+            if line.startswith(prefixes or COUNTS):
                 name, value = line.rsplit(" ", 1)
                 out[name] = float(value)
     return out

@@ -27,7 +27,7 @@ from tests.chaos.lab import (
     threads,
     window_p99s,
 )
-from tests.chaos.test_processes import RATE, _ledger, _started
+from tests.chaos.test_processes import _ledger, _started
 
 pytestmark = [
     pytest.mark.chaos,
@@ -37,6 +37,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("h2load") is None, reason="needs h2load (Debian: nghttp2-client)"),
 ]
 
+SOAK_RATE = 100.0  # the platform's payments/s: new cards all along, so the per-card state grows
 SOAK_S = float(os.environ.get("AUTHOPT_CHAOS_SOAK_S", "600"))  # read at import, as lab.LONG
 WARM_UP_S = min(60.0, SOAK_S / 5)
 
@@ -57,28 +58,31 @@ async def test_soak_at_half_capacity(tmp_path: Path) -> None:
 
         async def load(tl: Timeline) -> None:
             tl.mark("fault")
-            flood = h2load(srv, body, duration_s=SOAK_S, connections=8, streams=32, rps=0.5 * capacity / 8)
+            flood_rate = max(0.5 * capacity - SOAK_RATE, 8.0)
+            flood = h2load(srv, body, duration_s=SOAK_S, connections=8, streams=32, rps=flood_rate / 8)
             waiting = asyncio.ensure_future(asyncio.to_thread(flood.communicate))
             while not waiting.done():
                 samples.append((time.monotonic(), srv.rss_mib(), open_fds(pid), threads(pid)))
                 await asyncio.wait([waiting], timeout=10)
             tl.mark("recovered")
 
-        doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=SOAK_S + 10, faults=load)
+        doc, tl = await the_lab.play(the_lab.servers, rate=SOAK_RATE, duration_s=SOAK_S + 10, faults=load)
         folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
+        cards = server_counts(srv, "authopt_feature_cards ").get("authopt_feature_cards", -1)
     start = tl.marks["fault"]
     warm = [s for s in samples if s[0] >= start + WARM_UP_S]
     windows = window_p99s(tl, start + WARM_UP_S, tl.marks["recovered"])
     median = statistics.median(windows)
     row = {
         "scenario": f"9. soak: {SOAK_S / 60:g} min at half capacity",
-        "load": f"h2load {0.5 * capacity:,.0f}/s + platform {RATE:g}/s",
+        "load": f"{0.5 * capacity:,.0f}/s: h2load + the platform at {SOAK_RATE:g} payments/s",
         **_ledger(doc, folded),
         "rss_mib_after_warmup_first_last": [round(warm[0][1]), round(warm[-1][1])],
         "fds_first_last": [warm[0][2], warm[-1][2]],
         "threads_first_last": [warm[0][3], warm[-1][3]],
         "window_p99_ms_median_max": [round(median, 1), round(max(windows), 1)],
         "seconds": round(time.monotonic() - t0),
+        "cards_held_end": cards,
     }
     report(row)
     assert row["errors"] == {} and row["outcomes_folded"] == row["outcomes_produced"], row
