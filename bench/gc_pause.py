@@ -4,8 +4,9 @@
 
 Applies the worker's own snapshots of N card x merchant keys to a Materializer (as the server's
 replica does; bench.card_memory makes them), after freezing what was built first, the store's
-containers included (as `authopt serve` does once the server is built), and prints the objects the collector tracks and the median of 7 full collections.
-A full collection pauses every request being served, so it must not grow with the cards held.
+containers included (as `authopt serve` does once the server is built), and prints the objects
+the collector tracks and the median of 7 full collections. A full collection pauses every request
+being served, so it must not grow with the cards held.
 """
 
 from __future__ import annotations

@@ -396,6 +396,7 @@ async def create_server(
         shadow=challenger.shadow if challenger else None,
         ab_challenger_share=settings.ab_challenger_share,
         max_in_flight=settings.max_in_flight,
+        max_outcomes_publishing=settings.max_outcomes_publishing,
     )
     health = HealthServicer()
     server, port = _bind_api(settings, service, health, metrics)

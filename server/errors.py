@@ -36,6 +36,7 @@ __all__ = [
     "Unavailable",
     "abort_with",
     "error_info",
+    "retry_after_s",
     "to_status",
     "to_stream_error",
 ]
@@ -104,17 +105,30 @@ class DeadlinePassed(StatusError):
 
 
 class ResourceExhausted(StatusError):
-    """The server is over a limit (queue full, rate limit); the caller may retry later."""
+    """The server is over a limit (queue full, rate limit); the caller may retry later.
+
+    ``retry_after_s`` goes to the caller as a ``google.rpc.RetryInfo`` beside the ErrorInfo.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, reason: str, message: str, *, field: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(reason, message, field=field)
+        self.retry_after_s = retry_after_s
 
 
 def _rich_status(err: StatusError) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata={"field": err.field})
     detail = any_pb2.Any()
     detail.Pack(info)
+    details = [detail]
+    if isinstance(err, ResourceExhausted):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(err.retry_after_s * 1e9))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
     code: int = err.code.value[0]
-    return status_pb2.Status(code=code, message=err.message, details=[detail])
+    return status_pb2.Status(code=code, message=err.message, details=details)
 
 
 def to_status(err: StatusError) -> grpc.Status:
@@ -173,6 +187,17 @@ def error_info(
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             return info
+    return None
+
+
+def retry_after_s(error: grpc.aio.AioRpcError) -> float | None:
+    """The delay a ``RESOURCE_EXHAUSTED`` refusal asks the caller to wait (its ``RetryInfo``), or None."""
+    rich = _status_from_metadata(error.trailing_metadata())
+    for detail in rich.details if rich is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return float(retry.retry_delay.ToNanoseconds()) / 1e9
     return None
 
 

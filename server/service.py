@@ -18,7 +18,14 @@ from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server import validation
 from server.decision import DecisionEngine, annotate
 from server.decision_log import DecisionLog, NoDecisionLog
-from server.errors import DeadlinePassed, InvalidArgument, StatusError, abort_with, to_stream_error
+from server.errors import (
+    DeadlinePassed,
+    InvalidArgument,
+    ResourceExhausted,
+    StatusError,
+    abort_with,
+    to_stream_error,
+)
 from server.idempotency import IdempotencyCache
 from server.publisher import OutcomePublisher
 from server.shadow import CHALLENGER, Shadow, arm_of
@@ -53,6 +60,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         shadow: Shadow | None = None,
         ab_challenger_share: float = 0.0,
         max_in_flight: int = 64,
+        max_outcomes_publishing: int = 20_000,
     ) -> None:
         if (shadow is not None or ab_challenger_share > 0) and challenger is None:
             raise ValueError("a shadow or an A/B split needs the challenger's engine")
@@ -62,6 +70,8 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         self._ab_share = ab_challenger_share
         self._max_in_flight = max_in_flight
         self._in_flight = 0
+        self._max_outcomes_publishing = max_outcomes_publishing
+        self._outcomes_publishing = 0  # outcomes of ReportOutcome(s) calls waiting for the broker
         metrics.in_flight.set_function(lambda: self._in_flight)
         self._shed = {r: metrics.shed.labels(r) for r in ("deadline_passed", "overload")}
         self._idem = idempotency
@@ -252,7 +262,22 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
             f"{_SERVICE}/ReportOutcome", context=parent, kind=trace.SpanKind.SERVER
         ):
             try:
-                await self._publisher.publish(events)
+                if self._outcomes_publishing + len(events) > self._max_outcomes_publishing:
+                    # The broker is slower than the callers: refuse at once, with when to come back,
+                    # rather than hold an unbounded pile of calls (each holding its outcomes) here.
+                    self._metrics.shed.labels("outcomes_backlog").inc()
+                    raise ResourceExhausted(
+                        "OUTCOMES_BACKLOG",
+                        f"{self._outcomes_publishing} outcomes are waiting for the broker (limit "
+                        f"{self._max_outcomes_publishing}); retry after the delay in RetryInfo",
+                        field="outcomes",
+                        retry_after_s=0.5,
+                    )
+                self._outcomes_publishing += len(events)
+                try:
+                    await self._publisher.publish(events)
+                finally:
+                    self._outcomes_publishing -= len(events)
             except StatusError as err:
                 self._metrics.errors.labels(err.reason).inc()
                 await abort_with(context, err)

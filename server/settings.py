@@ -96,6 +96,13 @@ class ServerSettings(BaseSettings):
         "refused at once (CANCELLED, in grpc-core); 0: grpc's own limits (calls wait, and expire under "
         "overload)",
     )
+    max_outcomes_publishing: int = Field(
+        20_000,
+        ge=1,
+        le=10_000_000,
+        description="outcomes (of ReportOutcome(s) calls) waiting for the broker at once; beyond it a "
+        "call is refused at once: RESOURCE_EXHAUSTED, OUTCOMES_BACKLOG, with a RetryInfo delay",
+    )
     max_in_flight: int = Field(
         64,
         ge=1,

@@ -124,8 +124,9 @@ class Metrics:
         )
         self.shed = Counter(
             "authopt_shed_total",
-            "requests not worked on normally: deadline_passed (refused, DEADLINE_EXCEEDED) or "
-            "overload (answered at once from the fallback)",
+            "requests not worked on normally: deadline_passed (refused, DEADLINE_EXCEEDED), "
+            "overload (answered at once from the fallback) or outcomes_backlog (outcome reports "
+            "refused, RESOURCE_EXHAUSTED with RetryInfo)",
             ["reason"],
             registry=r,
         )

@@ -43,7 +43,7 @@ import grpc
 
 from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
 from server import rules
-from server.errors import error_info
+from server.errors import error_info, retry_after_s
 from sim.config import WorldConfig
 from sim.platform_settings import SimulateSettings
 from sim.platform_stats import PlatformStats, Tally
@@ -453,7 +453,8 @@ class Platform:
                     self.stats.unreported += len(batch)
                     batch = []
                     continue
-                await asyncio.sleep(backoff)
+                # A server whose broker is behind says when to come back (RetryInfo): no sooner.
+                await asyncio.sleep(max(backoff, retry_after_s(err) or 0.0))
                 backoff = min(backoff * 2, 2.0)
                 continue
             self.stats.reported += resp.accepted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from authopt.samples import sample_request
-from authopt.v1 import optimizer_pb2, optimizer_pb2_grpc
+from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from model import make_tiny_artifact
 from server import AuthoptServer, InMemoryFeatureStore, ServerSettings, create_server
 from streams import Entity, entity_key
@@ -65,6 +65,19 @@ def fill_route_features(store: InMemoryFeatureStore, as_of: float | None = None)
             {"approval_rate_1h": 0.9 - 0.1 * i, "attempts_1h": 500.0, "approval_rate_24h": 0.85},
             as_of if as_of is not None else time.time(),
         )
+
+
+class Recording:
+    """An OutcomePublisher that keeps what it is given (the broker's part is tested elsewhere)."""
+
+    def __init__(self) -> None:
+        self.events: list[events_pb2.AttemptEvent] = []
+
+    async def publish(self, events: Sequence[events_pb2.AttemptEvent]) -> None:
+        self.events.extend(events)
+
+    async def close(self) -> None:
+        return None
 
 
 class Running:

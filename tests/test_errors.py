@@ -46,11 +46,15 @@ def test_to_status_carries_one_error_info(err: StatusError, code: grpc.StatusCod
     assert key == "grpc-status-details-bin"
     rich = status_pb2.Status.FromString(value)
     assert (rich.code, rich.message) == (code.value[0], err.message)
-    assert len(rich.details) == 1
+    # One ErrorInfo; a RESOURCE_EXHAUSTED refusal also says when to retry (RetryInfo).
+    assert len(rich.details) == (2 if code is grpc.StatusCode.RESOURCE_EXHAUSTED else 1)
     info = error_details_pb2.ErrorInfo()
     assert rich.details[0].Unpack(info)
     assert (info.reason, info.domain, dict(info.metadata)) == (err.reason, DOMAIN, {"field": err.field})
     assert error_info(status) == info
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry = error_details_pb2.RetryInfo()
+        assert rich.details[1].Unpack(retry) and retry.retry_delay.ToNanoseconds() == 1_000_000_000
 
 
 def test_error_attributes_and_pickling() -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import pytest
 
-from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2, optimizer_pb2_grpc
+from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
 from model.artifacts import DEFAULT_MODEL_DIR
 from sim.config import load_world
 from sim.platform import Platform
@@ -18,20 +17,7 @@ from sim.platform_settings import SimulateSettings
 from sim.platform_stats import LatencyHistogram, Tally
 from sim.world import World
 from streams import Entity, entity_key
-from tests.conftest import ServerFactory
-
-
-class Recording:
-    """An OutcomePublisher that keeps what it is given (the broker's part is tested elsewhere)."""
-
-    def __init__(self) -> None:
-        self.events: list[events_pb2.AttemptEvent] = []
-
-    async def publish(self, events: Sequence[events_pb2.AttemptEvent]) -> None:
-        self.events.extend(events)
-
-    async def close(self) -> None:
-        return None
+from tests.conftest import Recording, ServerFactory
 
 
 def _settings(target: str, **kw: object) -> SimulateSettings:

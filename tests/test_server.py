@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authopt.v1 import attempt_pb2, optimizer_pb2
 from model import make_tiny_artifact
-from server.errors import error_info
+from server.errors import error_info, retry_after_s
 from streams.contract import Entity
 from tests.conftest import ROUTES, Running, ServerFactory, make_request
 
@@ -372,3 +372,60 @@ async def test_a_connection_beyond_its_stream_limit_waits_in_the_client_not_the_
     )
     assert {r.decision_source for r in responses} == {optimizer_pb2.DECISION_SOURCE_MODEL}
     assert _shed(srv, "overload") == 0
+
+
+class _StalledBroker:
+    """An OutcomePublisher whose broker does not answer until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.published: list[str] = []
+
+    async def publish(self, events: list[object]) -> None:
+        await self.release.wait()
+        self.published += [e.outcome.event_id for e in events]  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        return None
+
+
+def _outcome(event_id: str) -> attempt_pb2.AttemptOutcome:
+    outcome = attempt_pb2.AttemptOutcome(
+        event_id=event_id,
+        request_id=event_id,
+        attempt=make_request().attempt,
+        route_id=ROUTES[0][0],
+        status=attempt_pb2.OUTCOME_STATUS_APPROVED,
+    )
+    outcome.attempted_at.FromNanoseconds(time.time_ns() - 1_000_000_000)
+    return outcome
+
+
+async def test_outcomes_beyond_the_broker_backlog_are_refused_with_when_to_retry(
+    start_server: ServerFactory, model_dir: Path
+) -> None:
+    """A broker slower than the callers: beyond `max_outcomes_publishing` outcomes waiting for it, a
+    report is refused at once (RESOURCE_EXHAUSTED, OUTCOMES_BACKLOG, RetryInfo), never held without
+    bound or dropped; those accepted are published once the broker answers."""
+    broker = _StalledBroker()
+    srv = await start_server(model_dir=model_dir, publisher=broker, max_outcomes_publishing=2)
+    waiting = [
+        asyncio.ensure_future(
+            srv.stub.ReportOutcome(optimizer_pb2.ReportOutcomeRequest(outcome=_outcome(f"o-{i}")))
+        )
+        for i in range(2)
+    ]
+    await asyncio.sleep(0.2)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await srv.stub.ReportOutcomes(
+            optimizer_pb2.ReportOutcomesRequest(outcomes=[_outcome("o-2")]), timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(err.value)
+    assert info is not None and info.reason == "OUTCOMES_BACKLOG"
+    assert retry_after_s(err.value) == pytest.approx(0.5)
+    broker.release.set()
+    assert [r.event_id for r in await asyncio.gather(*waiting)] == ["o-0", "o-1"]
+    assert sorted(broker.published) == ["o-0", "o-1"]
+    resp = await srv.stub.ReportOutcomes(optimizer_pb2.ReportOutcomesRequest(outcomes=[_outcome("o-2")]))
+    assert resp.accepted == 1 and "o-2" in broker.published  # the retry is taken

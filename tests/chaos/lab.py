@@ -80,6 +80,7 @@ class Timeline:
     """Every answer's (monotonic time, latency ms, decision source), for p99 by phase."""
 
     points: list[tuple[float, float, str]] = field(default_factory=list)
+    server_ms: list[tuple[float, float]] = field(default_factory=list)  # (time, the server's own time)
     marks: dict[str, float] = field(default_factory=dict)
 
     def mark(self, name: str) -> None:
@@ -93,6 +94,10 @@ class Timeline:
     def p99(self, start: str | None, end: str | None) -> float | None:
         lat = sorted(p[1] for p in self.between(start, end))
         return round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None
+
+    def phases(self) -> list[float | None]:
+        """p99 before the fault, while it lasted, and after it ("fault" and "recovered" marks)."""
+        return [self.p99("start", "fault"), self.p99("fault", "recovered"), self.p99("recovered", "end")]
 
     def sources(self, start: str | None, end: str | None) -> Counter[str]:
         return Counter(p[2] for p in self.between(start, end))
@@ -204,9 +209,9 @@ class Lab:
 
         def noted(latency_ms: float, resp: Any) -> None:
             note(latency_ms, resp)
-            timeline.points.append(
-                (time.monotonic(), latency_ms, optimizer_pb2.DecisionSource.Name(resp.decision_source))
-            )
+            now = time.monotonic()
+            timeline.points.append((now, latency_ms, optimizer_pb2.DecisionSource.Name(resp.decision_source)))
+            timeline.server_ms.append((now, resp.server_time_us / 1000))
 
         platform.stats.note_response = noted  # type: ignore[method-assign]
         config = {
@@ -355,12 +360,16 @@ def threads(pid: int) -> int:
     return 0
 
 
-def window_p99s(tl: Timeline, start: float, end: float, width_s: float = 5.0) -> list[float]:
-    """The p99 latency of each `width_s` window of answers between `start` and `end` (monotonic)."""
+def window_p99s(
+    tl: Timeline, start: float, end: float, width_s: float = 5.0, *, server: bool = False
+) -> list[float]:
+    """The p99 latency of each `width_s` window of answers between `start` and `end` (monotonic): as
+    the platform waited for them, or (`server`) as the server reports its own time."""
+    points = tl.server_ms if server else [(p[0], p[1]) for p in tl.points]
     out = []
     t = start
     while t + width_s <= end:
-        lat = sorted(p[1] for p in tl.points if t <= p[0] < t + width_s)
+        lat = sorted(p[1] for p in points if t <= p[0] < t + width_s)
         if lat:
             out.append(lat[min(len(lat) - 1, int(0.99 * len(lat)))])
         t += width_s

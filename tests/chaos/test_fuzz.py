@@ -18,7 +18,6 @@ import logging
 import string
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
+from authopt.v1 import attempt_pb2, optimizer_pb2
 from server.errors import DOMAIN, error_info
 from server.pan import contains_card_number
 from server.settings import ServerSettings
 from tests.chaos.lab import LONG, report
-from tests.conftest import ServerFactory, make_request
+from tests.conftest import Recording, ServerFactory, make_request
 
 SCALE = 10 if LONG else 1  # examples per search: x10 in the long run (AUTHOPT_CHAOS_LONG=1)
 
@@ -264,19 +263,6 @@ def _padded(body: bytes, size: int) -> bytes:
 
 
 # --- the client side -----------------------------------------------------------------------------------
-
-
-class Recording:
-    """An OutcomePublisher that keeps what it is given: valid outcomes are accepted (OK)."""
-
-    def __init__(self) -> None:
-        self.events: list[events_pb2.AttemptEvent] = []
-
-    async def publish(self, events: Sequence[events_pb2.AttemptEvent]) -> None:
-        self.events.extend(events)
-
-    async def close(self) -> None:
-        return None
 
 
 @dataclass

@@ -50,6 +50,19 @@ def _ledger(doc: dict[str, Any], folded: int) -> dict[str, Any]:
     }
 
 
+def _row(scenario: str, doc: dict[str, Any], folded: int, tl: Timeline, **more: Any) -> dict[str, Any]:
+    """A scenario's row of the long run's table (bench/chaos.py), appended to the report."""
+    row = {
+        "scenario": scenario,
+        "load": f"{RATE:g}/s, {scaled(10):g} s",
+        **_ledger(doc, folded),
+        "p99_ms": tl.phases(),
+        **more,
+    }
+    report(row)
+    return row
+
+
 def _assert_ledger(row: dict[str, Any]) -> None:
     assert row["errors"] == {}, row  # every payment got its answers
     assert row["outcomes_unreported"] == 0, row
@@ -97,13 +110,7 @@ async def test_server_sigterm_under_load_drains_and_the_client_goes_on(tmp_path:
         doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(10), faults=faults)
         code = victim.process.wait(15)
         folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
-    row = {
-        "scenario": "3. SIGTERM one of two servers under load",
-        "load": f"{RATE:g}/s, {scaled(10):g} s",
-        **_ledger(doc, folded),
-        "p99_ms": [tl.p99("start", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
-    }
-    report(row)
+    row = _row("3. SIGTERM one of two servers under load", doc, folded, tl)
     assert code == 0, victim.log_text()[-2000:]
     assert seen[0] == "SERVING" and "NOT_SERVING" in seen, seen  # the drain was pushed to watchers
     assert "draining" in victim.log_text()
@@ -128,13 +135,7 @@ async def test_worker_sigkill_and_restart_loses_and_doubles_nothing(tmp_path: Pa
 
         doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(10), faults=faults)
         folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
-    row = {
-        "scenario": "1. SIGKILL the worker, start another",
-        "load": f"{RATE:g}/s, {scaled(10):g} s",
-        **_ledger(doc, folded),
-        "p99_ms": [tl.p99("start", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
-    }
-    report(row)
+    row = _row("1. SIGKILL the worker, start another", doc, folded, tl)
     _assert_ledger(row)
 
 
@@ -208,14 +209,7 @@ async def test_a_stalled_broker_slows_no_decision_and_loses_no_outcome(tmp_path:
 
         doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(10), faults=faults)
         folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
-    row = {
-        "scenario": "7. broker frozen (SIGSTOP) 4 s",
-        "load": f"{RATE:g}/s, {scaled(10):g} s",
-        **_ledger(doc, folded),
-        "report_errors": doc["report_errors"],
-        "p99_ms": [tl.p99("start", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
-    }
-    report(row)
+    row = _row("7. broker frozen (SIGSTOP) 4 s", doc, folded, tl, report_errors=doc["report_errors"])
     p99_before, p99_during, _ = row["p99_ms"]
     assert p99_during is not None and p99_during < max(3 * (p99_before or 0), 100), row
     _assert_ledger(row)
@@ -262,14 +256,13 @@ async def test_bad_models_dropped_under_load_are_refused_and_the_served_one_keep
         doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(10), faults=faults)
         folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
         log_text = srv.log_text()
-    row = {
-        "scenario": "5. corrupt, truncated, mismatched model dropped in",
-        "load": f"{RATE:g}/s, {scaled(10):g} s",
-        **_ledger(doc, folded),
-        "sources_during": dict(tl.sources("fault", "end")),
-        "p99_ms": [tl.p99("start", "fault"), tl.p99("fault", "recovered"), tl.p99("recovered", "end")],
-    }
-    report(row)
+    row = _row(
+        "5. corrupt, truncated, mismatched model dropped in",
+        doc,
+        folded,
+        tl,
+        sources_during=dict(tl.sources("fault", "end")),
+    )
     refusals = [line for line in log_text.splitlines() if "refused" in line]
     for version in ("v2", "v3", "v4"):
         assert any(f"{bundled.name}-{version} refused" in line for line in refusals), (version, refusals)
