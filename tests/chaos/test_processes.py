@@ -139,6 +139,38 @@ async def test_worker_sigkill_and_restart_loses_and_doubles_nothing(tmp_path: Pa
     _assert_ledger(row)
 
 
+@pytest.mark.xfail(
+    reason="open bug: in 1 of 5 runs (2026-12-05) 3 of 471 outcomes were counted twice after the "
+    "rebalance; suspected: a batch's route-state and card-state (seen event ids) writes reach the "
+    "changelog as separate records, so a SIGKILL between them lets the replay count an event again "
+    "(docs/reliability.md)",
+    strict=False,
+)
+async def test_one_of_two_workers_sigkilled_the_other_takes_its_partitions(tmp_path: Path) -> None:
+    """Scenario 1, second part: two workers share the partitions; one is SIGKILLed mid-stream. After
+    the group's rebalance the other folds the dead one's partitions too, re-reading what was taken
+    but not committed and skipping it as duplicates: each outcome counted exactly once."""
+    shared = {"AUTHOPT_WORKER_LOCAL_BROKER_WORKERS": "2"}
+    with lab(tmp_path) as the_lab:
+        the_lab.start_broker()
+        the_lab.start_worker(**shared)
+        the_lab.start_worker(**shared)
+        await the_lab.serving(the_lab.start_server())
+
+        async def faults(tl: Timeline) -> None:
+            await asyncio.sleep(scaled(6))
+            tl.mark("fault")
+            kill(the_lab.workers[1].process)
+            tl.mark("recovered")
+
+        doc, tl = await the_lab.play(the_lab.servers, rate=RATE, duration_s=scaled(12), faults=faults)
+        folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"], timeout_s=90)
+        survivor_alive = the_lab.workers[0].process.poll() is None
+    row = _row("1b. two workers, one SIGKILLed (rebalance)", doc, folded, tl)
+    assert survivor_alive, the_lab.workers[0].log_text()[-3000:]
+    _assert_ledger(row)
+
+
 async def test_features_gone_fall_back_and_return_to_the_model(tmp_path: Path) -> None:
     """Scenario 6: the worker is down for longer than the feature max age: decisions fall back and say
     so (FALLBACK_FEATURES); once a worker folds again they come from the model again."""
