@@ -139,13 +139,6 @@ async def test_worker_sigkill_and_restart_loses_and_doubles_nothing(tmp_path: Pa
     _assert_ledger(row)
 
 
-@pytest.mark.xfail(
-    reason="open bug: in 1 of 5 runs (2026-12-05) 3 of 471 outcomes were counted twice after the "
-    "rebalance; suspected: a batch's route-state and card-state (seen event ids) writes reach the "
-    "changelog as separate records, so a SIGKILL between them lets the replay count an event again "
-    "(docs/reliability.md)",
-    strict=False,
-)
 async def test_one_of_two_workers_sigkilled_the_other_takes_its_partitions(tmp_path: Path) -> None:
     """Scenario 1, second part: two workers share the partitions; one is SIGKILLed mid-stream. After
     the group's rebalance the other folds the dead one's partitions too, re-reading what was taken
@@ -168,6 +161,13 @@ async def test_one_of_two_workers_sigkilled_the_other_takes_its_partitions(tmp_p
         survivor_alive = the_lab.workers[0].process.poll() is None
     row = _row("1b. two workers, one SIGKILLed (rebalance)", doc, folded, tl)
     assert survivor_alive, the_lab.workers[0].log_text()[-3000:]
+    assert row["errors"] == {} and row["outcomes_unreported"] == 0, row
+    if row["outcomes_folded"] > row["outcomes_produced"]:
+        # Only this known bug is let through, with its figures: 1 of 5 runs on 2026-12-05 counted
+        # 3 of 471 twice. Suspected: a batch's route-state and card-state (seen event ids) writes
+        # reach the changelog as separate records, so a SIGKILL between them lets the new owner's
+        # replay count an event again (docs/reliability.md).
+        pytest.xfail(f"open bug, outcomes counted twice after the rebalance: {row}")
     _assert_ledger(row)
 
 
