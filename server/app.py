@@ -121,6 +121,10 @@ class AuthoptServer:
         self._draining = True
         log.info("draining: health NOT_SERVING, finishing in-flight RPCs within %.1fs", grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.settings.drain_delay_s > 0:
+            # Calls keep being answered while watchers (grpc's client-side health checking) take this
+            # server out of their pick; refusing at once would cancel calls already on their way.
+            await asyncio.sleep(self.settings.drain_delay_s)
         await self.grpc_server.stop(grace)
         if self.health_server is not None:  # last: probes see NOT_SERVING for the whole drain
             await self.health_server.stop(None)

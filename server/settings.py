@@ -147,6 +147,14 @@ class ServerSettings(BaseSettings):
         description="decisions waiting for the log; beyond it they are dropped, counted",
     )
     grace_period_s: float = Field(10.0, ge=0, description="drain time on SIGTERM; below the pod's grace")
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="on SIGTERM, keep answering this long with health NOT_SERVING before refusing new "
+        "calls, so clients watching health move away first (outside Kubernetes; the chart's preStop "
+        "sleep does it there)",
+    )
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus port; -1 off, 0 a free one")
     health_port: int = Field(
         -1,

@@ -429,3 +429,19 @@ async def test_outcomes_beyond_the_broker_backlog_are_refused_with_when_to_retry
     assert sorted(broker.published) == ["o-0", "o-1"]
     resp = await srv.stub.ReportOutcomes(optimizer_pb2.ReportOutcomesRequest(outcomes=[_outcome("o-2")]))
     assert resp.accepted == 1 and "o-2" in broker.published  # the retry is taken
+
+
+async def test_a_drain_delay_answers_calls_while_health_says_not_serving(
+    start_server: ServerFactory, model_dir: Path
+) -> None:
+    """With DRAIN_DELAY_S the server first tells health watchers NOT_SERVING and keeps answering, so a
+    call already on its way is served, not cancelled; only then does it refuse new calls."""
+    srv = await start_server(model_dir=model_dir, drain_delay_s=0.5)
+    stopping = asyncio.ensure_future(srv.server.stop(1.0))
+    await asyncio.sleep(0.1)
+    assert await _health(srv.channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    resp = await srv.stub.Recommend(make_request("in-the-delay"), timeout=5)
+    assert resp.decision_source == Source.DECISION_SOURCE_MODEL
+    await stopping
+    with pytest.raises(grpc.aio.AioRpcError):
+        await srv.stub.Recommend(make_request("after"), timeout=2)

@@ -95,7 +95,9 @@ async def test_server_sigterm_under_load_drains_and_the_client_goes_on(tmp_path:
     health turns NOT_SERVING, its in-flight calls finish, it exits 0; the platform's calls go to the
     other server: 0 failed payments, every outcome counted once."""
     with lab(tmp_path) as the_lab:
-        await _started(the_lab, servers=2, AUTHOPT_SERVER_GRACE_PERIOD_S="3")
+        await _started(
+            the_lab, servers=2, AUTHOPT_SERVER_GRACE_PERIOD_S="3", AUTHOPT_SERVER_DRAIN_DELAY_S="1"
+        )
         victim = the_lab.servers[0]
         seen: list[str] = []
         watching = asyncio.create_task(_watch(victim.target, seen))
