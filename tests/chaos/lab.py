@@ -79,14 +79,13 @@ def rss_mib(pid: int) -> float:
 class Timeline:
     """Every answer's (monotonic time, latency ms, decision source), for p99 by phase."""
 
-    points: list[tuple[float, float, str]] = field(default_factory=list)
-    server_ms: list[tuple[float, float]] = field(default_factory=list)  # (time, the server's own time)
+    points: list[tuple[float, float, str, float]] = field(default_factory=list)  # + the server's own ms
     marks: dict[str, float] = field(default_factory=dict)
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.monotonic()
 
-    def between(self, start: str | None, end: str | None) -> list[tuple[float, float, str]]:
+    def between(self, start: str | None, end: str | None) -> list[tuple[float, float, str, float]]:
         lo = self.marks[start] if start else -1.0
         hi = self.marks[end] if end else float("inf")
         return [p for p in self.points if lo <= p[0] < hi]
@@ -210,8 +209,8 @@ class Lab:
         def noted(latency_ms: float, resp: Any) -> None:
             note(latency_ms, resp)
             now = time.monotonic()
-            timeline.points.append((now, latency_ms, optimizer_pb2.DecisionSource.Name(resp.decision_source)))
-            timeline.server_ms.append((now, resp.server_time_us / 1000))
+            source = optimizer_pb2.DecisionSource.Name(resp.decision_source)
+            timeline.points.append((now, latency_ms, source, resp.server_time_us / 1000))
 
         platform.stats.note_response = noted  # type: ignore[method-assign]
         config = {
@@ -265,12 +264,6 @@ async def features_folded(bootstrap: str, expected: int, timeout_s: float = 60.0
         return last
     finally:
         await replica.stop()
-
-
-def worker_counters(w: LocalWorker) -> dict[str, Any]:
-    """The worker's last stats line as logged (`AUTHOPT_WORKER_STATS_INTERVAL_S`)."""
-    lines = [line for line in w.log_text().splitlines() if "events applied" in line]
-    return {"last": lines[-1] if lines else ""}
 
 
 def kill(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGKILL) -> None:
@@ -365,11 +358,11 @@ def window_p99s(
 ) -> list[float]:
     """The p99 latency of each `width_s` window of answers between `start` and `end` (monotonic): as
     the platform waited for them, or (`server`) as the server reports its own time."""
-    points = tl.server_ms if server else [(p[0], p[1]) for p in tl.points]
+    column = 3 if server else 1
     out = []
     t = start
     while t + width_s <= end:
-        lat = sorted(p[1] for p in points if t <= p[0] < t + width_s)
+        lat = sorted(p[column] for p in tl.points if t <= p[0] < t + width_s)
         if lat:
             out.append(lat[min(len(lat) - 1, int(0.99 * len(lat)))])
         t += width_s
