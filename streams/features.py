@@ -190,6 +190,7 @@ class Recent(NamedTuple):
     currency: str = ""
     response_code: str = ""
     declined: bool = False
+    offset: int = -1  # of the record in its source partition that carried it; -1 where unknown
 
 
 # Every accumulator name means the same thing (and decays alike) in every entity that has it.
@@ -214,11 +215,19 @@ class EntityState:
     recent: list[Recent] = field(default_factory=list)
     events: int = 0
     ref: float = 0.0
+    next_offset: int = 0  # source offset after the last record applied; 0 where unknown
 
     @classmethod
-    def at(cls, as_of: float, sums: Mapping[str, float], recent: list[Recent], events: int) -> EntityState:
+    def at(
+        cls,
+        as_of: float,
+        sums: Mapping[str, float],
+        recent: list[Recent],
+        events: int,
+        next_offset: int = 0,
+    ) -> EntityState:
         """A state whose decayed sums are `sums` as of `as_of`."""
-        return cls(as_of, dict(sums), recent, events, as_of)
+        return cls(as_of, dict(sums), recent, events, as_of, next_offset)
 
     @property
     def sums(self) -> dict[str, float]:
@@ -260,6 +269,13 @@ class EntityState:
 
     def has_event(self, event_id: str) -> bool:
         return any(r.event_id == event_id for r in self.recent)
+
+    def event_offset(self, event_id: str) -> int | None:
+        """The source offset that brought `event_id` into `recent` (-1 unknown); None if absent."""
+        for r in self.recent:
+            if r.event_id == event_id:
+                return r.offset
+        return None
 
     def add_recent(self, entry: Recent) -> None:
         """Keep `entry` among the attempts of the last RECENT_WINDOW_S (at most MAX_RECENT, newest kept)."""
@@ -345,8 +361,8 @@ def aggregate_updates(a: Attempt) -> list[tuple[Entity, str, Increments]]:
     return updates
 
 
-def recent_entry(a: Attempt) -> Recent:
-    return Recent(a.at, a.event_id, a.amount_minor, a.currency, a.response_code, a.declined)
+def recent_entry(a: Attempt, offset: int = -1) -> Recent:
+    return Recent(a.at, a.event_id, a.amount_minor, a.currency, a.response_code, a.declined, offset)
 
 
 def merge(entity: Entity, states: Iterable[EntityState]) -> EntityState:
@@ -463,6 +479,7 @@ def to_snapshot(entity: Entity, key: str, partition: int, state: EntityState) ->
         source_partition=partition,
         sums=state.sums,
         events=state.events,
+        next_offset=state.next_offset,
     )
     as_of = snap.as_of
     as_of.seconds, as_of.nanos = us // 1_000_000, (us % 1_000_000) * 1000
@@ -476,6 +493,7 @@ def to_snapshot(entity: Entity, key: str, partition: int, state: EntityState) ->
                 currency=r.currency,
                 response_code=r.response_code,
                 declined=r.declined,
+                source_offset=r.offset if r.offset >= 0 else None,
             )
     return snap
 
@@ -486,11 +504,18 @@ def from_snapshot(snap: events_pb2.FeatureSnapshot) -> EntityState:
         snap.sums,
         [
             Recent(
-                r.attempted_at_us / 1e6, r.event_id, r.amount_minor, r.currency, r.response_code, r.declined
+                r.attempted_at_us / 1e6,
+                r.event_id,
+                r.amount_minor,
+                r.currency,
+                r.response_code,
+                r.declined,
+                r.source_offset if r.HasField("source_offset") else -1,
             )
             for r in snap.recent
         ],
         snap.events,
+        snap.next_offset,
     )
 
 

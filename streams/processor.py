@@ -8,9 +8,20 @@ calls it with one partition for a whole log. States are read from and written to
 snapshot bytes by table key, which in the worker is the Faust table whose changelog is
 `authopt.features.v1`.
 
-A replayed event (a restart or rebalance reprocesses records since the last commit; a caller reports
-the same outcome twice) is recognised by its event id among the card x merchant's recent attempts,
-and applied to nothing.
+A record is applied to each state at most once, even when a batch's states reached the changelog
+only in part (a worker killed between two of their writes; a later one then replays what was not
+committed). Given the records' offsets and the offset expected next, every state keeps the offset
+after the last record applied to it (`next_offset`): all records below it that touch the state are
+in it, because records are applied in offset order from where the partition's consumer started
+(its committed offset: everything below is on the changelog). A replayed record then goes only to
+the states that missed it. The card x merchant keeps the offset of each recent event, so the same
+event id at another offset (a caller reporting one outcome twice) is a duplicate, applied to
+nothing.
+
+A record past a gap (offsets skipped, streams.progress: the worker seeks back for them) and every
+record given without offsets (the offline replay) is applied the older way, which does not claim
+the skipped offsets: an event id already among the card's recent attempts is a duplicate, and no
+`next_offset` moves. Only a partial write of such records can still count one twice.
 """
 
 from __future__ import annotations
@@ -151,6 +162,45 @@ class BatchResult:
     duplicates: int = 0
 
 
+_State = Callable[[Entity, str], tuple[bytes, EntityState]]
+
+
+def _apply_unordered(a: Attempt, ckey: bytes, card: EntityState, state: _State, dirty: set[bytes]) -> bool:
+    """Apply `a` unless the card already holds its event id (no offsets moved); True if applied."""
+    if card.has_event(a.event_id):
+        return False
+    card.add_recent(recent_entry(a))
+    dirty.add(ckey)
+    for entity, key, increments in aggregate_updates(a):
+        tkey, st = state(entity, key)
+        st.add(a.at, increments)
+        dirty.add(tkey)
+    return True
+
+
+def _apply_at(
+    offset: int, a: Attempt, ckey: bytes, card: EntityState, state: _State, dirty: set[bytes]
+) -> bool:
+    """Apply `a`, read in order at `offset`, to each state that does not hold it; True if any did."""
+    seen_at = card.event_offset(a.event_id)
+    if seen_at is not None and seen_at != offset:  # a second report of the event
+        return False
+    applied = seen_at is None
+    if applied:
+        card.add_recent(recent_entry(a, offset))
+        card.next_offset = offset + 1
+        dirty.add(ckey)
+    for entity, key, increments in aggregate_updates(a):
+        tkey, st = state(entity, key)
+        if offset < st.next_offset and a.at <= st.as_of:  # holds it already (a replay)
+            continue
+        st.add(a.at, increments)
+        st.next_offset = offset + 1
+        dirty.add(tkey)
+        applied = True
+    return applied
+
+
 class FeatureProcessor:
     """Folds attempt records into entity states kept in `states` (table key -> snapshot bytes)."""
 
@@ -176,8 +226,16 @@ class FeatureProcessor:
         partition: int,
         records: Sequence[bytes],
         write: Callable[[bytes, bytes], None] | None = None,
+        offsets: Sequence[int] | None = None,
+        expected: int | None = None,
     ) -> BatchResult:
-        """Apply `records` (one partition, offset order); `write(key, snapshot)` each changed state."""
+        """Apply `records` (one partition, offset order); `write(key, snapshot)` each changed state.
+
+        `offsets`: each record's offset in `partition`; `expected`: the offset the partition's
+        consumer is known to stand at (all below it processed or committed; None: the first
+        record's). With them a replay after a partial write is applied only where it is missing,
+        up to the first gap (module docstring).
+        """
         result = BatchResult()
         cache: dict[bytes, tuple[Entity, str, EntityState]] = {}
         dirty: set[bytes] = set()
@@ -190,23 +248,28 @@ class FeatureProcessor:
                 hit = cache[tkey] = (entity, key, load(tkey))
             return tkey, hit[2]
 
+        offset = -1
         for index, value in enumerate(records):
+            if offsets is not None:
+                offset = offsets[index]
+                if expected is None or offset == expected:
+                    expected = offset + 1
+                elif offset > expected:  # past a gap: the rest of this call the older way
+                    offsets = None
             checked = check_event(value, lateness_s=self.lateness_s, max_future_s=self.max_future_s)
             if not isinstance(checked, Attempt):  # (reason, detail)
                 result.dead.append(DeadLetter(index, *checked))
                 continue
             a = checked
             ckey, card = state(_CARD_MERCHANT, f"{a.fingerprint}|{a.merchant}")
-            if card.has_event(a.event_id):
+            if offsets is None:
+                applied = _apply_unordered(a, ckey, card, state, dirty)
+            else:
+                applied = _apply_at(offset, a, ckey, card, state, dirty)
+            if applied:
+                result.applied.append(a)
+            else:
                 result.duplicates += 1
-                continue
-            card.add_recent(recent_entry(a))
-            dirty.add(ckey)
-            for entity, key, increments in aggregate_updates(a):
-                tkey, st = state(entity, key)
-                st.add(a.at, increments)
-                dirty.add(tkey)
-            result.applied.append(a)
 
         self._flush(partition, cache, dirty, result, write)
         return result

@@ -45,14 +45,21 @@ class PartitionProgress:
             self.generation = generation
 
     def observe(
-        self, partition: int, offsets: Sequence[int], now: float, generation: int | None = None
+        self,
+        partition: int,
+        offsets: Sequence[int],
+        now: float,
+        generation: int | None = None,
+        start: int | None = None,
     ) -> int | None:
         """Record the offsets of one partition taken in a batch, in order.
 
-        Returns the offset to seek back to when they skipped offsets never taken (a gap), else None.
+        `start`: where the partition's consumer started in this generation (its committed offset),
+        used while nothing was taken from it yet. Returns the offset to seek back to when they
+        skipped offsets never taken (a gap), else None.
         """
         self._generation(generation)
-        expected = self.next.get(partition)
+        expected = self.next.get(partition, start)
         seek: int | None = None
         for offset in offsets:
             if expected is not None and offset > expected and seek is None:

@@ -295,6 +295,17 @@ class _BatchHandler:
                 f"stalled ({ends[partition]} is the end, nothing taken for {self.progress.stall_s:g}s)",
             )
 
+    def _expected(self, partition: int, generation: int | None) -> int | None:
+        """The offset this partition's consumer stands at: all below it processed or committed."""
+        if self.progress.generation == generation and partition in self.progress.next:
+            return self.progress.next[partition]
+        from faust.types import TP
+
+        # A new generation starts each partition at its committed offset (Faust keeps the offsets it
+        # sought to at assignment here; no public accessor).
+        committed = self.app.consumer._committed_offset.get(TP(ATTEMPTS_TOPIC, partition))
+        return committed if isinstance(committed, int) else None
+
     async def __call__(self, events: Sequence[Any]) -> None:
         from faust.streams import _current_event
 
@@ -305,8 +316,12 @@ class _BatchHandler:
         gaps: dict[int, int] = {}
         generation, now = self.app.consumer_generation_id, time.monotonic()
         for partition, part in by_partition.items():
-            if part[0].message.generation_id in (generation, None):  # fetched before a rebalance: stale
-                seek = self.progress.observe(partition, [e.message.offset for e in part], now, generation)
+            offsets: list[int] | None = None
+            expected: int | None = None
+            if part[0].message.generation_id in (generation, None):  # else fetched before a rebalance
+                offsets = [e.message.offset for e in part]
+                expected = self._expected(partition, generation)
+                seek = self.progress.observe(partition, offsets, now, generation, expected)
                 self.stalled.discard(partition)
                 if seek is not None:
                     gaps[partition] = seek
@@ -325,7 +340,9 @@ class _BatchHandler:
                     links=_links(part),
                     attributes={"messaging.kafka.partition": partition, "authopt.events": len(part)},
                 ) as span:
-                    result = self.processor.process(partition, [e.value for e in part], write)
+                    result = self.processor.process(
+                        partition, [e.value for e in part], write, offsets, expected
+                    )
                     span.set_attribute("authopt.snapshots", len(result.snapshots))
                     span.set_attribute("authopt.dead_letters", len(result.dead))
             finally:

@@ -27,6 +27,14 @@ def test_a_gap_inside_one_batch_is_found_too() -> None:
     assert p.observe(2, [2, 3, 4, 5], now=2.0) is None
 
 
+def test_a_first_batch_past_the_committed_offset_is_a_gap() -> None:
+    """Before anything was taken, the committed offset is where the partition must start."""
+    p = PartitionProgress(stall_s=10)
+    assert p.observe(3, [7, 8], now=1.0, start=5) == 5
+    assert p.observe(3, [5, 6, 7, 8], now=2.0, start=5) is None
+    assert p.observe(4, [5, 6], now=1.0, start=5) is None  # started where committed: no gap
+
+
 def test_a_hole_the_broker_really_has_is_accepted_after_one_seek() -> None:
     # e.g. a transaction marker: seeking to it delivers the record after it again
     p = PartitionProgress(stall_s=10)

@@ -169,6 +169,7 @@ class FeatureSnapshot(_message.Message):
     SUMS_FIELD_NUMBER: _builtins.int
     RECENT_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
     entity: _builtins.str
     """Entity kind from the feature contract (e.g. "route", "route_issuer", "card_merchant")."""
     key: _builtins.str
@@ -179,6 +180,12 @@ class FeatureSnapshot(_message.Message):
     """Partition of `authopt.attempts.v1` whose events this state covers."""
     events: _builtins.int
     """Events applied to this state since it was created (not decayed, not windowed)."""
+    next_offset: _builtins.int
+    """The offset in `source_partition` after the last record applied to this state (Kafka's
+    "next offset"); 0 where unknown (an older worker, the offline replay). A record below it whose
+    event time is not after `as_of` is in this state already: a replay after a partial write of a
+    batch's states is applied only to the states that missed it.
+    """
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp:
         """Event time of the newest attempt this state includes (UTC); every decayed sum is as of it."""
@@ -206,10 +213,11 @@ class FeatureSnapshot(_message.Message):
         sums: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         recent: _abc.Iterable[Global___RecentAttempt] | None = ...,
         events: _builtins.int = ...,
+        next_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "contract_hash", b"contract_hash", "entity", b"entity", "events", b"events", "key", b"key", "recent", b"recent", "source_partition", b"source_partition", "sums", b"sums"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "contract_hash", b"contract_hash", "entity", b"entity", "events", b"events", "key", b"key", "next_offset", b"next_offset", "recent", b"recent", "source_partition", b"source_partition", "sums", b"sums"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,6 +235,7 @@ class RecentAttempt(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     RESPONSE_CODE_FIELD_NUMBER: _builtins.int
     DECLINED_FIELD_NUMBER: _builtins.int
+    SOURCE_OFFSET_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The attempt's event id (AttemptOutcome.event_id)."""
     attempted_at_us: _builtins.int
@@ -239,6 +248,11 @@ class RecentAttempt(_message.Message):
     """ISO 8583 response code of a decline; empty when approved or a route error."""
     declined: _builtins.bool
     """The attempt was declined by the issuer or network."""
+    source_offset: _builtins.int
+    """The offset of the record in the state's source partition that carried it; absent where
+    unknown. The same event id at another offset is a second report (a duplicate), at the same
+    offset a replay of this record.
+    """
     def __init__(
         self,
         *,
@@ -248,11 +262,14 @@ class RecentAttempt(_message.Message):
         currency: _builtins.str = ...,
         response_code: _builtins.str = ...,
         declined: _builtins.bool = ...,
+        source_offset: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_source_offset", b"_source_offset", "source_offset", b"source_offset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "attempted_at_us", b"attempted_at_us", "currency", b"currency", "declined", b"declined", "event_id", b"event_id", "response_code", b"response_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source_offset", b"_source_offset", "amount_minor", b"amount_minor", "attempted_at_us", b"attempted_at_us", "currency", b"currency", "declined", b"declined", "event_id", b"event_id", "response_code", b"response_code", "source_offset", b"source_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__source_offset: _TypeAlias = _typing.Literal["source_offset"]  # noqa: Y015
+    _WhichOneofArgType__source_offset: _TypeAlias = _typing.Literal["_source_offset", b"_source_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__source_offset) -> _WhichOneofReturnType__source_offset | None: ...
 
 Global___RecentAttempt: _TypeAlias = RecentAttempt  # noqa: Y015

@@ -164,12 +164,8 @@ async def test_one_of_two_workers_sigkilled_the_other_takes_its_partitions(tmp_p
     row = _row("1b. two workers, one SIGKILLed (rebalance)", doc, folded, tl)
     assert survivor_alive, the_lab.workers[0].log_text()[-3000:]
     assert row["errors"] == {} and row["outcomes_unreported"] == 0, row
-    if row["outcomes_folded"] > row["outcomes_produced"]:
-        # Only this known bug is let through, with its figures: 1 of 5 runs on 2026-12-05 counted
-        # 3 of 471 twice. Suspected: a batch's route-state and card-state (seen event ids) writes
-        # reach the changelog as separate records, so a SIGKILL between them lets the new owner's
-        # replay count an event again (docs/reliability.md).
-        pytest.xfail(f"open bug, outcomes counted twice after the rebalance: {row}")
+    # Once 3 of 471 were counted twice here: the killed worker had written only some of a batch's
+    # states. States now carry the source offsets they hold (docs/streams.md, tests/test_features.py).
     _assert_ledger(row)
 
 
