@@ -2,7 +2,7 @@
 
 serve, recommend: cli/serve.py · worker, broker: cli/worker.py · up, simulate: cli/play.py (the run
 itself: cli/up.py; what it shows: cli/dashboard.py) · train, evaluate: cli/train.py · world: cli/world.py ·
-log: cli/log.py.
+log: cli/log.py · features: cli/features.py.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 
 import click
 
+from cli.features import features
 from cli.log import log
 from cli.model import model
 from cli.play import simulate, up
@@ -30,7 +31,20 @@ def main(log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for _command in (serve, recommend, worker, broker, up, simulate, train, evaluate, world, log, model):
+for _command in (
+    serve,
+    recommend,
+    worker,
+    broker,
+    up,
+    simulate,
+    train,
+    evaluate,
+    world,
+    log,
+    model,
+    features,
+):
     main.add_command(_command)
 
 

@@ -61,6 +61,13 @@ __all__ = ["simulate", "up"]
     type=click.Path(path_type=Path, file_okay=False),
     help="Where the processes' logs go [default: a new temporary directory].",
 )
+@click.option(
+    "--store",
+    "online_store",
+    metavar="URL",
+    help="redis:// or rediss:// URL of a Redis / Valkey you run: card state goes there (the worker "
+    "writes it, the server reads it) instead of the server's memory [default: memory, no extra process].",
+)
 def up(
     duration_s: float | None,
     rate: float,
@@ -72,6 +79,7 @@ def up(
     model_dir: Path | None,
     shadow_model_dir: Path | None,
     workdir: Path | None,
+    online_store: str | None,
 ) -> None:
     """Run the whole loop on this machine: broker, streams worker, server and a simulated platform.
 
@@ -96,7 +104,15 @@ def up(
         port=port,
         model_dir=model_dir,
         shadow_model_dir=shadow_model_dir,
+        online_store=online_store or "",
     )
+    if online_store:
+        from streams.online import OnlineStoreError, parse_url
+
+        try:
+            parse_url(online_store)
+        except OnlineStoreError as exc:
+            raise click.BadParameter(str(exc), param_hint="--store") from None
     from streams.broker import BrokerError
 
     try:

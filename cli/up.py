@@ -72,6 +72,7 @@ class UpOptions:
     status_interval_s: float = 5.0  # plain mode: one line this often
     model_dir: Path | None = None
     shadow_model_dir: Path | None = None  # a challenger scored in the shadow (server/shadow.py)
+    online_store: str = ""  # redis:// URL: card state there instead of the server's memory
     ready_timeout_s: float = 90.0
     consume_timeout_s: float = 30.0
 
@@ -205,6 +206,7 @@ def _start_server(
     seed: int,
     model_dir: Path | None,
     shadow_model_dir: Path | None = None,
+    online_store: str = "",
 ) -> Child:
     env = {
         **os.environ,
@@ -212,6 +214,8 @@ def _start_server(
         "AUTHOPT_SERVER_HOST": "127.0.0.1",
         "AUTHOPT_SERVER_SEED": str(seed),
     }
+    if online_store:
+        env["AUTHOPT_SERVER_ONLINE_STORE"] = online_store
     if shadow_model_dir is not None:
         env["AUTHOPT_SERVER_SHADOW_MODEL_DIR"] = str(shadow_model_dir)
     cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port)]
@@ -277,6 +281,7 @@ def start_stack(opts: UpOptions, workdir: Path, say: Callable[[str], None]) -> t
                     "AUTHOPT_WORKER_STATS_INTERVAL_S": "0.5",
                     "AUTHOPT_WORKER_HEALTH_PORT": "0",  # a free port; the stats file names it
                     "AUTHOPT_WORKER_DATA_DIR": str(workdir / "worker-data"),
+                    **({"AUTHOPT_WORKER_ONLINE_STORE": opts.online_store} if opts.online_store else {}),
                 },
                 tie_to_parent=True,
             )
@@ -296,6 +301,7 @@ def start_stack(opts: UpOptions, workdir: Path, say: Callable[[str], None]) -> t
                 opts.seed,
                 opts.model_dir,
                 opts.shadow_model_dir,
+                opts.online_store,
             )
 
         stack.starters["server"] = server_child

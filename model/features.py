@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from authopt.v1 import attempt_pb2
 from model.layout import AttemptContext, Rows
 from streams.contract import Entity
+from streams.online import CardRows
 from streams.store import FeatureRow, FeatureStore, InMemoryFeatureStore
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "FeatureStore",
     "InMemoryFeatureStore",
     "attempt_context",
+    "card_key",
     "lookup_features",
 ]
 
@@ -36,6 +38,7 @@ class FeatureLookup:
     oldest_as_of: float | None  # None: no row at all
     routes_known: int  # candidates with route-level features
     routes_as_of: float | None = None  # newest route-level row (None: none): how fresh the feed is
+    card_state_known: bool = True  # False: the online store did not answer for the card
 
     def age_ms(self, now: float) -> int:
         """Age of the oldest row used, in milliseconds; -1 when none was found."""
@@ -46,10 +49,22 @@ class FeatureLookup:
         return -1 if self.routes_as_of is None else max(0, int((now - self.routes_as_of) * 1000))
 
 
+def card_key(attempt: attempt_pb2.Attempt) -> str:
+    """The attempt's card x merchant key (as `streams.entity_key` builds it)."""
+    return f"{attempt.card.fingerprint}|{attempt.merchant.id}"
+
+
 def lookup_features(
-    store: FeatureStore, attempt: attempt_pb2.Attempt, route_ids: Sequence[str]
+    store: FeatureStore,
+    attempt: attempt_pb2.Attempt,
+    route_ids: Sequence[str],
+    card_rows: tuple[bool, CardRows | None] | None = None,
 ) -> FeatureLookup:
-    """Read every entity row a decision over `route_ids` needs (keys as `streams.entity_key` builds)."""
+    """Read every entity row a decision over `route_ids` needs (keys as `streams.entity_key` builds).
+
+    `card_rows`: the card x merchant rows read from the online store beforehand, as (known, rows);
+    None reads them from `store` like the others.
+    """
     card, merchant = attempt.card, attempt.merchant
     fp_merchant = f"{card.fingerprint}|{merchant.id}"
     bin_ = card.bin
@@ -58,13 +73,19 @@ def lookup_features(
     get = store.get
     oldest: float | None = None
     attempt_rows: dict[Entity, Mapping[str, float] | None] = {}
+    amount = f"{attempt.amount_minor}{attempt.currency}"
+    online: dict[Entity, FeatureRow | None] = {}
+    if card_rows is not None:
+        rows = card_rows[1]
+        online[Entity.CARD_MERCHANT] = None if rows is None else rows.card
+        online[Entity.CARD_MERCHANT_AMOUNT] = None if rows is None else rows.amount_row(amount)
     for entity, key in (
         (Entity.ISSUER, issuer),
         (Entity.MERCHANT, merchant.id),
         (Entity.CARD_MERCHANT, fp_merchant),
-        (Entity.CARD_MERCHANT_AMOUNT, f"{fp_merchant}|{attempt.amount_minor}{attempt.currency}"),
+        (Entity.CARD_MERCHANT_AMOUNT, f"{fp_merchant}|{amount}"),
     ):
-        row = get(entity, key)
+        row = online[entity] if entity in online else get(entity, key)
         if row is None:
             attempt_rows[entity] = None
         else:
@@ -93,7 +114,7 @@ def lookup_features(
                 Entity.ROUTE_BIN: None if by_bin is None else by_bin.values,
             }
         )
-    return FeatureLookup(attempt_rows, route_rows, oldest, known, newest)
+    return FeatureLookup(attempt_rows, route_rows, oldest, known, newest, card_rows is None or card_rows[0])
 
 
 def attempt_context(

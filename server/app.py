@@ -33,6 +33,7 @@ from server.service import OptimizerService
 from server.settings import ServerSettings
 from server.shadow import Shadow
 from server.telemetry import Metrics
+from streams.online import CardCache, OnlineCards, OnlineStore
 from streams.replica import FeatureReplica
 
 __all__ = ["LIVENESS_SERVICE", "AuthoptServer", "configure_process", "create_server", "freeze_heap", "serve"]
@@ -73,6 +74,7 @@ class AuthoptServer:
     challenger: Challenger | None = None  # the shadow / A/B model (server/shadow.py)
     health_server: grpc.aio.Server | None = None  # plaintext, health only (settings.health_port)
     health_port: int | None = None
+    cards: OnlineCards | None = None  # the online store of card rows, when configured
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _draining: bool = False
@@ -141,6 +143,8 @@ class AuthoptServer:
         await self.batcher.stop()
         await self.decision_log.close(timeout_s=min(grace, 5.0))
         await self.publisher.close()
+        if self.cards is not None:
+            await self.cards.store.close()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
@@ -230,6 +234,7 @@ def _make_challenger(
     routes: tuple[policy.Candidate, ...],
     decision_log: DecisionLog,
     metrics: Metrics,
+    cards: OnlineCards | None = None,
 ) -> Challenger | None:
     """With a shadow model directory: the challenger's registry, batcher, engine and shadow."""
     if settings.shadow_model_dir is None:
@@ -246,6 +251,7 @@ def _make_challenger(
         registry,
         batcher,
         rng=random.Random(None if settings.seed is None else settings.seed + 1),
+        cards=cards,
     )
     shadow = Shadow(
         engine.decide,
@@ -260,13 +266,30 @@ def _make_challenger(
 def _feature_source(
     settings: ServerSettings, features: FeatureStore | None
 ) -> tuple[FeatureStore, FeatureReplica | None]:
-    """The store decisions read and, with Kafka, the replica that fills it from the features topic."""
+    """The store decisions read and, with Kafka, the replica that fills it from the features topic
+    (without the card x merchant entities when they are read from the online store)."""
     if features is not None:
         return features, None
     memory = InMemoryFeatureStore()
     if settings.kafka.bootstrap and settings.feature_replica:
-        return memory, FeatureReplica(settings.kafka, memory, max_cards=settings.max_cards)
+        replica = FeatureReplica(
+            settings.kafka, memory, max_cards=settings.max_cards, keep_cards=not settings.online_store
+        )
+        return memory, replica
     return memory, None
+
+
+def _online_cards(settings: ServerSettings) -> OnlineCards | None:
+    """With AUTHOPT_SERVER_ONLINE_STORE: the card rows' store, behind this process's LRU."""
+    if not settings.online_store:
+        return None
+    password = None
+    if settings.online_store_password_file is not None:
+        password = settings.online_store_password_file.read_text().strip()
+    store = OnlineStore(
+        settings.online_store, password=password, timeout_s=settings.online_store_timeout_ms / 1000
+    )
+    return OnlineCards(store, CardCache(settings.online_store_cache_cards, settings.online_store_cache_ttl_s))
 
 
 def _pending_call_limits(hard: int) -> list[tuple[str, int]]:
@@ -360,6 +383,7 @@ async def create_server(
     )
     batcher = _make_batcher(settings, registry, metrics)
     store, replica = _feature_source(settings, features)
+    cards = _online_cards(settings)
     routes = tuple(policy.Candidate(r.id, r.cost_bps, r.fixed_fee_minor) for r in settings.routes)
     engine = DecisionEngine(
         EngineConfig(settings.exploration_rate, settings.feature_max_age_s, routes),
@@ -367,6 +391,7 @@ async def create_server(
         registry,
         batcher,
         rng=random.Random(settings.seed),
+        cards=cards,
     )
     decision_log: DecisionLog = (
         KafkaDecisionLog(
@@ -384,7 +409,7 @@ async def create_server(
         if publisher is not None
         else make_publisher(settings.kafka, settings.kafka_publish_timeout_s)
     )
-    challenger = _make_challenger(settings, store, routes, decision_log, metrics)
+    challenger = _make_challenger(settings, store, routes, decision_log, metrics, cards)
     service = OptimizerService(
         engine,
         IdempotencyCache(make_cache(settings.cache_url), settings.idempotency_ttl_s),
@@ -408,8 +433,11 @@ async def create_server(
     metrics.queue_depth.set_function(lambda: batcher.queue_depth)
     metrics.model_loaded.set_function(lambda: 1.0 if registry.current is not None else 0.0)
     if replica is not None:
-        cards = replica.materializer
-        metrics.feature_cards.watch(held=lambda: cards.cards, evicted=lambda: cards.evicted)
+        held = replica.materializer
+        metrics.feature_cards.watch(held=lambda: held.cards, evicted=lambda: held.evicted)
+    if cards is not None:
+        online = cards
+        metrics.online_store.watch(lambda: (online.store.reads, online.unknown, online.cache.hits))
     metrics_http = None
     if settings.metrics_port >= 0:
         metrics_http, _ = start_http_server(
@@ -430,6 +458,7 @@ async def create_server(
         challenger,
         health_server=health_server,
         health_port=health_port,
+        cards=cards,
     )
     return built, port
 

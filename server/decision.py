@@ -18,13 +18,14 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from authopt.v1 import attempt_pb2, optimizer_pb2
-from model.features import FeatureLookup, FeatureStore, attempt_context, lookup_features
+from model.features import FeatureLookup, FeatureStore, attempt_context, card_key, lookup_features
 from model.layout import DELAY_BUCKETS_S, encode_flat
 from server import policy, rules
 from server.batcher import BatchStats, DeadlineExceeded, MicroBatcher, QueueFull
 from server.models import ModelRegistry
 from server.telemetry import tracer
 from streams.contract import Entity
+from streams.online import OnlineCards
 
 __all__ = [
     "DecisionEngine",
@@ -85,9 +86,11 @@ class DecisionEngine:
         batcher: MicroBatcher,
         *,
         rng: random.Random | None = None,
+        cards: OnlineCards | None = None,
     ) -> None:
         self._config = config
         self._store = store
+        self._cards = cards
         self._registry = registry
         self._batcher = batcher
         self._rng = rng or random.Random()
@@ -111,7 +114,11 @@ class DecisionEngine:
         rpc_span = trace.get_current_span()
         traced = rpc_span.is_recording()
         t0 = time.time_ns() if traced else 0
-        feats = lookup_features(self._store, req.attempt, [c.route_id for c in cands])
+        card_rows = None
+        if self._cards is not None:  # card state in the online store: one shared round trip
+            budget = deadline - self.loop_time() - _POLICY_RESERVE_S
+            card_rows = await self._cards.lookup(card_key(req.attempt), budget)
+        feats = lookup_features(self._store, req.attempt, [c.route_id for c in cands], card_rows)
         if traced:
             tracer.start_span("features", start_time=t0).end()
         scores = await self._score(req, cands, feats, deadline, now, traced)
@@ -141,7 +148,8 @@ class DecisionEngine:
         request admission control does not let near the model: no queue, no inference."""
         now = time.time()
         cands = self.candidates(req)
-        feats = lookup_features(self._store, req.attempt, [c.route_id for c in cands])
+        card_rows = None if self._cards is None else self._cards.peek(card_key(req.attempt))
+        feats = lookup_features(self._store, req.attempt, [c.route_id for c in cands], card_rows)
         scores = self._fallback(Source.DECISION_SOURCE_FALLBACK_OVERLOAD, req, cands, feats)
         resp = self._apply_policy(req, cands, feats, scores, now)
         resp.server_time_us = int((self.loop_time() - started) * 1e6)
@@ -166,6 +174,8 @@ class DecisionEngine:
         model = self._registry.current
         if model is None:
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_NO_MODEL, req, cands, feats)
+        if not feats.card_state_known:
+            return self._fallback(Source.DECISION_SOURCE_FALLBACK_CARD_STATE, req, cands, feats)
         if feats.routes_known == 0 or (
             feats.routes_as_of is not None and now - feats.routes_as_of > self._config.feature_max_age_s
         ):
@@ -317,6 +327,7 @@ def retry_subject(
     counters = rules.RetryCounters(
         card_merchant_reattempts_30d=max(int(card_merchant.get("reattempts_30d", 0.0)), len(prior) - 1),
         card_merchant_amount_attempts_30d=max(int(cma.get("attempts_30d", 0.0)), len(prior)),
+        known=feats.card_state_known,
     )
     decline = rules.Decline(
         response_code=last.response_code,

@@ -212,6 +212,10 @@ class RetryCounters:
     """Visa: reattempts already made on this card at this merchant."""
     card_merchant_amount_attempts_30d: int = 0
     """Mastercard: attempts already made on this card at this merchant for this amount."""
+    known: bool = True
+    """False: the card's state could not be read (the online store did not answer), so the
+    counters above are only the request's own prior attempts; every attempt-limit rule then counts
+    as reached (a retry could exceed it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +289,15 @@ def _apply(
                 f"{subject}: fix the card data (expiry/CVV/...) and send a new attempt ({rule.rule_id})",
             )
     for rule in by_kind[RuleKind.LIMIT]:
+        if not counters.known:
+            return RetryConstraint(
+                False,
+                now,
+                rule.rule_id,
+                f"{subject}: the card's attempts per {rule.scope.replace('_', '+')} are unknown (its "
+                f"state could not be read), so a retry could exceed the limit of {rule.max_attempts} "
+                f"({rule.rule_id})",
+            )
         used = _counter(rule, counters)
         if used >= rule.max_attempts:
             days = rule.window_s // _DAY_S

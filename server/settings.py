@@ -137,6 +137,28 @@ class ServerSettings(BaseSettings):
         "updated or read is evicted (decided as a new card until its next snapshot). ~1 KiB each "
         "(python -m bench.card_memory): ~1 GiB, beside the ~300 MiB process, within the chart's 2 GiB",
     )
+    online_store: str = Field(
+        "",
+        description="redis:// or rediss:// URL of the online store the worker writes card x merchant "
+        "rows to: read from there (one MGET per event-loop turn), not held by the replica; empty: held "
+        "in memory (MAX_CARDS)",
+    )
+    online_store_password_file: Path | None = Field(
+        None, description="file holding the online store's password (instead of one in the URL)"
+    )
+    online_store_timeout_ms: float = Field(
+        10.0,
+        gt=0,
+        le=10_000,
+        description="longest wait for the online store (also bounded by the request's budget); past it "
+        "the decision falls back (DECISION_SOURCE_FALLBACK_CARD_STATE)",
+    )
+    online_store_cache_cards: int = Field(
+        100_000, ge=0, le=10_000_000, description="card rows kept in this process in front of the store (LRU)"
+    )
+    online_store_cache_ttl_s: float = Field(
+        1.0, ge=0, le=3600, description="how long a card row read from the store is reused; 0: never"
+    )
     decision_log: bool = Field(
         True, description="with Kafka: publish every decision to authopt.decisions.v1 (off the critical path)"
     )

@@ -69,6 +69,41 @@ class FeatureCards:
         )
 
 
+class OnlineStoreCounts:
+    """The online store's read counts (streams.online OnlineCards), read when scraped: 0 without one."""
+
+    _FAMILIES = (
+        (
+            "authopt_online_store_reads",
+            "MGET round trips to the online store (each serves one event-loop turn)",
+        ),
+        (
+            "authopt_online_store_unknown",
+            "card lookups the online store did not answer in time or failed "
+            "(decided by the fallback policy, DECISION_SOURCE_FALLBACK_CARD_STATE)",
+        ),
+        ("authopt_online_store_cache_hits", "card rows found in this process's cache in front of the store"),
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._counts: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
+        registry.register(self)
+
+    def watch(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        """Report (reads, unknown, cache hits) from now on (create_server, with an online store)."""
+        self._counts = counts
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families((0, 0, 0))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._counts())
+
+    def _families(self, counts: tuple[int, int, int]) -> Iterator[Metric]:
+        for (name, doc), value in zip(self._FAMILIES, counts, strict=True):
+            yield CounterMetricFamily(name, doc, value=value)
+
+
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own (one per server instance)."""
 
@@ -141,6 +176,7 @@ class Metrics:
             "authopt_ab_decisions_total", "decisions under the A/B split, by arm", ["arm"], registry=r
         )
         self.feature_cards = FeatureCards(r)
+        self.online_store = OnlineStoreCounts(r)
 
     def observe_batch(self, rows: int, requests: int, seconds: float) -> None:
         """Called by the batcher after each forward."""

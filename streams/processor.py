@@ -160,6 +160,7 @@ class BatchResult:
     dead: list[DeadLetter] = field(default_factory=list)
     applied: list[Attempt] = field(default_factory=list)
     duplicates: int = 0
+    cards: dict[str, EntityState] = field(default_factory=dict)  # changed card x merchant states by key
 
 
 _State = Callable[[Entity, str], tuple[bytes, EntityState]]
@@ -302,5 +303,7 @@ class FeatureProcessor:
             result.snapshots[tkey] = raw
             if entity is not _CARD_MERCHANT:  # cards are rarely seen twice in a row: not worth keeping
                 decoded[tkey] = (raw, st)
+            else:
+                result.cards[key] = st
             if write is not None:
                 write(tkey, raw)

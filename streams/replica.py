@@ -41,6 +41,8 @@ from streams.store import InMemoryFeatureStore
 
 __all__ = ["FeatureReplica", "Materializer"]
 
+_CARD_KEY_PREFIX = f"{Entity.CARD_MERCHANT.value}:".encode()  # streams.processor.table_key
+
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +67,7 @@ class Materializer:
         on_apply: Callable[[events_pb2.FeatureSnapshot], None] | None = None,
         *,
         max_cards: int | None = None,
+        keep_cards: bool = True,
     ) -> None:
         if max_cards is not None and max_cards < 1:
             raise ValueError(f"max_cards must be at least 1 (None: no limit), not {max_cards}")
@@ -78,6 +81,8 @@ class Materializer:
         self.applied = 0
         self.refused_contract = 0
         self.evicted = 0  # cards evicted for the limit
+        self.keep_cards = keep_cards
+        self.skipped_cards = 0  # card snapshots not held (keep_cards False)
         if max_cards is not None:
             store.watch_reads(Entity.CARD_MERCHANT, self._read_card)
 
@@ -110,6 +115,9 @@ class Materializer:
             entity = Entity(snap.entity)
         except ValueError:
             self.refused_contract += 1
+            return
+        if entity is Entity.CARD_MERCHANT and not self.keep_cards:
+            self.skipped_cards += 1
             return
         self.applied += 1
         if entity is Entity.CARD_MERCHANT:
@@ -178,7 +186,8 @@ class Materializer:
 class FeatureReplica:
     """Follows `authopt.features.v1` into `store`; `ready` is set once caught up at start.
 
-    `max_cards`: most card x merchant keys held (Materializer); None keeps every one."""
+    `max_cards`: most card x merchant keys held (Materializer); None keeps every one. `keep_cards`
+    False holds none (they are read from the online store, streams.online)."""
 
     def __init__(
         self,
@@ -189,10 +198,11 @@ class FeatureReplica:
         max_backoff_s: float = 10.0,
         probe_after_s: float = 2.0,
         max_cards: int | None = None,
+        keep_cards: bool = True,
     ) -> None:
         self._kafka = kafka
         self._topic = topic
-        self.materializer = Materializer(store, max_cards=max_cards)
+        self.materializer = Materializer(store, max_cards=max_cards, keep_cards=keep_cards)
         self.store = store
         self.ready = asyncio.Event()
         self.connected = False
@@ -303,10 +313,15 @@ class FeatureReplica:
 
     def _apply(self, batches: Mapping[Any, Any]) -> None:
         apply = self.materializer.apply_bytes
+        skip = None if self.materializer.keep_cards else _CARD_KEY_PREFIX
         for tp, records in batches.items():
             for record in records:
-                if record.value:  # None (a tombstone) or b"" (the worker's end marker): nothing
-                    apply(record.value)
+                if not record.value:  # None (a tombstone) or b"" (the worker's end marker): nothing
+                    continue
+                if skip is not None and record.key is not None and record.key.startswith(skip):
+                    self.materializer.skipped_cards += 1  # read from the online store: not parsed
+                    continue
+                apply(record.value)
             self._positions[tp.partition] = records[-1].offset + 1
         self.last_applied_at = time.time()
 

@@ -18,7 +18,7 @@ import logging
 import time
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +28,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.features import EntityState
 from streams.health import serve_health
 from streams.kafka import ATTEMPTS_TOPIC, DLQ_TOPIC, FEATURES_TOPIC, KafkaSettings
+from streams.online import DEFAULT_TTL_S, OnlineStore, card_value
 from streams.processor import DEFAULT_LATENESS_S, DEFAULT_MAX_FUTURE_S, FeatureProcessor
 from streams.progress import PartitionProgress
 
@@ -92,6 +94,21 @@ class WorkerSettings(BaseSettings):
         le=64,
         description="workers sharing the local broker; above 1 adds the rebalance accommodation",
     )
+    online_store: str = Field(
+        "",
+        description="redis:// or rediss:// URL: card x merchant rows also written there (streams/online.py)",
+    )
+    online_store_password_file: Path | None = Field(
+        None, description="file holding the online store's password (instead of one in the URL)"
+    )
+    online_store_ttl_s: int = Field(
+        DEFAULT_TTL_S, ge=60, description="a card x merchant row expires this long after its last write"
+    )
+    online_store_unwritten_max: int = Field(
+        200_000,
+        ge=0,
+        description="card rows kept to retry while the online store fails (newest kept; then rebuild-store)",
+    )
 
 
 @dataclass
@@ -103,6 +120,9 @@ class WorkerStats:
     snapshots: int = 0
     batches: int = 0
     repairs: int = 0
+    store_rows: int = 0  # card rows written to the online store
+    store_failures: int = 0  # batches whose online-store write failed (their rows retried later)
+    store_dropped: int = 0  # rows given up beyond online_store_unwritten_max (rebuild-store restores)
     dead: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
     health_port: int | None = None  # the bound health port, when the endpoint is on
@@ -118,6 +138,9 @@ class WorkerStats:
             "snapshots": self.snapshots,
             "batches": self.batches,
             "repairs": self.repairs,
+            "store_rows": self.store_rows,
+            "store_failures": self.store_failures,
+            "store_dropped": self.store_dropped,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "health_port": self.health_port,
         }
@@ -134,7 +157,10 @@ class WorkerStats:
         return (
             f"worker: {self.applied} events applied ({rate:.0f}/s since start), "
             f"{self.duplicates} duplicates ignored, {self.snapshots} snapshots in {self.batches} batches, "
-            f"dead-lettered: {dead}" + (f", {self.repairs} consumer repairs" if self.repairs else "")
+            f"dead-lettered: {dead}"
+            + (f", {self.repairs} consumer repairs" if self.repairs else "")
+            + (f", {self.store_rows} card rows to the online store" if self.store_rows else "")
+            + (f", {self.store_failures} failed store writes" if self.store_failures else "")
         )
 
 
@@ -260,8 +286,13 @@ class _BatchHandler:
         *,
         end_marker: bool,
         stall_s: float = 10.0,
+        online: OnlineStore | None = None,
+        unwritten_max: int = 200_000,
     ) -> None:
         self.app, self.store, self.processor, self.dlq, self.stats = app, store, processor, dlq, stats
+        self.online = online
+        self.unwritten: dict[str, str] = {}  # card rows whose store write failed, to retry
+        self.unwritten_max = unwritten_max
         self.end_marker = end_marker
         self.progress = PartitionProgress(stall_s)
         self.stalled: set[int] = set()  # attempts partitions the last watch found stalled, until they move
@@ -295,6 +326,34 @@ class _BatchHandler:
                 f"stalled ({ends[partition]} is the end, nothing taken for {self.progress.stall_s:g}s)",
             )
 
+    async def _write_online(self, cards: Mapping[str, EntityState]) -> None:
+        """The batch's card rows (and any a failed write left) to the online store, one round trip.
+
+        A failure never stops the changelog, the source of truth: the rows are kept (newest per
+        card, at most `unwritten_max`) and retried with the next batch; beyond that they are
+        counted as dropped and `authopt features rebuild-store` restores them.
+        """
+        assert self.online is not None
+        values = self.unwritten
+        values.update((k, card_value(st)) for k, st in cards.items())
+        try:
+            await self.online.write_values(values)
+        except Exception as e:
+            self.stats.store_failures += 1
+            if self.stats.store_failures == 1 or self.stats.store_failures % 100 == 0:
+                log.warning(
+                    "worker: online store write failed (%d so far), %d card rows kept to retry: %r",
+                    self.stats.store_failures,
+                    len(values),
+                    e,
+                )
+            while len(values) > self.unwritten_max:
+                del values[next(iter(values))]
+                self.stats.store_dropped += 1
+            return
+        self.stats.store_rows += len(values)
+        self.unwritten = {}
+
     def _expected(self, partition: int, generation: int | None) -> int | None:
         """The offset this partition's consumer stands at: all below it processed or committed."""
         if self.progress.generation == generation and partition in self.progress.next:
@@ -313,6 +372,7 @@ class _BatchHandler:
         for event in events:
             by_partition.setdefault(event.message.partition, []).append(event)
         deliveries = []
+        cards: dict[str, EntityState] = {}
         gaps: dict[int, int] = {}
         generation, now = self.app.consumer_generation_id, time.monotonic()
         for partition, part in by_partition.items():
@@ -348,6 +408,7 @@ class _BatchHandler:
             finally:
                 _current_event.reset(token)
             deliveries += await _send_changelog(self.app, partition, outbox)
+            cards.update(result.cards)
             self.stats.applied += len(result.applied)
             self.stats.duplicates += result.duplicates
             self.stats.snapshots += len(result.snapshots)
@@ -366,6 +427,8 @@ class _BatchHandler:
                     await _dead_letter(self.dlq, event, partition, dead.reason.value, dead.detail)
                 )
         self.stats.batches += 1
+        if self.online is not None and (cards or self.unwritten):
+            await self._write_online(cards)
         # The batch's events are acked (then committed) only once every snapshot and dead letter
         # is on the broker: a crash before that replays them, and replays change nothing.
         if deliveries:
@@ -417,8 +480,22 @@ def make_app(settings: WorkerSettings, kafka: KafkaSettings) -> tuple[Any, Worke
     processor = FeatureProcessor(store, lateness_s=settings.lateness_s, max_future_s=settings.max_future_s)
     stats = WorkerStats()
 
+    online = None
+    if settings.online_store:
+        password = None
+        if settings.online_store_password_file is not None:
+            password = settings.online_store_password_file.read_text().strip()
+        online = OnlineStore(settings.online_store, password=password, ttl_s=settings.online_store_ttl_s)
     handle = _BatchHandler(
-        app, store, processor, dlq, stats, end_marker=settings.local_broker, stall_s=settings.stall_s
+        app,
+        store,
+        processor,
+        dlq,
+        stats,
+        end_marker=settings.local_broker,
+        stall_s=settings.stall_s,
+        online=online,
+        unwritten_max=settings.online_store_unwritten_max,
     )
 
     @app.agent(attempts, name="update-features", concurrency=1)  # type: ignore[untyped-decorator]

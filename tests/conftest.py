@@ -120,3 +120,53 @@ async def start_server() -> AsyncIterator[ServerFactory]:
     for r in running:
         await r.channel.close()
         await r.server.stop(grace=0.5)
+
+
+class RedisServer:
+    """A redis-server process the test started, and its URL."""
+
+    def __init__(self, url: str, process: Any) -> None:
+        self.url = url
+        self.process = process
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 (a free port, nothing persisted), stopped at teardown.
+
+    `scripts/setup --dev` installs it (Debian's redis-server); without it a test is skipped here
+    and fails under CI, where a missing install step must not pass unnoticed."""
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server not found: scripts/setup --dev installs it (Debian: redis-server)")
+        pytest.skip("redis-server not found (Debian: redis-server; scripts/setup --dev installs it)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with open(tmp_path / "redis.log", "wb") as out:
+        proc = subprocess.Popen([*args, "--dir", str(tmp_path)], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError((tmp_path / "redis.log").read_text()[-2000:]) from None
+            time.sleep(0.05)
+    try:
+        yield RedisServer(f"redis://127.0.0.1:{port}/0", proc)
+    finally:
+        proc.kill()  # also when the test left it stopped (SIGSTOP)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -351,11 +351,13 @@ def test_schema_offers_every_setting() -> None:
         "shadow_model_dir",  # model.shadow: a directory on the model volume
         "auth_tokens_file", "auth_protect_health",  # server.auth: a mounted Secret
         "seed",  # tests and simulations only
+        "online_store", "online_store_password_file",  # onlineStore: the URL, a mounted Secret
     }  # fmt: skip
     worker_managed = {
         "partitions", "store", "data_dir",
         "local_broker", "local_broker_workers", "stats_file",  # the local broker and `authopt up` only
         "health_host", "health_port",  # workers.health
+        "online_store", "online_store_password_file",  # onlineStore: the URL, a mounted Secret
     }  # fmt: skip
     offered = {snake(k) for k in props["server"]["properties"]["settings"]["properties"]}
     assert offered == set(ServerSettings.model_fields) - server_managed
@@ -678,3 +680,28 @@ def test_auth_tokens_come_from_a_mounted_secret_never_the_configmap(chart: helm.
     assert "AUTHOPT_SERVER_AUTH_TOKENS_FILE" not in pod_env(
         render(chart, {}), render(chart, {}).server(), "server"
     )
+
+
+def test_online_store_url_and_password_file_reach_server_and_workers(chart: helm.Chart) -> None:
+    values = {
+        "kafka": {"bootstrap": "kafka:9092"},
+        "workers": {"enabled": True},
+        "onlineStore": {"url": "rediss://valkey:6380/0", "passwordSecret": {"name": "valkey-auth"}},
+    }
+    rendered = render(chart, values)
+    for workload, name, prefix in (
+        (rendered.server(), "server", "SERVER"),
+        (rendered.worker(), "worker", "WORKER"),
+    ):
+        env = pod_env(rendered, workload, name)
+        assert env[f"AUTHOPT_{prefix}_ONLINE_STORE"] == "rediss://valkey:6380/0", name
+        assert env[f"AUTHOPT_{prefix}_ONLINE_STORE_PASSWORD_FILE"] == "/etc/authopt/online-store/password"
+        spec = workload["spec"]["template"]["spec"]
+        volume = next(v for v in spec["volumes"] if v["name"] == "online-store")
+        assert volume["secret"]["secretName"] == "valkey-auth" and volume["secret"]["defaultMode"] == 0o440
+        mount = next(m for m in container(workload, name)["volumeMounts"] if m["name"] == "online-store")
+        assert mount["readOnly"] is True
+    plain = render(chart, {"kafka": {"bootstrap": "kafka:9092"}})
+    assert "AUTHOPT_SERVER_ONLINE_STORE" not in pod_env(plain, plain.server(), "server")
+    with pytest.raises(Exception, match="onlineStore"):
+        render(chart, {"onlineStore": {"url": "redis://:secret@valkey:6379/0"}})  # no password in the URL

@@ -41,6 +41,10 @@ class _DecisionSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """Fallback: the inference queue was full (load shedding)."""
     DECISION_SOURCE_FALLBACK_ERROR: _DecisionSource.ValueType  # 6
     """Fallback: inference failed; the error was logged."""
+    DECISION_SOURCE_FALLBACK_CARD_STATE: _DecisionSource.ValueType  # 7
+    """Fallback: the card's state could not be read in time from the online store (slow or down);
+    its attempt counters count as unknown, so no retry a network attempt limit governs is advised.
+    """
 
 class DecisionSource(_DecisionSource, metaclass=_DecisionSourceEnumTypeWrapper):
     """Where a decision came from."""
@@ -59,6 +63,10 @@ DECISION_SOURCE_FALLBACK_OVERLOAD: DecisionSource.ValueType  # 5
 """Fallback: the inference queue was full (load shedding)."""
 DECISION_SOURCE_FALLBACK_ERROR: DecisionSource.ValueType  # 6
 """Fallback: inference failed; the error was logged."""
+DECISION_SOURCE_FALLBACK_CARD_STATE: DecisionSource.ValueType  # 7
+"""Fallback: the card's state could not be read in time from the online store (slow or down);
+its attempt counters count as unknown, so no retry a network attempt limit governs is advised.
+"""
 Global___DecisionSource: _TypeAlias = DecisionSource  # noqa: Y015
 
 class _RetryAction:

@@ -228,3 +228,37 @@ OTEL_TRACES_SAMPLER_ARG: {{ .samplerArg | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The online store's URL and password file for one process kind (prefix SERVER or WORKER). */}}
+{{- define "authopt.onlineStoreEnv" -}}
+{{- $o := .ctx.Values.onlineStore }}
+{{- if $o.url }}
+- name: AUTHOPT_{{ .prefix }}_ONLINE_STORE
+  value: {{ $o.url | quote }}
+{{- if $o.passwordSecret.name }}
+- name: AUTHOPT_{{ .prefix }}_ONLINE_STORE_PASSWORD_FILE
+  value: /etc/authopt/online-store/password
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "authopt.onlineStoreMount" -}}
+{{- if and .Values.onlineStore.url .Values.onlineStore.passwordSecret.name }}
+- name: online-store
+  mountPath: /etc/authopt/online-store
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "authopt.onlineStoreVolume" -}}
+{{- $o := .Values.onlineStore }}
+{{- if and $o.url $o.passwordSecret.name }}
+- name: online-store
+  secret:
+    secretName: {{ $o.passwordSecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ $o.passwordSecret.key }}
+        path: password
+{{- end }}
+{{- end }}
