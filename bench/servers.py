@@ -39,7 +39,13 @@ class _DiscardExporter(SpanExporter):
 
 
 async def _recommend(
-    port: int, model_dir: Path, batching: bool, metrics_port: int, delay_us: int, sdk: bool = True
+    port: int,
+    model_dir: Path,
+    batching: bool,
+    metrics_port: int,
+    delay_us: int,
+    sdk: bool = True,
+    card: bool = False,
 ) -> None:
     from server import InMemoryFeatureStore, ServerSettings, create_server
     from server.app import configure_process, freeze_heap
@@ -52,6 +58,15 @@ async def _recommend(
     store = InMemoryFeatureStore()
     for i, route in enumerate(ROUTES):
         store.put(Entity.ROUTE, route, {"approval_rate_1h": 0.9 - 0.05 * i, "attempts_1h": 400.0})
+    if card:  # the rows bench.online_store puts in Redis for the other variant
+        from bench.online_store import CARD, card_state
+        from streams.contract import Entity as E
+        from streams.features import to_snapshot
+        from streams.replica import Materializer
+
+        Materializer(store).apply(
+            to_snapshot(E.CARD_MERCHANT, "|".join(CARD), 0, card_state(*CARD, time.time()))
+        )
     settings = ServerSettings(
         host="127.0.0.1",
         port=port,
@@ -101,6 +116,9 @@ def main() -> None:
     parser.add_argument("--metrics-port", type=int, default=-1)
     parser.add_argument("--queue-delay-us", type=int, default=0)
     parser.add_argument("--no-sdk", action="store_true", help="no TracerProvider: non-recording spans")
+    parser.add_argument(
+        "--card-in-memory", action="store_true", help="the bench card's rows in the in-memory store"
+    )
     args = parser.parse_args()
     time.sleep(0)  # keep imports above out of the measured window; nothing else to do here
     if args.mode in ("echo", "echo-sync"):
@@ -114,6 +132,7 @@ def main() -> None:
                 args.metrics_port,
                 args.queue_delay_us,
                 sdk=not args.no_sdk,
+                card=args.card_in_memory,
             )
         )
 

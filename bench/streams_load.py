@@ -101,7 +101,11 @@ def _route_events(replica: FeatureReplica) -> int:
 
 
 async def full_worker_rate(
-    broker: LocalBroker, n: int, logdir: Path, publish_interval_s: float = 0.1
+    broker: LocalBroker,
+    n: int,
+    logdir: Path,
+    publish_interval_s: float = 0.1,
+    env: dict[str, str] | None = None,
 ) -> tuple[float, FeatureReplica, Any, dict[str, float]]:
     first: dict[str, float] = {}
     replica = FeatureReplica(KafkaSettings.for_bootstrap(broker.bootstrap), InMemoryFeatureStore())
@@ -122,6 +126,7 @@ async def full_worker_rate(
         env={
             "AUTHOPT_WORKER_STATS_INTERVAL_S": "5",
             "AUTHOPT_WORKER_PUBLISH_INTERVAL_S": str(publish_interval_s),
+            **(env or {}),
         },
     )
     deadline = time.monotonic() + 600
@@ -248,7 +253,20 @@ async def one_repeat(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
             worker.stop()
         bare = bare_agent_rate(broker, args.events, logdir)
         print(f"  bare agent: {bare:,.0f} events/s (ratio {rate / bare:.2f})", flush=True)
-    return {"full": rate, "bare": bare, "ratio": rate / bare, "fresh_p50_ms": p50, "fresh_p99_ms": p99}
+    out = {"full": rate, "bare": bare, "ratio": rate / bare, "fresh_p50_ms": p50, "fresh_p99_ms": p99}
+    if args.online_store:  # the same events, a fresh broker, the worker also writing card rows
+        with start_broker() as broker:
+            await produce_all(broker.bootstrap, events)
+            (logdir / "store").mkdir()
+            env = {"AUTHOPT_WORKER_ONLINE_STORE": args.online_store}
+            stored, replica, worker, _ = await full_worker_rate(
+                broker, args.events, logdir / "store", args.publish_interval, env
+            )
+            await replica.stop()
+            worker.stop()
+        out["full_store"], out["store_ratio"] = stored, stored / rate
+        print(f"  full worker + online store: {stored:,.0f} events/s ({stored / rate:.2f}x)", flush=True)
+    return out
 
 
 def main() -> None:
@@ -264,6 +282,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--keys", type=int, default=100_000, help="card x merchant keys for the memory figure"
+    )
+    parser.add_argument(
+        "--online-store",
+        metavar="URL",
+        help="also time the full worker writing card rows to this redis:// store (a fresh broker)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -284,6 +307,9 @@ def main() -> None:
     print(f"  full worker (all features):  {med['full']:>8,.0f} attempts/s")
     print(f"  bare counting agent:         {med['bare']:>8,.0f} attempts/s")
     print(f"  ratio full / bare:           {med['ratio']:>8.2f}  (median of per-repeat ratios)")
+    if args.online_store:
+        print(f"  full + online store writes:  {med['full_store']:>8,.0f} attempts/s")
+        print(f"  ratio with / without store:  {med['store_ratio']:>8.2f}  (median of per-repeat ratios)")
     fresh = f"p50 {med['fresh_p50_ms']:.0f} ms, p99 {med['fresh_p99_ms']:.0f} ms"
     print(f"  freshness at {args.rate:g}/s:       {fresh}")
     memory = f"worker table {worker_mb:,.0f} MiB, replica {replica_mb:,.0f} MiB"

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from streams.contract import CONTRACT_HASH, Entity
+from streams.errors import StreamsError
 from streams.features import EntityState, card_amount_rows, evaluate
 from streams.store import FeatureRow
 
@@ -53,7 +54,7 @@ DEFAULT_TTL_S = 31 * 86400
 _DEFAULT_PREFIX = "authopt:"
 
 
-class OnlineStoreError(ValueError):
+class OnlineStoreError(StreamsError, ValueError):
     """A store URL or setting that cannot be used."""
 
 

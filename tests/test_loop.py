@@ -114,7 +114,9 @@ async def test_the_loop_from_serving_to_a_promoted_model_the_server_reloads(
     info = json.loads((tmp_path / "candidates" / "c" / "manifest.json").read_text())["data_summary"]
     assert "a served model's own routing (a)" in info["onpolicy"]  # the decisions say whose traffic it is
     assert info["selection"]["logged_decisions"] > 0  # fitted off-policy on the hold-out's decisions ...
-    assert "too few to fit" in info["skipped"]["selection_correction"]  # ... of which this log has too few
+    # ... of which this log has about the fitting minimum (history.train.MIN_DECISIONS): a tiny net's
+    # choices put it just below in most runs, above in some (seen once in CI); either is handled.
+    assert info["selection"]["applied"] or "too few to fit" in info["skipped"]["selection_correction"]
     evaluated = await asyncio.to_thread(
         authopt, "evaluate", "--log", str(log_dir), "--model", str(tmp_path / "candidates" / "c"),
         "--champion", str(models / "a"), "--routes", routes, "--out", str(ope_dir),
