@@ -29,6 +29,12 @@ __all__ = ["recommend", "serve"]
 @click.option(
     "--no-model", is_flag=True, help="Without a model directory, serve from the fallback policy only."
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    help="Server processes on one port (SO_REUSEPORT), each its own event loop; with more than 1 set "
+    "AUTHOPT_SERVER_ONLINE_STORE too [env AUTHOPT_SERVER_PROCESSES, default 1].",
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -36,6 +42,7 @@ def serve(
     device: str | None,
     metrics_port: int | None,
     no_model: bool,
+    processes: int | None,
 ) -> None:
     """Run the gRPC decision server until SIGTERM/SIGINT (then drain).
 
@@ -57,6 +64,7 @@ def serve(
             "model_dir": model_dir,
             "device": device,
             "metrics_port": metrics_port,
+            "processes": processes,
         }.items()
         if v is not None
     }
@@ -69,6 +77,10 @@ def serve(
         logging.getLogger("authopt").info(
             "no model directory configured: serving the bundled model in %s", DEFAULT_MODEL_DIR
         )
+    if settings.processes > 1:  # a supervisor of N `authopt serve` processes (server/processes.py)
+        from server.processes import run_processes
+
+        sys.exit(run_processes(settings, no_model=no_model))
     provider = configure_tracing("authopt-server")
     try:
         asyncio.run(run_server(settings))

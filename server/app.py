@@ -326,7 +326,7 @@ def _bind_api(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a client's calls beyond it wait in the client,
             # inside their own deadline, instead of in this server's queue (docs/reliability.md).
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),

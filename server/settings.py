@@ -195,6 +195,16 @@ class ServerSettings(BaseSettings):
     auth_protect_health: bool = Field(False, description="with tokens: health and reflection need one too")
     seed: int | None = Field(None, description="exploration RNG seed (tests and simulations)")
     replica_id: str = Field("authopt-server", description="producer id stamped on published events")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes on one port (SO_REUSEPORT), each its own event loop; above 1 set "
+        "ONLINE_STORE too, or each process holds every card",
+    )
+    reuse_port: bool = Field(
+        False, description="bind the port with SO_REUSEPORT (set for the processes of PROCESSES > 1)"
+    )
 
     @model_validator(mode="after")
     def _ab_needs_a_challenger(self) -> ServerSettings:

@@ -175,8 +175,14 @@ class OnlineStore:
             self.writes += len(pairs)
 
     async def read_many(self, card_keys: Sequence[str]) -> list[CardRows | None]:
-        """One MGET of these cards' rows (None: no row). Raises on a store error or timeout."""
-        raws = await asyncio.wait_for(self._cache.multi_get([self.key(k) for k in card_keys]), self.timeout_s)
+        """One MGET of these cards' rows (None: no row). Raises on a store error or timeout.
+
+        Straight on the redis-py client aiocache holds: aiocache's own multi_get is the same MGET
+        behind a timeout task, plugin hooks and a serializer call per value, which cost CPU on the
+        hot path (docs/performance.md, "Online store").
+        """
+        keys = [self.key(k) for k in card_keys]
+        raws = await asyncio.wait_for(self._cache.client.mget(keys), self.timeout_s)
         self.reads += 1
         return [_decode(r) for r in raws]
 
@@ -278,13 +284,15 @@ class OnlineCards:
         found, rows = self.cache.get(card_key)
         if found:
             return True, rows
-        wait = min(budget_s, self.store.timeout_s)
-        if wait <= 0:
+        if budget_s <= 0:
             self.unknown += 1
             return False, None
         try:
-            # shielded: the read is shared with every other lookup of this loop turn
-            rows = await asyncio.wait_for(asyncio.shield(self.store.read(card_key)), wait)
+            read = self.store.read(card_key)  # shared with every other lookup of this loop turn
+            if budget_s >= self.store.timeout_s:  # the shared read gives up at the store's timeout
+                rows = await read
+            else:  # shielded: giving up early must not cancel the others' read
+                rows = await asyncio.wait_for(asyncio.shield(read), budget_s)
         except (TimeoutError, OnlineStoreError):
             self.unknown += 1
             return False, None

@@ -352,6 +352,7 @@ def test_schema_offers_every_setting() -> None:
         "auth_tokens_file", "auth_protect_health",  # server.auth: a mounted Secret
         "seed",  # tests and simulations only
         "online_store", "online_store_password_file",  # onlineStore: the URL, a mounted Secret
+        "reuse_port",  # set by `serve --processes` for its processes
     }  # fmt: skip
     worker_managed = {
         "partitions", "store", "data_dir",
