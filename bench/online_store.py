@@ -35,32 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from authopt.v1 import events_pb2
-from streams.features import EntityState
+from tests.events import card_state  # the project's test builders; bench runs from the repo root
 
 CARD = ("fp-abc", "m-1")  # the bench request's card x merchant (authopt.samples)
-
-
-def card_state(fingerprint: str, merchant: str, now: float, n: int = 8) -> EntityState:
-    """A card x merchant state folded from `n` attempts at 3 amounts, the last a minute ago."""
-    from streams.processor import FeatureProcessor
-    from tests.events import event  # the project's event builder; bench runs from the repo root
-
-    records = [
-        event(
-            f"{fingerprint}-{merchant}-{i}",
-            now - 60 * (n - i),
-            fingerprint=fingerprint,
-            merchant=merchant,
-            amount_minor=(12500, 999, 4200)[i % 3],
-            status="declined" if i % 3 == 0 else "approved",
-            code="51" if i % 3 == 0 else "",
-            received_at=now,
-        ).SerializeToString()
-        for i in range(n)
-    ]
-    states: dict[bytes, bytes | None] = {}
-    result = FeatureProcessor(states).process(0, records, None, list(range(n)), 0)
-    return next(iter(result.cards.values()))
 
 
 def _redis() -> tuple[subprocess.Popen[bytes], str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from authopt.v1 import attempt_pb2, events_pb2
+from streams.features import EntityState
 
 T0 = 1_790_000_000.0  # a fixed event time (2026-09-21) so tests never depend on the clock
 
@@ -78,3 +79,27 @@ def random_events(
             )
         )
     return out
+
+
+def card_state(fingerprint: str, merchant: str, now: float, n: int = 8) -> EntityState:
+    """A card x merchant state folded from `n` attempts at 3 amounts (declines among them), the last
+    a minute before `now`, as the worker folds them (offsets 0..n-1)."""
+    from streams.processor import FeatureProcessor
+
+    records = [
+        event(
+            f"{fingerprint}-{merchant}-{i}",
+            now - 60 * (n - i),
+            fingerprint=fingerprint,
+            merchant=merchant,
+            amount_minor=(12500, 999, 4200)[i % 3],
+            status="declined" if i % 3 == 0 else "approved",
+            code="51" if i % 3 == 0 else "",
+            received_at=now,
+        ).SerializeToString()
+        for i in range(n)
+    ]
+    states: dict[bytes, bytes | None] = {}
+    result = FeatureProcessor(states).process(0, records, None, list(range(n)), 0)
+    assert len(result.applied) == n
+    return next(iter(result.cards.values()))

@@ -23,11 +23,10 @@ from cli.main import main
 from streams.contract import Entity
 from streams.features import EntityState, card_amount_rows, evaluate
 from streams.online import CardCache, CardRows, OnlineCards, OnlineStore, OnlineStoreError, parse_url
-from streams.processor import FeatureProcessor
 from streams.replica import Materializer
 from streams.store import FeatureRow, InMemoryFeatureStore
 from tests.conftest import RedisServer, ServerFactory, make_request
-from tests.events import event
+from tests.events import card_state
 
 Source = optimizer_pb2.DecisionSource
 Action = optimizer_pb2.RetryAction
@@ -35,27 +34,8 @@ Action = optimizer_pb2.RetryAction
 pytestmark = pytest.mark.timeout(120)
 
 
-def _card_state(fingerprint: str = "fp-abc", merchant: str = "m-1", n: int = 6) -> tuple[str, EntityState]:
-    """A card x merchant state folded from `n` attempts (declines among them) ending now."""
-    now = time.time()
-    records = [
-        event(
-            f"{fingerprint}-{i}",
-            now - 60 * (n - i),
-            fingerprint=fingerprint,
-            merchant=merchant,
-            amount_minor=12500 if i % 2 else 999,
-            status="declined" if i % 3 == 0 else "approved",
-            code="51" if i % 3 == 0 else "",
-            received_at=now,
-        ).SerializeToString()
-        for i in range(n)
-    ]
-    states: dict[bytes, bytes | None] = {}
-    result = FeatureProcessor(states).process(0, records, states.__setitem__, list(range(n)), 0)
-    assert len(result.applied) == n
-    ((key, state),) = result.cards.items()
-    return key, state
+def _card_state(fingerprint: str = "fp-abc", merchant: str = "m-1") -> tuple[str, EntityState]:
+    return f"{fingerprint}|{merchant}", card_state(fingerprint, merchant, time.time())
 
 
 def test_urls_are_parsed_and_bad_ones_refused_without_the_password() -> None:
