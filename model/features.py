@@ -9,7 +9,7 @@ features, the signal the model depends on.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from authopt.v1 import attempt_pb2
@@ -70,22 +70,28 @@ def lookup_features(
     bin_ = card.bin
     bin6, country = bin_[:6], card.issuer_country
     issuer = f"{country}|{bin6}"
-    get = store.get
+    get: Callable[[Entity, str], FeatureRow | None] = store.get
     oldest: float | None = None
     attempt_rows: dict[Entity, Mapping[str, float] | None] = {}
     amount = f"{attempt.amount_minor}{attempt.currency}"
-    online: dict[Entity, FeatureRow | None] = {}
-    if card_rows is not None:
+    if card_rows is not None:  # the card's rows from the online store, the rest from `store`
         rows = card_rows[1]
-        online[Entity.CARD_MERCHANT] = None if rows is None else rows.card
-        online[Entity.CARD_MERCHANT_AMOUNT] = None if rows is None else rows.amount_row(amount)
+        online = {
+            Entity.CARD_MERCHANT: None if rows is None else rows.card,
+            Entity.CARD_MERCHANT_AMOUNT: None if rows is None else rows.amount_row(amount),
+        }
+        store_get = store.get
+
+        def get(entity: Entity, key: str) -> FeatureRow | None:
+            return online[entity] if entity in online else store_get(entity, key)
+
     for entity, key in (
         (Entity.ISSUER, issuer),
         (Entity.MERCHANT, merchant.id),
         (Entity.CARD_MERCHANT, fp_merchant),
         (Entity.CARD_MERCHANT_AMOUNT, f"{fp_merchant}|{amount}"),
     ):
-        row = online[entity] if entity in online else get(entity, key)
+        row = get(entity, key)
         if row is None:
             attempt_rows[entity] = None
         else:

@@ -263,9 +263,6 @@ class CardCache:
         while len(self._rows) > self.max_cards:
             self._rows.popitem(last=False)
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
 
 class OnlineCards:
     """A server's way to card rows: the LRU in front, the coalesced store read behind, a timeout.
