@@ -69,3 +69,104 @@ def rebuild_store(url: str, password_file: Path | None, bootstrap: str | None, t
         )
 
     asyncio.run(run())
+
+
+@features.command("backfill")
+@click.option(
+    "--log",
+    "log_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="The log (what `authopt log import` / `log export` wrote).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory of the rows (replaced).",
+)
+@click.option(
+    "--routes",
+    help="The server's routes, JSON or a JSON file (each route's cost is an input) "
+    "[default: $AUTHOPT_SERVER_ROUTES].",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "spark"]),
+    default="local",
+    show_default=True,
+    help="local: one process, the whole log in memory; spark: partitioned on Spark "
+    "(pip install 'authopt[spark]', Java 17+).",
+)
+@click.option(
+    "--master", default="local[2]", show_default=True, help="Spark master URL (with --engine spark)."
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    help="Spark shuffle partitions [default: one per 250,000 records].",
+)
+@click.option("--conf", "conf", multiple=True, metavar="KEY=VALUE", help="A Spark setting (repeatable).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.pass_context
+def backfill(
+    ctx: click.Context,
+    log_dir: Path,
+    out: Path,
+    routes: str | None,
+    engine: str,
+    master: str,
+    partitions: int | None,
+    conf: tuple[str, ...],
+    quiet: bool,
+) -> None:
+    """Write the point-in-time training rows of a log to OUT as Parquet.
+
+    Each attempt gives a route row, each decline retried after one of the retry head's delays a
+    retry row, from the features as they stood just before the attempt (a retry row: just after),
+    through the streams' own feature code: what `authopt train --log` trains on. OUT/_summary.json
+    says what the rows hold.
+    """
+    from cli.train import _route_config
+    from history.backfill import BackfillError
+    from history.backfill import backfill as run
+
+    if engine == "local":
+        given = [
+            f"--{n}"
+            for n in ("master", "partitions", "conf")
+            if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} go with --engine spark")
+    settings: dict[str, str] = {}
+    for item in conf:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--conf")
+        settings[key] = value
+    route_configs = _route_config(routes)
+    if not route_configs:
+        raise click.UsageError("no routes: pass --routes (the server's AUTHOPT_SERVER_ROUTES JSON)")
+
+    def say(message: str) -> None:
+        if not quiet:
+            click.echo(message, err=True)
+
+    try:
+        result = run(
+            log_dir,
+            out,
+            {r.id: r.cost_bps for r in route_configs},
+            engine=engine,  # type: ignore[arg-type]
+            master=master,
+            partitions=partitions,
+            spark_conf=settings,
+            progress=say,
+        )
+    except BackfillError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{result.rows:,} rows from {result.events:,} attempts ({result.duplicates:,} duplicates dropped) "
+        f"in {result.seconds:.1f}s on {result.engine}: {result.out}"
+    )

@@ -13,6 +13,7 @@ import click
 from cli.world import WORLD_HELP, load_world_ref
 
 if TYPE_CHECKING:
+    from history.train import LogTrainConfig
     from server.settings import RouteConfig
 
 __all__ = ["evaluate", "train"]
@@ -33,7 +34,7 @@ ROUTES_OPTION = click.option(
 )
 
 _WORLD_ONLY = ("world_ref", "hours", "onpolicy_hours", "incident_boost", "selection_rounds")
-_LOG_ONLY = ("routes", "min_route_attempts")
+_LOG_ONLY = ("routes", "min_route_attempts", "engine", "master")
 
 
 @click.command()
@@ -87,6 +88,16 @@ _LOG_ONLY = ("routes", "min_route_attempts")
 @click.option(
     "--version", "version", help="Model version name [default: <world>-s<seed>; with --log: log-<UTC time>]."
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "spark"]),
+    default="local",
+    show_default=True,
+    help="With --log: where the point-in-time rows are computed (`authopt features backfill`).",
+)
+@click.option(
+    "--master", default="local[2]", show_default=True, help="With --engine spark: the Spark master URL."
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.pass_context
 def train(
@@ -105,6 +116,8 @@ def train(
     incident_boost: float,
     selection_rounds: int,
     version: str | None,
+    engine: str,
+    master: str,
     quiet: bool,
 ) -> None:
     """Train the approval model on a simulated world, or on a log (--log), and export it for the server.
@@ -138,10 +151,11 @@ def train(
         if clash:
             flags = ", ".join("--" + n.replace("_ref", "").replace("_", "-") for n in clash)
             raise click.UsageError(f"{flags} simulate a world; --log trains on the log alone")
-        _train_log(log_dir, out, routes, min_route_attempts, seed, epochs, hidden, members, version, quiet)
+        cfg = _log_config(seed, epochs, hidden, members, min_route_attempts, version, engine, master, quiet)
+        _train_log(log_dir, out, routes, cfg)
         return
     if given & set(_LOG_ONLY):
-        raise click.UsageError("--routes and --min-route-attempts go with --log")
+        raise click.UsageError("--routes, --min-route-attempts, --engine and --master go with --log")
     from sim.pipeline import TrainConfig, train_world
 
     config = load_world_ref(world_ref)
@@ -194,23 +208,20 @@ def _route_config(routes: str | None) -> list[RouteConfig]:
         raise click.BadParameter(f"{source}: not a list of routes ({exc})", param_hint="--routes") from exc
 
 
-def _train_log(
-    log_dir: Path,
-    out: Path,
-    routes: str | None,
-    min_route_attempts: int,
+def _log_config(
     seed: int,
     epochs: int,
     hidden: int,
     members: int,
+    min_route_attempts: int,
     version: str | None,
+    engine: str,
+    master: str,
     quiet: bool,
-) -> None:
-    from history.errors import HistoryError
-    from history.train import LogTrainConfig, train_log
-    from model.train import CheckpointError, TrainingDataError
+) -> LogTrainConfig:
+    from history.train import LogTrainConfig
 
-    cfg = LogTrainConfig(
+    return LogTrainConfig(
         seed=seed,
         epochs=epochs,
         hidden=hidden,
@@ -218,7 +229,16 @@ def _train_log(
         min_route_attempts=min_route_attempts,
         version=version,
         progress=not quiet,
+        engine=engine,  # type: ignore[arg-type]
+        master=master,
     )
+
+
+def _train_log(log_dir: Path, out: Path, routes: str | None, cfg: LogTrainConfig) -> None:
+    from history.errors import HistoryError
+    from history.train import train_log
+    from model.train import CheckpointError, TrainingDataError
+
     try:
         path = train_log(log_dir, out, _route_config(routes), cfg)
     except (HistoryError, TrainingDataError, CheckpointError, FileExistsError) as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -146,6 +146,7 @@ class LogRecords:
     records: list[bytes]
     times_us: list[int]  # each record's attempted_at, epoch microseconds
     duplicates: int  # events dropped because an earlier one (by time) had their event id
+    event_ids: list[str] = field(default_factory=list)  # each record's event id (the log's column)
 
 
 def read_records(out_dir: Path, kind: Kind = "attempts") -> LogRecords:
@@ -168,8 +169,9 @@ def read_records(out_dir: Path, kind: Kind = "attempts") -> LogRecords:
     duplicates = len(ids) - len(seen)
     if duplicates:
         table = table.filter(pa.array(keep))
+        ids = table.column("event_id").to_pylist()
     times = table.column(time_column).cast(pa.int64()).to_pylist()
-    return LogRecords(table.column("event").to_pylist(), times, duplicates)
+    return LogRecords(table.column("event").to_pylist(), times, duplicates, ids)
 
 
 def read_events(out_dir: Path) -> Iterator[events_pb2.AttemptEvent]:

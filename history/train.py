@@ -25,9 +25,7 @@ shorter than the longest shared feature window, routes the server's configuratio
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,18 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from authopt.v1 import attempt_pb2, events_pb2, optimizer_pb2
+from history.backfill import Engine, backfill, read_rows
 from history.errors import HistoryError
 from history.ope import collect, predict
 from history.store import LogRecords, log_files, read_decisions, read_records
-from model.dataset import build_training_set
 from model.export import export_model
 from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT
 from model.net import layout_categorical_groups
 from model.numerics import numerics
-from model.train import TrainingSet, fit_ensemble
+from model.train import fit_ensemble
 from server.models import load_model_dir
 from server.policy import SelectionCorrection
 from server.selection import MIN_DECISIONS, Decisions, chosen_ece, fit_correction
@@ -76,6 +73,8 @@ class LogTrainConfig:
     min_route_attempts: int = 200  # fewer attempts on a route: refused (too few to learn it)
     version: str | None = None
     progress: bool = True
+    engine: Engine = "local"  # where the training rows are computed (history.backfill)
+    master: str = "local[2]"  # the Spark master, with engine "spark"
 
 
 def min_span_s() -> int:
@@ -258,32 +257,22 @@ def train_log(
     )
     work = _work_dir(out, log_dir, cfg)
     work.mkdir(parents=True, exist_ok=True)
-    rows_path, summary_path = work / "rows.npz", work / "rows.json"
-    if not rows_path.exists():
+    rows_dir = work / "rows"
+    if not (rows_dir / "_summary.json").exists():
         costs = {r.id: r.cost_bps for r in routes}
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not cfg.progress,
-        ) as bar:
-            task = bar.add_task("replaying the log through the feature code", total=len(log.records))
-            data, summary = build_training_set(
-                log.records,
-                costs,
-                split_at=holdout_us / 1e6,
-                progress=lambda k: bar.update(task, completed=k),
-            )
-        tmp = work / f".rows.tmp-{os.getpid()}.npz"
-        np.savez(tmp, x=data.x, column=data.column, y=data.y)
-        os.replace(tmp, rows_path)
-        summary_path.write_text(json.dumps(summary.as_dict() | {"split_row": summary.split_row}, indent=2))
-    loaded = np.load(rows_path)
-    data = TrainingSet(x=loaded["x"], column=loaded["column"], y=loaded["y"])
-    rows_summary = json.loads(summary_path.read_text())
-    split_row = int(rows_summary.pop("split_row"))
+        console.print(f"point-in-time rows of the log ({cfg.engine} engine)")
+        backfill(
+            log_dir,
+            rows_dir,
+            costs,
+            engine=cfg.engine,
+            master=cfg.master,
+            progress=lambda message: console.print(f"  {message}"),
+        )
+    rows = read_rows(rows_dir)
+    data = rows.data
+    rows_summary = rows.summary.as_dict()
+    split_row = rows.split_row(holdout_us)
     n = len(data.y)
     if not 0 < split_row < n:
         raise LogTrainingRefused(f"{log_dir}: the time split leaves no rows on one side ({split_row} of {n})")

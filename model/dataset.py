@@ -22,12 +22,20 @@ import numpy as np
 
 from authopt.v1 import attempt_pb2, events_pb2
 from model.features import attempt_context, lookup_features
-from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, encode_flat
+from model.layout import DELAY_BUCKETS_S, INPUT_LAYOUT, AttemptContext, encode_flat
 from model.train import TrainingSet
 from streams.replay import FeatureReplay, ReplayStats
 from streams.store import FeatureStore
 
-__all__ = ["DatasetSummary", "build_training_set", "encode_candidates", "prior_of"]
+__all__ = [
+    "DatasetSummary",
+    "RowSpec",
+    "build_training_set",
+    "encode_candidates",
+    "encode_in_context",
+    "payment_rows",
+    "prior_of",
+]
 
 _APPROVED = attempt_pb2.OUTCOME_STATUS_APPROVED
 _BUCKET_TOLERANCE_S = 1.0
@@ -81,7 +89,13 @@ def encode_candidates(
 ) -> array.array[float]:
     """The model inputs of `attempt` on each of `routes` (id, cost in bps), one row after another, from
     the features in `store` at time `at`: byte for byte what the server computes."""
-    ctx = attempt_context(attempt, priors, at=at)
+    return encode_in_context(store, attempt, attempt_context(attempt, priors, at=at), routes)
+
+
+def encode_in_context(
+    store: FeatureStore, attempt: attempt_pb2.Attempt, ctx: AttemptContext, routes: Sequence[tuple[str, int]]
+) -> array.array[float]:
+    """`encode_candidates` with the request-level inputs already computed."""
     feats = lookup_features(store, attempt, [r for r, _ in routes])
     rows = [(r, cost, f) for (r, cost), f in zip(routes, feats.route_rows, strict=True)]
     return encode_flat(ctx, rows, feats.attempt_rows)
@@ -98,6 +112,51 @@ def _bucket(delay_s: float) -> int | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class RowSpec:
+    """One training row of a payment's attempt, all but its features: which attempt of the payment
+    it belongs to, whether it reads the features just before that attempt was applied (a route row)
+    or just after (a retry row), its output column, route, label and request-level inputs."""
+
+    index: int  # of the attempt among the payment's attempts
+    after: bool
+    column: int
+    route: str
+    y: float
+    attempt: attempt_pb2.Attempt
+    ctx: AttemptContext
+
+
+def payment_rows(outcomes: Sequence[attempt_pb2.AttemptOutcome]) -> list[RowSpec]:
+    """The rows of one payment's attempts (`outcomes`: its events in log order), in row order: each
+    attempt's route row, then its retry row when the attempt was declined and the next one followed
+    after one of the retry head's delay buckets."""
+    priors: list[attempt_pb2.PriorAttempt] = []
+    out: list[RowSpec] = []
+    for k, o in enumerate(outcomes):
+        at = _seconds(o.attempted_at)
+        attempt = attempt_pb2.Attempt()
+        attempt.CopyFrom(o.attempt)
+        ok = o.status == _APPROVED
+        out.append(
+            RowSpec(
+                k, False, 0, o.route_id, 1.0 if ok else 0.0, attempt, attempt_context(attempt, priors, at)
+            )
+        )
+        priors.append(prior_of(o))
+        if ok or k + 1 == len(outcomes):
+            continue
+        nxt = outcomes[k + 1]
+        b = _bucket(_seconds(nxt.attempted_at) - at)
+        if b is not None:
+            retry = attempt_pb2.Attempt()
+            retry.CopyFrom(o.attempt)
+            retry.attempt_number = len(priors) + 1
+            y = 1.0 if nxt.status == _APPROVED else 0.0
+            out.append(RowSpec(k, True, 1 + b, nxt.route_id, y, retry, attempt_context(retry, priors, at)))
+    return out
+
+
 def build_training_set(
     records: Iterable[bytes],
     route_cost_bps: Mapping[str, int],
@@ -105,67 +164,58 @@ def build_training_set(
     progress: Callable[[int], None] | None = None,
     split_at: float | None = None,
 ) -> tuple[TrainingSet, DatasetSummary]:
-    """Rows for the route head and the retry head (see the module docstring).
+    """Rows for the route head and the retry head (see the module docstring), in one process.
 
     `route_cost_bps` gives each route's variable cost (a layout input the log does not carry). Rows
     come in the order of their events; with `split_at` (epoch seconds), `summary.split_row` is the
     first row of an event at or after it (a time-based hold-out: every row before it is older).
+    (history.backfill computes the same rows on Spark.)
     """
     raw = list(records)
-    events = []
-    for r in raw:
-        e = events_pb2.AttemptEvent()
-        e.ParseFromString(r)
-        events.append(e)
-    # The attempt that followed each attempt of the same payment (the log is in time order).
-    following: dict[int, int] = {}
-    last_of: dict[str, int] = {}
+    events = [events_pb2.AttemptEvent.FromString(r) for r in raw]
+    # Each event's rows: its payment's (the attempts sharing its request id, in log order).
+    by_payment: dict[str, list[int]] = defaultdict(list)
     for i, e in enumerate(events):
-        pay = e.outcome.request_id
-        if pay in last_of:
-            following[last_of[pay]] = i
-        last_of[pay] = i
+        by_payment[e.outcome.request_id].append(i)
+    specs: list[list[RowSpec]] = [[] for _ in events]
+    for members in by_payment.values():
+        for spec in payment_rows([events[i].outcome for i in members]):
+            specs[members[spec.index]].append(spec)
+    del by_payment
 
     width = len(INPUT_LAYOUT)
-    xs: list[float] = []
+    xs = array.array("f")
     cols: list[int] = []
     ys: list[float] = []
     stats = ReplayStats()
     live = FeatureReplay(lateness_s=float("inf"), max_future_s=float("inf"), stats=stats)
-    history: dict[str, list[attempt_pb2.PriorAttempt]] = defaultdict(list)
     summary = DatasetSummary(events=len(events))
     approved = 0
 
-    def row(
-        attempt: attempt_pb2.Attempt, priors: list[attempt_pb2.PriorAttempt], route: str, at: float
-    ) -> None:
-        xs.extend(encode_candidates(live.store, attempt, priors, [(route, route_cost_bps.get(route, 0))], at))
+    def emit(spec: RowSpec) -> None:
+        xs.extend(
+            encode_in_context(
+                live.store, spec.attempt, spec.ctx, [(spec.route, route_cost_bps.get(spec.route, 0))]
+            )
+        )
+        cols.append(spec.column)
+        ys.append(spec.y)
+        if spec.column:
+            summary.retry_rows_by_bucket[spec.column - 1] = (
+                summary.retry_rows_by_bucket.get(spec.column - 1, 0) + 1
+            )
 
     for i, (record, e) in enumerate(zip(raw, events, strict=True)):
-        o = e.outcome
-        at = _seconds(o.attempted_at)
+        at = _seconds(e.outcome.attempted_at)
         if split_at is not None and summary.split_row is None and at >= split_at:
             summary.split_row = len(cols)
-        priors = history[o.request_id]
-        attempt = attempt_pb2.Attempt()
-        attempt.CopyFrom(o.attempt)
-        row(attempt, priors, o.route_id, at)
-        cols.append(0)
-        ok = o.status == _APPROVED
-        ys.append(1.0 if ok else 0.0)
-        approved += ok
+        rows = specs[i]
+        emit(rows[0])
+        approved += rows[0].y == 1.0
         live.apply(record)
-        priors.append(prior_of(o))
-        j = following.get(i)
-        if j is not None and not ok:
-            nxt = events[j].outcome
-            b = _bucket(_seconds(nxt.attempted_at) - at)
-            if b is not None:
-                attempt.attempt_number = len(priors) + 1
-                row(attempt, priors, nxt.route_id, at)
-                cols.append(1 + b)
-                ys.append(1.0 if nxt.status == _APPROVED else 0.0)
-                summary.retry_rows_by_bucket[b] = summary.retry_rows_by_bucket.get(b, 0) + 1
+        for spec in rows[1:]:
+            emit(spec)
+        specs[i] = []
         if progress is not None:
             progress(i + 1)
     if split_at is not None and summary.split_row is None:
@@ -177,6 +227,6 @@ def build_training_set(
     if events:
         summary.first_event_at = _seconds(events[0].outcome.attempted_at)
         summary.last_event_at = _seconds(events[-1].outcome.attempted_at)
-    x = np.frombuffer(np.array(xs, dtype=np.float32).tobytes(), dtype=np.float32).reshape(-1, width)
+    x = np.frombuffer(xs.tobytes(), dtype=np.float32).reshape(-1, width)
     data = TrainingSet(x=x, column=np.array(cols, dtype=np.int64), y=np.array(ys, dtype=np.float32))
     return data, summary
