@@ -226,44 +226,38 @@ class _Recorder:
         return None
 
 
-class _Items:
-    """Columns of step 2's output, filled row by row."""
+_FOLD_COLS = ("gentity", "gkey", "t", "eid", "phase", "column", "at", "payload", "want", "want_key")
+_SPEC_COLS = ("t", "eid", "phase", "column", "y", "route", "attempt", "ctx", "dead")
 
-    __slots__ = ("cols",)
+
+class _Items:
+    """Step 2's output, filled row by row: fold items and row specs, each in its own columns."""
+
+    __slots__ = ("fold", "specs")
 
     def __init__(self) -> None:
-        self.cols: list[list[Any]] = [[] for _ in _ITEMS]
-
-    def add(
-        self,
-        kind: int,
-        group: tuple[Entity, str] | None,
-        t: int,
-        eid: str,
-        phase: int,
-        column: int,
-        at: float | None = None,
-        payload: str | None = None,
-        want: tuple[Entity, str] | None = None,
-        spec: tuple[float, str, bytes, str, str | None] | None = None,  # y, route, attempt, ctx, dead
-    ) -> None:
-        values = (
-            kind,
-            *((group[0].value, group[1]) if group else (None, None)),
-            t,
-            eid,
-            phase,
-            column,
-            at,
-            payload,
-            *((want[0].value, want[1]) if want else (None, None)),
-            *(spec or (None,) * 5),
-        )
-        for col, value in zip(self.cols, values, strict=True):
-            col.append(value)
+        self.fold: list[list[Any]] = [[] for _ in _FOLD_COLS]
+        self.specs: list[list[Any]] = [[] for _ in _SPEC_COLS]
 
     def batch(self) -> pa.RecordBatch:
-        return _batch(_ITEMS, self.cols)
+        n, m = len(self.fold[0]), len(self.specs[0])
+        arrays = []
+        for f in _ITEMS:
+            if f.name == "kind":
+                arrays.append(pa.array([0] * n + [1] * m, pa.int8()))
+                continue
+            head = (
+                pa.array(self.fold[_FOLD_COLS.index(f.name)], f.type)
+                if f.name in _FOLD_COLS
+                else pa.nulls(n, f.type)
+            )
+            tail = (
+                pa.array(self.specs[_SPEC_COLS.index(f.name)], f.type)
+                if f.name in _SPEC_COLS
+                else pa.nulls(m, f.type)
+            )
+            arrays.append(pa.concat_arrays([head, tail]))
+        return pa.RecordBatch.from_arrays(arrays, schema=_ITEMS)
 
 
 def _payments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -289,19 +283,32 @@ def _payments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
 
 def _payment(events: list[tuple[int, str, bytes]], out: _Items, increments: dict[int, str]) -> None:
     """One payment's attempts (log order): each accepted attempt's updates, then each row's reads and spec."""
+    gentity, gkey, t_, eid_, phase_, column_, at_, payload_, want_, want_key_ = out.fold
     checked = [check_event(e, lateness_s=_INF, max_future_s=_INF) for _, _, e in events]
     for (t, eid, _), a in zip(events, checked, strict=True):
         if not isinstance(a, Attempt):
             continue  # refused by the feature code: it changes nothing
-        out.add(
-            0, (_CARD, f"{a.fingerprint}|{a.merchant}"), t, eid, _APPLY, -1, a.at, json.dumps(recent_entry(a))
-        )
-        for entity, key, inc in aggregate_updates(a):
+        updates = aggregate_updates(a)
+        k = len(updates) + 1
+        gentity.append(_CARD.value)
+        gkey.append(f"{a.fingerprint}|{a.merchant}")
+        payload_.append(json.dumps(recent_entry(a)))
+        for entity, key, inc in updates:
+            gentity.append(entity.value)
+            gkey.append(key)
             text = increments.get(id(inc))  # a few fixed sets (streams.features), serialized once
             if text is None:
                 text = increments[id(inc)] = json.dumps(dict(inc))
-            out.add(0, (entity, key), t, eid, _APPLY, -1, a.at, text)
+            payload_.append(text)
+        t_.extend([t] * k)
+        eid_.extend([eid] * k)
+        phase_.extend([_APPLY] * k)
+        column_.extend([-1] * k)
+        at_.extend([a.at] * k)
+        want_.extend([None] * k)
+        want_key_.extend([None] * k)
     parsed = [events_pb2.AttemptEvent.FromString(e).outcome for _, _, e in events]
+    s_t, s_eid, s_phase, s_column, s_y, s_route, s_attempt, s_ctx, s_dead = out.specs
     for spec in payment_rows(parsed):
         t, eid, _ = events[spec.index]
         phase = _AFTER if spec.after else _BEFORE
@@ -310,15 +317,31 @@ def _payment(events: list[tuple[int, str, bytes]], out: _Items, increments: dict
         card = card_key(spec.attempt)
         for entity, key in recorder.asked:
             if entity is _CARD_AMOUNT:  # derived from the card x merchant state: read there
-                out.add(
-                    0, (_CARD, card), t, eid, phase, spec.column, None, key[len(card) + 1 :], (entity, key)
-                )
+                gentity.append(_CARD.value)
+                gkey.append(card)
+                payload_.append(key[len(card) + 1 :])
             else:
-                out.add(0, (entity, key), t, eid, phase, spec.column, None, None, (entity, key))
+                gentity.append(entity.value)
+                gkey.append(key)
+                payload_.append(None)
+            want_.append(entity.value)
+            want_key_.append(key)
+        k = len(recorder.asked)
+        t_.extend([t] * k)
+        eid_.extend([eid] * k)
+        phase_.extend([phase] * k)
+        column_.extend([spec.column] * k)
+        at_.extend([None] * k)
         verdict = checked[spec.index]
-        dead = None if isinstance(verdict, Attempt) or spec.after else verdict[0].value
-        body = (spec.y, spec.route, spec.attempt.SerializeToString(), json.dumps(spec.ctx), dead)
-        out.add(1, None, t, eid, phase, spec.column, spec=body)
+        s_t.append(t)
+        s_eid.append(eid)
+        s_phase.append(phase)
+        s_column.append(spec.column)
+        s_y.append(spec.y)
+        s_route.append(spec.route)
+        s_attempt.append(spec.attempt.SerializeToString())
+        s_ctx.append(json.dumps(spec.ctx))
+        s_dead.append(None if isinstance(verdict, Attempt) or spec.after else verdict[0].value)
 
 
 def _fold(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -327,19 +350,22 @@ def _fold(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     group: tuple[str, str] | None = None
     entity = _CARD
     state = EntityState()
+    # The state's values as JSON, and its card x merchant x amount rows, until the next update: a
+    # state is read more often than it changes (an issuer's between its declines).
+    text: str | None = None
+    amounts: dict[str, str] | None = None
     for b in batches:
         cols = _columns(b)
-        gentity, gkey, t, eid, column, at, payload, want, want_key = (
-            cols[_ITEMS.get_field_index(n)]
-            for n in ("gentity", "gkey", "t", "eid", "column", "at", "payload", "want", "want_key")
-        )
+        gentity, gkey, t, eid, _phase, column, at, payload, want, want_key = cols  # _FOLD_COLS
         out: list[list[Any]] = [[] for _ in _READS]
         o_t, o_eid, o_col, o_kind, o_want, o_key, o_values, o_as_of = out[:8]
         for i in range(len(t)):
             g = (gentity[i], gkey[i])
             if g != group:
                 group, entity, state = g, Entity(g[0]), EntityState()
+                text = amounts = None
             if want[i] is None:  # an update
+                text = amounts = None
                 if entity is _CARD:
                     state.add_recent(Recent(*json.loads(payload[i])))
                     # as the worker writes it and the replica (and the next batch) reads it back
@@ -350,19 +376,23 @@ def _fold(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
                         inc = increments[payload[i]] = Increments(json.loads(payload[i]))
                     state.add(at[i], inc)
                 continue
-            values: Mapping[str, float] | None = None
+            values: str | None = None
             if state.events:
                 if payload[i] is not None:  # a card x merchant x amount row
-                    values = card_amount_rows(state).get(payload[i])
+                    if amounts is None:
+                        amounts = {k: json.dumps(v) for k, v in card_amount_rows(state).items()}
+                    values = amounts.get(payload[i])
                 else:
-                    values = evaluate(entity, state)
+                    if text is None:
+                        text = json.dumps(evaluate(entity, state))
+                    values = text
             o_t.append(t[i])
             o_eid.append(eid[i])
             o_col.append(column[i])
             o_kind.append(0)
             o_want.append(want[i])
             o_key.append(want_key[i])
-            o_values.append(None if values is None else json.dumps(values))
+            o_values.append(values)
             o_as_of.append(state.as_of)
         for col in out[8:]:
             col.extend([None] * len(o_t))
@@ -390,6 +420,7 @@ def _encoder(
         """Step 4: over reads and specs sorted by row (its reads first): the rows' inputs."""
         store = _Rows()
         row: tuple[int, str, int] | None = None
+        parsed: dict[str, dict[str, float]] = {}  # values by their JSON (the same rows recur)
         for b in batches:
             t, eid, column, kind, want, want_key, values, as_of, y, route, attempt, ctx, dead = _columns(b)
             out: list[list[Any]] = [[] for _ in _OUT]
@@ -398,10 +429,14 @@ def _encoder(
                 if key != row:
                     row, store = key, _Rows()
                 if kind[i] == 0:
-                    if values[i] is not None:
-                        store.rows[(Entity(want[i]), want_key[i])] = FeatureRow(
-                            json.loads(values[i]), as_of[i]
-                        )
+                    v = values[i]
+                    if v is not None:
+                        got = parsed.get(v)
+                        if got is None:
+                            if len(parsed) > 100_000:
+                                parsed.clear()
+                            got = parsed[v] = json.loads(v)
+                        store.rows[(Entity(want[i]), want_key[i])] = FeatureRow(got, as_of[i])
                     continue
                 a = attempt_pb2.Attempt.FromString(attempt[i])
                 x = encode_in_context(
@@ -453,6 +488,7 @@ def spark_rows(
         )
         reads = (
             items.where(F.col("kind") == 0)
+            .select(*_FOLD_COLS)
             .repartition(parts, "gentity", "gkey")
             .sortWithinPartitions("gentity", "gkey", "t", "eid", "phase", "column")
             .mapInArrow(_fold, _ddl(_READS))
