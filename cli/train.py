@@ -3,6 +3,7 @@ log, and its evaluation against the baselines and the oracle."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -262,6 +263,11 @@ def _train_log(log_dir: Path, out: Path, routes: str | None, cfg: LogTrainConfig
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated world seeds.")
 @click.option("--hours", type=float, help="Simulated hours per seed [default: the world's].")
 @click.option("--no-ope", is_flag=True, help="Skip the off-policy estimates (saves one play per seed).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Seeds played at once, each in its own process [default: the CPUs, at most one per seed].",
+)
 @log_option("Evaluate off-policy on this log's decisions instead of playing a world.")
 @click.option(
     "--champion",
@@ -290,6 +296,7 @@ def evaluate(
     seeds: str,
     hours: float | None,
     no_ope: bool,
+    workers: int | None,
     log_dir: Path | None,
     champion: Path | None,
     routes: str | None,
@@ -303,11 +310,14 @@ def evaluate(
     OUT/ope.json and OUT/report.md (docs/history.md).
     """
     given = {
-        n for n in ("world_refs", "seeds", "hours", "no_ope", "champion", "routes", "since", "exploration")
+        n
+        for n in (
+            "world_refs", "seeds", "hours", "no_ope", "workers", "champion", "routes", "since", "exploration"
+        )
         if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT
     }  # fmt: skip
     if log_dir is not None:
-        clash = sorted(given & {"world_refs", "seeds", "hours", "no_ope"})
+        clash = sorted(given & {"world_refs", "seeds", "hours", "no_ope", "workers"})
         if clash:
             flags = ", ".join("--" + n.replace("_refs", "").replace("_", "-") for n in clash)
             raise click.UsageError(f"{flags} play a world; --log evaluates on the log's decisions")
@@ -345,15 +355,30 @@ def evaluate(
             config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
         docs.append(
             evaluate_world(
-                config, model_dir, seed_list, ope=not no_ope, progress=lambda m: click.echo(m, err=True)
+                config,
+                model_dir,
+                seed_list,
+                ope=not no_ope,
+                progress=lambda m: click.echo(m, err=True),
+                workers=workers or min(os.cpu_count() or 1, len(seed_list)),
             )
         )
     path = write_results(docs, out)
+    _echo_results(docs)
+    click.echo(str(path))
+
+
+def _echo_results(docs: list[dict[str, Any]]) -> None:
     for doc in docs:
         for name, t in doc["targets"].items():
             verdict = "met" if t["met"] else "NOT met"
             click.echo(f"{doc['world']}: {name} {t['measured']:.4f} (target {t['target']}) {verdict}")
-    click.echo(str(path))
+        capture = doc.get("paired", {}).get("capture_first_attempt")
+        if capture:
+            click.echo(
+                f"{doc['world']}: capture {capture['estimate']:.3f} paired 95 % [{capture['lo']:.3f}, "
+                f"{capture['hi']:.3f}] (half-width {capture['half_width']:.3f})"
+            )
 
 
 def _evaluate_log(

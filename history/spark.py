@@ -65,6 +65,7 @@ __all__ = ["MIN_JAVA", "ROWS_PER_PARTITION", "java_version", "spark_rows"]
 
 MIN_JAVA = 17  # PySpark 4
 ROWS_PER_PARTITION = 250_000  # log records per partition when none is given
+_BATCH_ROWS = 20_000  # rows per Arrow batch a step yields (at most about)
 _INF = float("inf")
 _CARD = Entity.CARD_MERCHANT
 _CARD_AMOUNT = Entity.CARD_MERCHANT_AMOUNT
@@ -183,7 +184,7 @@ def _session(master: str, partitions: int, conf: Mapping[str, str]) -> tuple[Spa
     if master.startswith("local"):  # everything on this machine, on the loopback interface
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = (
-            builder.config("spark.driver.memory", "3g")
+            builder.config("spark.driver.memory", "6g")
             .config("spark.driver.host", "127.0.0.1")
             .config("spark.driver.bindAddress", "127.0.0.1")
         )
@@ -272,6 +273,9 @@ def _payments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             if pay[i] != current:
                 if pending:
                     _payment(pending, out, increments)
+                    if len(out.fold[0]) >= _BATCH_ROWS:  # ~15 items an attempt: bounded batches
+                        yield out.batch()
+                        out = _Items()
                 pending, current = [], pay[i]
             pending.append((t[i], eid[i], event[i]))
         yield out.batch()
@@ -484,7 +488,7 @@ def spark_rows(
             log.repartition(parts, "pay")
             .sortWithinPartitions("pay", "t", "eid")
             .mapInArrow(_payments, _ddl(_ITEMS))
-            .persist(StorageLevel.MEMORY_AND_DISK)
+            .persist(StorageLevel.DISK_ONLY)  # read twice (reads, specs); ~15 items per attempt
         )
         reads = (
             items.where(F.col("kind") == 0)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from sim.policies import (
 )
 from sim.world import World
 
-__all__ = ["POLICIES", "TARGETS", "evaluate_world", "play_metrics"]
+__all__ = ["POLICIES", "TARGETS", "evaluate_world", "paired_estimates", "play_metrics"]
 
 POLICIES = ("static", "cheapest", "success-rate", "oracle", "authopt+ladder", "authopt")
 # t_{0.975} for n-1 degrees of freedom (n seeds).
@@ -91,6 +93,80 @@ def _ci(values: Sequence[float]) -> dict[str, float]:
         return {"mean": mean, "ci95": float("nan"), "n": len(vals)}
     half = _T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
     return {"mean": mean, "ci95": half, "n": len(vals)}
+
+
+_PAIRS = (("authopt", "static"), ("authopt", "success-rate"), ("oracle", "static"))
+
+
+def paired_estimates(
+    series: dict[str, dict[int, PlayResult]],
+    seeds: Sequence[int],
+    *,
+    block_s: float = 3600.0,
+    draws: int = 2000,
+    rng_seed: int = 0,
+) -> dict[str, Any]:
+    """First-attempt approval differences between policies on the same payments, and the capture.
+
+    Every policy plays a seed's payments with the same draws, so the difference is taken payment by
+    payment (authopt - static, authopt - success-rate, oracle - static, in percentage points, pooled
+    over seeds) and its 95 % interval is a percentile bootstrap over blocks of `block_s` of world
+    time per seed (seeds x hours): payments of one hour share the world's state (an incident, an
+    issuer's mood), so they are resampled together. Capture = (authopt - static) / (oracle -
+    static), a ratio of paired means, with its interval from the same resamples.
+    """
+    have = [p for p in ("static", "success-rate", "oracle", "authopt") if p in series]
+    counts: list[np.ndarray] = []
+    sums: dict[str, list[np.ndarray]] = {p: [] for p in have}
+    for s in seeds:
+        at = np.asarray(series[have[0]][s].at, dtype=np.float64)
+        if not len(at):
+            continue
+        block = ((at - at.min()) // block_s).astype(np.int64)
+        size = int(block.max()) + 1
+        for p in have:
+            if len(series[p][s].first_approved) != len(at):
+                raise ValueError(
+                    f"seed {s}: {p} played {len(series[p][s].first_approved)} payments, not {len(at)}"
+                )
+            ok = np.asarray(series[p][s].first_approved, dtype=np.float64)
+            sums[p].append(np.bincount(block, weights=ok, minlength=size))
+        counts.append(np.bincount(block, minlength=size).astype(np.float64))
+    if not counts:
+        return {}
+    n_pay = np.concatenate(counts)
+    keep = n_pay > 0
+    n_pay = n_pay[keep]
+    total = {p: np.concatenate(v)[keep] for p, v in sums.items()}
+    blocks = len(n_pay)
+    rng = np.random.default_rng(rng_seed)
+    weights = rng.multinomial(blocks, np.full(blocks, 1.0 / blocks), size=draws).astype(np.float64)
+    point_w = np.ones(blocks)
+    boot_n, point_n = weights @ n_pay, point_w @ n_pay
+    boot = {p: weights @ v for p, v in total.items()}
+    point = {p: float(point_w @ v) for p, v in total.items()}
+    out: dict[str, Any] = {"blocks": blocks, "block_s": block_s, "payments": int(point_n), "draws": draws}
+
+    def interval(estimate: float, samples: np.ndarray) -> dict[str, float]:
+        samples = samples[np.isfinite(samples)]
+        if not len(samples):
+            return {"estimate": estimate, "lo": float("nan"), "hi": float("nan"), "half_width": float("nan")}
+        lo, hi = (float(v) for v in np.percentile(samples, [2.5, 97.5]))
+        return {"estimate": estimate, "lo": lo, "hi": hi, "half_width": (hi - lo) / 2}
+
+    for a, b in _PAIRS:
+        if a in total and b in total:
+            out[f"{a}_minus_{b}_pp"] = interval(
+                100 * (point[a] - point[b]) / point_n, 100 * (boot[a] - boot[b]) / boot_n
+            )
+    if {"authopt", "static", "oracle"} <= set(total):
+        gap = point["oracle"] - point["static"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (boot["authopt"] - boot["static"]) / (boot["oracle"] - boot["static"])
+        out["capture_first_attempt"] = interval(
+            (point["authopt"] - point["static"]) / gap if gap else float("nan"), ratio
+        )
+    return out
 
 
 @dataclass
@@ -164,6 +240,58 @@ def _policy(name: str, model: LoadedModel | None, seed: int) -> Any:
     raise ValueError(f"unknown policy {name!r}")
 
 
+@dataclass
+class _SeedRun:
+    """Every policy's play of one seed (what the summary needs of it)."""
+
+    seed: int
+    runs: dict[str, dict[str, float]]
+    series: dict[str, PlayResult]
+    ope: dict[str, float] | None
+    calib_p: list[float]
+    calib_y: list[float]
+
+
+def _evaluate_seed(
+    config: WorldConfig,
+    model_dir: Path,
+    seed: int,
+    policies: Sequence[str],
+    ope: bool,
+    progress: Callable[[str], None] | None = None,
+) -> _SeedRun:
+    torch.set_num_threads(1)
+    model = load_model_dir(model_dir)
+    world = World(config, seed)
+    payments = world.payments()
+    run = _SeedRun(seed, {}, {}, None, [], [])
+    for name in policies:
+        started = time.monotonic()
+        result = play(world, _policy(name, model, seed), payments=payments)
+        run.runs[name] = play_metrics(result)
+        run.series[name] = result
+        if progress is not None:
+            took = time.monotonic() - started
+            progress(f"{config.name} seed {seed} {name}: {len(payments)} payments, {took:.0f} s")
+        if name == "authopt":
+            for pm, ok in zip(result.first_p_model, result.first_approved, strict=True):
+                if pm >= 0:
+                    run.calib_p.append(pm)
+                    run.calib_y.append(float(ok))
+    if ope and "authopt" in policies:
+        started = time.monotonic()
+        log = _OpeLog([], [], [], [], [])
+        logged = play(
+            world, Logging(seed=seed), payments=payments, features=True, on_decision=_ope_recorder(log)
+        )
+        est = _ope(log, logged, model, Authopt(model).exploration_rate)
+        est["on_policy"] = run.runs["authopt"]["first_attempt_value"]
+        run.ope = est
+        if progress is not None:
+            progress(f"{config.name} seed {seed} off-policy: {time.monotonic() - started:.0f} s")
+    return run
+
+
 def evaluate_world(
     config: WorldConfig,
     model_dir: Path,
@@ -172,42 +300,37 @@ def evaluate_world(
     policies: Sequence[str] = POLICIES,
     ope: bool = True,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Play every policy on `config` for every seed; the results document (see `write_results`)."""
-    torch.set_num_threads(1)
+    """Play every policy on `config` for every seed; the results document (see `write_results`).
+
+    `workers` > 1 plays that many seeds at once, each in its own process (one core each: a play is
+    one thread of Python); the results are the same as one after another."""
     model = load_model_dir(model_dir)
-    runs: dict[str, dict[int, dict[str, float]]] = {p: {} for p in policies}
-    series: dict[str, dict[int, PlayResult]] = {p: {} for p in policies}
+    done: list[_SeedRun] = []
+    if workers > 1 and len(seeds) > 1:
+        context = multiprocessing.get_context("spawn")  # no forked torch state
+        with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=context) as pool:
+            started = time.monotonic()
+            futures = [pool.submit(_evaluate_seed, config, model_dir, s, policies, ope) for s in seeds]
+            for future in as_completed(futures):
+                run = future.result()
+                done.append(run)
+                if progress is not None:
+                    took = time.monotonic() - started
+                    progress(f"{config.name} seed {run.seed}: every policy played ({took:.0f} s since start)")
+    else:
+        done = [_evaluate_seed(config, model_dir, s, policies, ope, progress) for s in seeds]
+    by_seed = {r.seed: r for r in done}
+    runs = {p: {s: by_seed[s].runs[p] for s in seeds} for p in policies}
+    series = {p: {s: by_seed[s].series[p] for s in seeds} for p in policies}
     ope_rows: dict[int, dict[str, float]] = {}
-    calib_p: list[float] = []
-    calib_y: list[float] = []
-    for seed in seeds:
-        world = World(config, seed)
-        payments = world.payments()
-        for name in policies:
-            started = time.monotonic()
-            result = play(world, _policy(name, model, seed), payments=payments)
-            runs[name][seed] = play_metrics(result)
-            series[name][seed] = result
-            if progress is not None:
-                took = time.monotonic() - started
-                progress(f"{config.name} seed {seed} {name}: {len(payments)} payments, {took:.0f} s")
-            if name == "authopt":
-                for pm, ok in zip(result.first_p_model, result.first_approved, strict=True):
-                    if pm >= 0:
-                        calib_p.append(pm)
-                        calib_y.append(float(ok))
-        if ope and "authopt" in policies:
-            started = time.monotonic()
-            log = _OpeLog([], [], [], [], [])
-            logged = play(
-                world, Logging(seed=seed), payments=payments, features=True, on_decision=_ope_recorder(log)
-            )
-            est = _ope(log, logged, model, Authopt(model).exploration_rate)
-            est["on_policy"] = runs["authopt"][seed]["first_attempt_value"]
-            ope_rows[seed] = est
-            if progress is not None:
-                progress(f"{config.name} seed {seed} off-policy: {time.monotonic() - started:.0f} s")
+    for s in seeds:
+        est = by_seed[s].ope
+        if est is not None:
+            ope_rows[s] = est
+    calib_p = [v for s in seeds for v in by_seed[s].calib_p]
+    calib_y = [v for s in seeds for v in by_seed[s].calib_y]
     return _summarize(config, model, seeds, runs, series, ope_rows, calib_p, calib_y)
 
 
@@ -249,6 +372,9 @@ def _summarize(
             **_ci(capture("net_revenue")),
             "per_seed": capture("net_revenue"),
         }
+    paired = paired_estimates(series, seeds)
+    if paired:
+        doc["paired"] = paired
     if {"success-rate", "authopt"} <= have:
         diff = [
             100

@@ -119,6 +119,32 @@ def _plots(doc: dict[str, Any], out: Path) -> list[str]:
     return files
 
 
+_PAIRED_ROWS = (
+    ("authopt_minus_static_pp", "authopt − static, first-attempt approval (pp)"),
+    ("authopt_minus_success-rate_pp", "authopt − success-rate (pp)"),
+    ("oracle_minus_static_pp", "oracle − static (pp)"),
+    ("capture_first_attempt", "capture of the oracle's uplift (ratio of paired means)"),
+)
+
+
+def _paired(paired: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Paired on the same payments ({paired['payments']:,}), 95 % percentile bootstrap over "
+        f"{paired['blocks']} blocks of {paired['block_s'] / 3600:g} h of world time per seed "
+        f"({paired['draws']} draws):",
+        "",
+        "| estimate | value | 95 % interval | half-width |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in _PAIRED_ROWS:
+        if key in paired:
+            e = paired[key]
+            lines.append(
+                f"| {label} | {e['estimate']:.3f} | [{e['lo']:.3f}, {e['hi']:.3f}] | {e['half_width']:.3f} |"
+            )
+    return [*lines, ""]
+
+
 def write_report(docs: list[dict[str, Any]], out: Path) -> Path:
     lines = ["# authopt evaluation", ""]
     for doc in docs:
@@ -140,6 +166,8 @@ def write_report(docs: list[dict[str, Any]], out: Path) -> Path:
                     f"| {name} | {t['target']} | {t['measured']:.4f} | {'yes' if t['met'] else '**no**'} |"
                 )
             lines.append("")
+        if doc.get("paired"):
+            lines += _paired(doc["paired"])
         if "off_policy" in doc:
             lines += [
                 "Off-policy estimates of authopt's first-attempt value per payment (minor units) from the "

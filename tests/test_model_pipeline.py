@@ -158,6 +158,13 @@ def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
 
 def test_evaluate_writes_results_report_and_plots(trained: Path, tmp_path: Path) -> None:
     doc = evaluate_world(tiny(hours=2), trained, [1, 2])
+    # seeds in two processes: the same document
+    both = evaluate_world(tiny(hours=2), trained, [1, 2], workers=2)
+    assert both["runs"] == doc["runs"] and both["paired"] == doc["paired"]
+    paired = doc["paired"]
+    assert paired["payments"] == sum(int(doc["runs"]["static"][s]["payments"]) for s in ("1", "2"))
+    capture = paired["capture_first_attempt"]
+    assert capture["lo"] <= capture["estimate"] <= capture["hi"]
     path = write_results([doc], tmp_path)
     results = json.loads(path.read_text())["worlds"][0]
     assert set(results["runs"]) == {
@@ -184,6 +191,7 @@ def test_evaluate_writes_results_report_and_plots(trained: Path, tmp_path: Path)
     assert set(results["targets"]) >= {"uplift_capture_first_attempt", "violations", "ece"}
     report = (tmp_path / "report.md").read_text()
     assert "| first-attempt approval |" in report
+    assert "| capture of the oracle's uplift (ratio of paired means) |" in report
     for png in ("reliability", "approval-over-time", "uplift-by-segment"):
         assert (tmp_path / f"default-{png}.png").stat().st_size > 1000
 
