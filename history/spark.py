@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from authopt.v1 import attempt_pb2, events_pb2
-from history.backfill import BackfillError
+from history.backfill import ROWS_SCHEMA, BackfillError
 from history.store import log_files
 from model.dataset import encode_in_context, payment_rows
 from model.features import card_key, lookup_features
@@ -112,16 +112,7 @@ _READS = pa.schema(
     ]
 )
 _LOG = pa.schema([("t", pa.int64()), ("eid", pa.string()), ("event", pa.binary()), ("pay", pa.string())])
-_OUT = pa.schema(
-    [
-        ("at_us", pa.int64()),
-        ("event_id", pa.string()),
-        ("column", pa.int16()),
-        ("y", pa.float32()),
-        ("x", pa.binary()),
-        ("dead", pa.string()),
-    ]
-)
+_OUT = ROWS_SCHEMA
 
 
 def _ddl(schema: pa.Schema) -> str:
@@ -180,6 +171,9 @@ def _session(master: str, partitions: int, conf: Mapping[str, str]) -> tuple[Spa
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", str(partitions))
+        # a Python worker that dies says where (a traceback, not "exited unexpectedly")
+        .config("spark.python.worker.faulthandler.enabled", "true")
+        .config("spark.sql.execution.pyspark.udf.faulthandler.enabled", "true")
     )
     if master.startswith("local"):  # everything on this machine, on the loopback interface
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")

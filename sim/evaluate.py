@@ -414,7 +414,9 @@ def _summarize(
 
 def _targets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     measured: dict[str, float] = {}
-    if "uplift_capture_first_attempt" in doc:
+    if "capture_first_attempt" in doc.get("paired", {}):  # the ratio of paired means (issue 22)
+        measured["uplift_capture_first_attempt"] = doc["paired"]["capture_first_attempt"]["estimate"]
+    elif "uplift_capture_first_attempt" in doc:
         measured["uplift_capture_first_attempt"] = doc["uplift_capture_first_attempt"]["mean"]
     if "beats_success_rate_pp" in doc:
         measured["beats_success_rate_pp"] = doc["beats_success_rate_pp"]["mean"]
