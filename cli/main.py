@@ -28,6 +28,9 @@ __all__ = ["main"]
 @click.version_option(package_name="authopt")
 def main(log_level: str) -> None:
     """authopt: real-time payment authorization optimizer (routing and retry decisions over gRPC)."""
+    from streams.broker import tie_to_parent
+
+    tie_to_parent()  # a child of `authopt up`: ends with it
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

@@ -45,7 +45,7 @@ from cli.errors import CliError
 from sim.config import WorldConfig
 from sim.platform import Platform
 from sim.platform_settings import SimulateSettings
-from streams.broker import LocalBroker, LocalWorker, die_with_parent, free_port, start_broker, start_worker
+from streams.broker import PARENT_ENV, LocalBroker, LocalWorker, free_port, start_broker, start_worker
 
 __all__ = ["Child", "Stack", "UpError", "UpOptions", "run_up"]
 
@@ -213,6 +213,7 @@ def _start_server(
         "AUTHOPT_KAFKA_BOOTSTRAP": bootstrap,
         "AUTHOPT_SERVER_HOST": "127.0.0.1",
         "AUTHOPT_SERVER_SEED": str(seed),
+        PARENT_ENV: str(os.getpid()),  # the server ties itself to us (streams.broker.tie_to_parent)
     }
     if online_store:
         env["AUTHOPT_SERVER_ONLINE_STORE"] = online_store
@@ -228,7 +229,6 @@ def _start_server(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent(),
         )
     return Child("server", proc, f"127.0.0.1:{port}", log_path)
 

@@ -115,17 +115,20 @@ _LOG = pa.schema([("t", pa.int64()), ("eid", pa.string()), ("event", pa.binary()
 _OUT = ROWS_SCHEMA
 
 
+_SPARK_TYPES = {
+    pa.int8(): "tinyint",
+    pa.int16(): "smallint",
+    pa.int64(): "bigint",
+    pa.float32(): "float",
+    pa.float64(): "double",
+    pa.string(): "string",
+    pa.binary(): "binary",
+}
+
+
 def _ddl(schema: pa.Schema) -> str:
-    names = {
-        pa.int8(): "tinyint",
-        pa.int16(): "smallint",
-        pa.int64(): "bigint",
-        pa.float32(): "float",
-        pa.float64(): "double",
-        pa.string(): "string",
-        pa.binary(): "binary",
-    }
-    return ", ".join(f"`{f.name}` {names[f.type]}" for f in schema)
+    """A mapInArrow output schema in Spark's DDL."""
+    return ", ".join(f"`{f.name}` {_SPARK_TYPES[f.type]}" for f in schema)
 
 
 def java_version() -> int | None:
@@ -495,7 +498,7 @@ def spark_rows(
             *(
                 F.col(f.name)
                 if f.name in _ITEMS.names
-                else F.lit(None).cast(_ddl(pa.schema([f])).split()[1]).alias(f.name)
+                else F.lit(None).cast(_SPARK_TYPES[f.type]).alias(f.name)
                 for f in _READS
             )
         )

@@ -24,6 +24,7 @@ from typing import IO
 from streams.errors import StreamsError
 
 __all__ = [
+    "PARENT_ENV",
     "BrokerError",
     "LocalBroker",
     "LocalWorker",
@@ -33,6 +34,7 @@ __all__ = [
     "start_broker",
     "start_worker",
     "stop_process",
+    "tie_to_parent",
 ]
 
 
@@ -149,6 +151,7 @@ def start_worker(
         **os.environ,
         "AUTHOPT_KAFKA_BOOTSTRAP": bootstrap,
         "AUTHOPT_WORKER_LOCAL_BROKER": "true" if local_broker else "false",
+        **({PARENT_ENV: str(os.getpid())} if tie_to_parent else {}),
         **(env or {}),
     }
     with log_path.open("ab") as out:
@@ -158,26 +161,49 @@ def start_worker(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent() if tie_to_parent else None,
         )
     return LocalWorker(proc, log_path)
 
 
+PARENT_ENV = "AUTHOPT_DIE_WITH_PARENT"  # the pid a Python child asks Linux to SIGTERM it after
+
+
 def die_with_parent() -> Callable[[], None] | None:
     """A `preexec_fn` that has Linux send the child SIGTERM when the process that started it dies
-    (even by SIGKILL), so an embedded run never leaves a broker or worker behind; None elsewhere."""
+    (even by SIGKILL), so an embedded run never leaves a broker or worker behind; None elsewhere.
+
+    For a child that is not Python (the broker), started before this process has threads: code run
+    between fork and exec in a process with threads can deadlock or crash (a lock another thread
+    held at the fork), so the function is resolved here and the child only calls it. A Python child
+    is tied from its own side instead (`PARENT_ENV`, `tie_to_parent`)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
     import signal
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up now, not in the forked child
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
 
     def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        prctl(pr_set_pdeathsig, sigterm)
 
     return preexec
+
+
+def tie_to_parent() -> None:
+    """In a child started with `PARENT_ENV` set: SIGTERM when that parent dies (Linux), as
+    `die_with_parent` does, but from the child after exec: `authopt up` restarts a worker while its
+    traffic threads run, and a restarted worker whose `preexec_fn` ran in the forked copy of that
+    process crashed twice with SIGSEGV before exec (CI, 2026-12-06)."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+    if os.getppid() != int(parent):  # the parent died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _accepting(host: str, port: int) -> bool:

@@ -88,6 +88,24 @@ def test_up_runs_the_whole_loop_and_authopt_beats_static(tmp_path: Path) -> None
     assert "worker up (ready)" in out  # the worker's health endpoint, in the status lines
 
 
+@pytest.mark.timeout(240)
+def test_a_sigkilled_up_takes_its_processes_with_it(tmp_path: Path) -> None:
+    """The broker (prctl before exec) and the worker and server (which tie themselves to `up` from
+    their own side, streams.broker.tie_to_parent) get SIGTERM when `up` dies without a word."""
+    proc = _up(tmp_path, "--rate", "50")
+    lines = _until_traffic(proc, timeout_s=120)
+    pids = {
+        name: int(next(x for x in lines if x.startswith(f"{name} ")).split("pid")[1].split()[0].rstrip(","))
+        for name in ("broker", "worker", "server")
+    }
+    proc.kill()
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in pids.values()):
+        time.sleep(0.2)
+    assert {name: _gone(pid) for name, pid in pids.items()} == dict.fromkeys(pids, True)
+
+
 @pytest.mark.timeout(180)
 def test_ctrl_c_stops_everything_in_order(tmp_path: Path) -> None:
     proc = _up(tmp_path, "--rate", "50")
