@@ -1,7 +1,9 @@
-"""`authopt world`: check a world file, emit its logging policy's log; the `--world` option's loader."""
+"""`authopt world`: check a world file, write its logging policy's log or history, or a served model's
+log; the `--world` option's loader."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,3 +132,82 @@ def world_history(
         ]
         routes_out.write_text(json.dumps(routes, indent=2) + "\n")
         click.echo(f"{len(routes)} routes -> {routes_out}")
+
+
+@world.command("served")
+@click.argument("world_ref")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    required=True,
+    help="Model version directory to serve (an `authopt train` output).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Log directory to write into, in `authopt log export`'s layout (attempts/ and decisions/).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--hours", type=float, help="Simulated hours [default: the world's].")
+@click.option(
+    "--start",
+    type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]),
+    help="When the world starts (UTC unless an offset is given) [default: the world's]; e.g. the end "
+    "of the history the model was trained on.",
+)
+@click.option(
+    "--exploration",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="The server's exploration rate (ε) while serving.",
+)
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def world_served(
+    world_ref: str,
+    model_dir: Path,
+    out: Path,
+    seed: int,
+    hours: float | None,
+    start: datetime | None,
+    exploration: float,
+    quiet: bool,
+) -> None:
+    """Serve MODEL in the world and write what its platform would export: the attempts and the
+    decision log (each first attempt's decision record, with every route's propensity), as `authopt
+    log export` writes them. `authopt train --log` reads the decisions as a served model's own
+    routing (its on-policy refit and selection correction)."""
+    import torch
+
+    from server.models import ModelRejected, load_model_dir
+    from sim.served import served_log
+    from sim.world import World
+
+    config = load_world_ref(world_ref)
+    update: dict[str, object] = {}
+    if hours is not None:
+        update["traffic"] = config.traffic.model_copy(update={"hours": hours})
+    if start is not None:
+        update["start"] = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
+    config = config.model_copy(update=update)
+    try:
+        model = load_model_dir(model_dir)
+    except (ModelRejected, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    torch.set_num_threads(1)
+    w = World(config, seed)
+    payments = w.payments()
+    step = max(1, len(payments) // 20)
+
+    def progress(n: int) -> None:
+        if not quiet and (n % step == 0 or n == len(payments)):
+            click.echo(f"{n:,} of {len(payments):,} payments", err=True)
+
+    log = served_log(w, model, out, payments=payments, exploration=exploration, seed=seed, progress=progress)
+    click.echo(
+        f"{log.attempts:,} attempts and {log.decisions:,} decisions of {log.payments:,} payments "
+        f"({config.name}, seed {seed}, model {model.version}, first-attempt approval "
+        f"{100 * log.first_attempt_approval:.2f} %) -> {out} ({', '.join(log.days)})"
+    )

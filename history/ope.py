@@ -19,7 +19,18 @@ route's cost, minor units at par) the estimates are:
   propensities or q̂ are right.
 
 with 95 % percentile bootstrap intervals (rows resampled), and the effective sample size
-``(Σ w)² / Σ w²``. The reward model q̂ is the champion's P(approve) when a champion is given (the
+``(Σ w)² / Σ w²``.
+
+A policy whose choice depends on the outcomes of its own earlier choices (success-rate routing keeps
+running counts of what it caused) is not a function of the logged context alone, so IPS and DR cannot
+weigh it. `replay_policy` estimates it by **rejection-sampling replay** (Li et al., WSDM 2011, for
+uniform logging; Dudík et al., UAI 2012, for known non-uniform propensities): walking the decisions in
+time order, decision i is accepted with probability ``π_t(a_i|x_i) / (M μ(a_i|x_i))`` (M the largest
+``1/μ`` in the log), so every context is accepted with the same probability 1/M and an accepted
+decision's route is distributed as the policy would have chosen it; the policy learns only the
+accepted outcomes, as if it had served that thinned stream. The estimate is unbiased for the policy
+run on a stream 1/M as dense (a policy that learns from counts learns more slowly per unit time there;
+measured in `docs/history.md`). The reward model q̂ is the champion's P(approve) when a champion is given (the
 model trusted today; the same q̂ for both, so their difference is paired), else the candidate's. A
 log without propensities gives the direct method only, labelled biased.
 """
@@ -31,7 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +68,8 @@ __all__ = [
     "LoggedDecisions",
     "LoggedRetry",
     "PolicyValue",
+    "ReplayPolicy",
+    "ReplayValue",
     "RuleCheck",
     "calibration",
     "collect",
@@ -64,6 +77,7 @@ __all__ = [
     "logging_value",
     "model_policy",
     "predict",
+    "replay_policy",
     "rule_violations",
     "uplift",
 ]
@@ -409,6 +423,90 @@ def evaluate_policy(
     ws = w[weighted]
     ess = float(ws.sum() ** 2 / (ws**2).sum()) if weighted.any() and (ws**2).sum() > 0 else math.nan
     return PolicyValue(estimates, ess, len(idx), int(weighted.sum()), contributions)
+
+
+class ReplayPolicy(Protocol):
+    """A policy that learns from the outcomes of its own choices (for `replay_policy`)."""
+
+    def probabilities(self, logged: LoggedDecisions, i: int) -> Sequence[float]:
+        """π(·|x_i) over `logged.candidates[i]`, given the outcomes it has learned so far."""
+        ...
+
+    def learn(self, logged: LoggedDecisions, i: int, chosen: int) -> None:
+        """Decision i went to candidate `chosen`; its outcome is `logged.approved[i]`."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReplayValue:
+    """A history-dependent policy's value by rejection-sampling replay (`replay_policy`)."""
+
+    estimates: dict[str, Estimate]  # metric -> the replays' mean, with its 95 % interval
+    accepted: float  # decisions accepted per replay (mean)
+    replays: int
+    bound: float  # M: every decision is accepted with probability 1/M
+    rows: int
+    over_bound: int  # decisions whose π/μ exceeded M (accepted with probability 1; 0 when μ is right)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "accepted": self.accepted,
+            "replays": self.replays,
+            "bound": self.bound,
+            "over_bound": self.over_bound,
+            **{m: {"replay": e.as_dict()} for m, e in self.estimates.items()},
+        }
+
+
+def replay_policy(
+    logged: LoggedDecisions,
+    make_policy: Callable[[int], ReplayPolicy],
+    *,
+    replays: int = 20,
+    seed: int = 0,
+    rows: npt.NDArray[np.bool_] | None = None,
+) -> ReplayValue:
+    """The value of the policies `make_policy(r)` (a fresh one per replay r, seeded by r) on the
+    logged traffic by rejection-sampling replay (see the module docstring), over the decisions
+    selected by `rows` (all by default) that carry a propensity. The estimate is the mean of
+    `replays` independent replays; its interval is one replay's normal interval (mean ± 1.96 × the
+    accepted rewards' standard error), which bounds the mean's spread from above."""
+    keep = np.ones(len(logged), dtype=bool) if rows is None else rows
+    mu = np.array(logged.propensity)
+    idx = np.flatnonzero(keep & ~np.isnan(mu))
+    if not len(idx):
+        nan = Estimate(math.nan, math.nan, math.nan)
+        return ReplayValue({m: nan for m in METRICS}, 0.0, replays, math.nan, 0, 0)
+    bound = float(1.0 / mu[idx].min())
+    rewards = {m: r for m, (r, _) in _rewards(logged, [np.zeros(len(c)) for c in logged.cost]).items()}
+    rng = np.random.default_rng(seed)
+    means: dict[str, list[float]] = {m: [] for m in METRICS}
+    variances: dict[str, list[float]] = {m: [] for m in METRICS}
+    counts: list[int] = []
+    over = 0
+    for r in range(replays):
+        target = make_policy(r)
+        draws = rng.random(len(idx))
+        taken: list[int] = []
+        for i, u in zip(idx, draws, strict=True):
+            a = logged.chosen[i]
+            ratio = float(target.probabilities(logged, int(i))[a]) / (bound * mu[i])
+            if ratio > 1.0 and r == 0:
+                over += 1
+            if u < ratio:
+                target.learn(logged, int(i), a)
+                taken.append(int(i))
+        counts.append(len(taken))
+        for m in METRICS:
+            got = rewards[m][taken]
+            means[m].append(float(got.mean()) if len(got) else math.nan)
+            variances[m].append(float(got.var(ddof=1)) / len(got) if len(got) > 1 else math.nan)
+    estimates = {}
+    for m in METRICS:
+        value, se = float(np.mean(means[m])), math.sqrt(float(np.mean(variances[m])))
+        estimates[m] = Estimate(value, value - 1.96 * se, value + 1.96 * se)
+    return ReplayValue(estimates, float(np.mean(counts)), replays, bound, len(idx), over)
 
 
 def logging_value(logged: LoggedDecisions, *, resamples: int = 300, seed: int = 0) -> dict[str, Estimate]:

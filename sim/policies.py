@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -55,6 +56,7 @@ __all__ = [
 
 _DAY = 86_400
 Source = optimizer_pb2.DecisionSource
+OnResponse = Callable[[AttemptView, optimizer_pb2.RecommendRequest, optimizer_pb2.RecommendResponse], None]
 
 
 def _network(view: AttemptView) -> str:
@@ -158,21 +160,34 @@ class SuccessRate(_Base):
             return sum(r) / len(r)
         return 0.8
 
+    def _active(self, routes: Sequence[int], dim: str) -> tuple[int, list[int]]:
+        """The best-scoring route (ties: the earlier one) and the routes not eliminated beside it."""
+        scores = {r: self._score(r, dim) for r in routes}
+        best = max(routes, key=lambda r: (scores[r], -routes.index(r)))
+        return best, [r for r in routes if scores[r] >= scores[best] - self.elimination_gap] or [best]
+
+    def probabilities(self, routes: Sequence[int], dim: str) -> list[float]:
+        """π(route) for each of `routes` given what has been observed so far: the best route
+        1 − hedging + hedging / k, each other of the k routes not eliminated hedging / k, the rest 0
+        (what `history.ope.replay_policy` weighs a logged decision by)."""
+        best, active = self._active(routes, dim)
+        k = len(active)
+        return [(1 - self.hedging) * (r == best) + (self.hedging / k if r in active else 0.0) for r in routes]
+
     def route(self, view: AttemptView) -> Decision:
-        dim = self._dim(view)
-        scores = {r: self._score(r, dim) for r in view.routes}
-        best = max(view.routes, key=lambda r: (scores[r], -view.routes.index(r)))
-        active = [r for r in view.routes if scores[r] >= scores[best] - self.elimination_gap] or [best]
+        best, active = self._active(view.routes, self._dim(view))
         k = len(active)
         pick = active[self.rng.randrange(k)] if self.rng.random() < self.hedging else best
         p = (1 - self.hedging) * (pick == best) + self.hedging / k
         return Decision(pick, p, pick != best)
 
+    def learn(self, route: int, dim: str, approved: bool) -> None:
+        """One outcome of `route` for a card of BIN-6 range `dim` into both windows."""
+        self.by_dim.setdefault((route, dim), deque(maxlen=self.window)).append(int(approved))
+        self.by_route.setdefault(route, deque(maxlen=self.window)).append(int(approved))
+
     def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
-        ok = int(outcome.status == APPROVED)
-        key = (route, self._dim(view))
-        self.by_dim.setdefault(key, deque(maxlen=self.window)).append(ok)
-        self.by_route.setdefault(route, deque(maxlen=self.window)).append(ok)
+        self.learn(route, self._dim(view), outcome.status == APPROVED)
 
 
 def candidates(view: AttemptView) -> list[server_policy.Candidate]:
@@ -275,6 +290,8 @@ class Authopt:
         self.name = "authopt" if retries == "model" else "authopt+ladder"
         self.rng = random.Random(seed)
         self.ladder = Ladder()
+        # Sees each first-attempt decision as the server would log it (`sim.served`).
+        self.on_response: OnResponse | None = None
 
     def request(self, view: AttemptView, *, with_history: bool) -> optimizer_pb2.RecommendRequest:
         w, pay = view.world, view.payment
@@ -312,7 +329,10 @@ class Authopt:
         return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng)
 
     def route(self, view: AttemptView) -> Decision:
-        resp = self.decide(view, self.request(view, with_history=False))
+        req = self.request(view, with_history=False)
+        resp = self.decide(view, req)
+        if self.on_response is not None:
+            self.on_response(view, req, resp)
         source = optimizer_pb2.DecisionSource.Name(resp.decision_source).removeprefix("DECISION_SOURCE_")
         top = resp.routes[0]
         p = top.approval_probability if resp.decision_source == Source.DECISION_SOURCE_MODEL else -1.0

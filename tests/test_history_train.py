@@ -286,3 +286,60 @@ def test_evaluate_on_a_log_and_promote_through_the_gate(tmp_path: Path) -> None:
     )  # fmt: skip
     assert refused.exit_code == 1 and "FAIL uplift" in refused.output and "not promoted" in refused.output
     assert (models / "CURRENT").read_text().strip() == "trained"
+
+
+@pytest.mark.slow
+def test_a_served_models_log_is_read_as_its_own_routing(tmp_path: Path) -> None:
+    """`authopt world served` writes a served model's attempts and decision records as `log export`
+    does; each first attempt joins its decision, with the server's propensities; `train --log` reads
+    them as that model's own routing and applies the selection correction fitted on them."""
+    from history.ope import collect
+    from history.store import read_decisions
+    from model.artifacts import DEFAULT_MODEL_DIR
+    from sim.served import served_log
+    from streams.decisions import join_decisions
+
+    runner = CliRunner()
+    served = tmp_path / "served"
+    argv = ["world", "served", "default", "--model", str(DEFAULT_MODEL_DIR), "--out", str(served),
+            "--hours", "0.2", "--seed", "3", "--start", "2026-11-05", "--quiet"]  # fmt: skip
+    ran = runner.invoke(main, argv)
+    assert ran.exit_code == 0, ran.output
+    decisions = list(read_decisions(served))
+    joined = join_decisions(decisions, read_events(served))
+    assert len(joined.pairs) == joined.decisions == len(decisions) > 300 and not joined.unanswered
+    assert min(d.decided_at.ToDatetime(UTC) for d in decisions) >= datetime(2026, 11, 5, tzinfo=UTC)
+    for decision, event in joined.pairs:
+        assert event.outcome.attempt.attempt_number == 1
+        assert decision.response.model_version == "default-s1000" and decision.exploration_rate == 0.1
+        props = list(decision.first_position_propensities)
+        assert sum(props) == pytest.approx(1) and props[0] == pytest.approx(decision.response.propensity)
+        assert decision.response.routes[0].route_id == event.outcome.route_id  # the first route was tried
+    again = runner.invoke(main, argv)  # a rerun replaces what it wrote
+    assert again.exit_code == 0 and len(list(read_decisions(served))) == len(decisions)
+    refused = runner.invoke(
+        main, ["world", "served", "default", "--model", str(tmp_path), "--out", str(served)]
+    )
+    assert refused.exit_code == 1 and str(tmp_path) in refused.output
+
+    # a history, then a day and a half of the bundled model serving after it: trained on together
+    log = tmp_path / "log"
+    write_history(world_events(27, seed=11), tmp_path / "history.parquet")
+    import_file(tmp_path / "history.parquet", log)
+    later = tiny(36, per_hour=300).model_copy(update={"start": START + timedelta(hours=27)})
+    stats = served_log(World(later, 12), load_model_dir(DEFAULT_MODEL_DIR), log, seed=12)
+    assert stats.decisions == stats.payments and 0.6 < stats.first_attempt_approval < 0.95
+    routes = [
+        RouteConfig(id=r.id, cost_bps=r.cost_bps, fixed_fee_minor=r.fixed_fee_minor) for r in later.routes
+    ]
+    logged = collect(log, routes)
+    assert len(logged) == stats.payments  # the imported history has no candidates: only served decisions
+    path = train_log(
+        log, tmp_path / "models", routes,
+        LogTrainConfig(epochs=2, hidden=16, members=1, version="v2", progress=False),
+    )  # fmt: skip
+    info = json.loads((path / "manifest.json").read_text())["data_summary"]
+    assert "default-s1000" in info["onpolicy"] and "onpolicy_refit" not in info.get("skipped", {})
+    fit = info["selection"]  # a handful decided by the fallback (no features yet for a route)
+    assert 0.99 * stats.decisions <= fit["served_model_decisions"] <= stats.decisions
+    assert fit["applied"] == bool(fit["correction"])  # a served model's own decisions: applied when fitted
