@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,19 @@ from sim.policies import (
     SuccessRate,
     candidates,
 )
-from sim.world import World
+from sim.react import (
+    incident_reactions,
+    route_incidents,
+    share_series,
+    summarize_reactions,
+    without_route_incidents,
+)
+from sim.world import Payment, World
 
 __all__ = ["POLICIES", "TARGETS", "evaluate_world", "paired_estimates", "play_metrics"]
 
 POLICIES = ("static", "cheapest", "success-rate", "oracle", "authopt+ladder", "authopt")
+REACTING = ("static", "success-rate", "oracle", "authopt")  # whose reaction to route incidents is measured
 # t_{0.975} for n-1 degrees of freedom (n seeds).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -250,6 +258,8 @@ class _SeedRun:
     ope: dict[str, float] | None
     calib_p: list[float]
     calib_y: list[float]
+    reactions: list[dict[str, Any]] = field(default_factory=list)  # per route incident (sim.react)
+    react_series: list[dict[str, Any]] = field(default_factory=list)  # share per minute, per incident
 
 
 def _evaluate_seed(
@@ -278,6 +288,7 @@ def _evaluate_seed(
                 if pm >= 0:
                     run.calib_p.append(pm)
                     run.calib_y.append(float(ok))
+    _react(run, world, payments, model, seed, progress)
     if ope and "authopt" in policies:
         started = time.monotonic()
         log = _OpeLog([], [], [], [], [])
@@ -290,6 +301,38 @@ def _evaluate_seed(
         if progress is not None:
             progress(f"{config.name} seed {seed} off-policy: {time.monotonic() - started:.0f} s")
     return run
+
+
+def _react(
+    run: _SeedRun,
+    world: World,
+    payments: list[Payment],
+    model: LoadedModel,
+    seed: int,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Time-to-react per route incident (`sim.react`): each routing policy played again without the
+    world's route incidents, to know what it would have sent to the affected route."""
+    incidents = route_incidents(world, payments)
+    if not incidents:
+        return
+    started = time.monotonic()
+    calm = World(without_route_incidents(world.config), seed)
+    names = [n for n in REACTING if n in run.series]
+    without = {n: play(calm, _policy(n, model, seed), payments=payments) for n in names if n != "static"}
+    if "static" in names:
+        without["static"] = run.series["static"]  # static routing never looks at outcomes
+    results = {n: run.series[n] for n in names}
+    run.reactions = [{"seed": seed, **row} for row in incident_reactions(world, payments, results, without)]
+    for inc, row in zip(incidents, run.reactions, strict=True):
+        end_s = row["start_s"] + 60 * row["minutes"]
+        shares = share_series(world, payments, results, inc.id, row["start_s"], end_s)
+        run.react_series.append({"seed": seed, "route": inc.id, "duration_min": row["minutes"], **shares})
+    if progress is not None:
+        took = time.monotonic() - started
+        progress(
+            f"{world.config.name} seed {seed} reactions to {len(incidents)} route incidents: {took:.0f} s"
+        )
 
 
 def evaluate_world(
@@ -331,7 +374,12 @@ def evaluate_world(
             ope_rows[s] = est
     calib_p = [v for s in seeds for v in by_seed[s].calib_p]
     calib_y = [v for s in seeds for v in by_seed[s].calib_y]
-    return _summarize(config, model, seeds, runs, series, ope_rows, calib_p, calib_y)
+    doc = _summarize(config, model, seeds, runs, series, ope_rows, calib_p, calib_y)
+    reactions = [row for s in seeds for row in by_seed[s].reactions]
+    if reactions:
+        doc["reactions"] = {"incidents": reactions, "summary": summarize_reactions(reactions)}
+        doc["_react_series"] = [row for s in seeds for row in by_seed[s].react_series]
+    return doc
 
 
 def _summarize(
@@ -442,7 +490,7 @@ def write_results(docs: list[dict[str, Any]], out_dir: Path) -> Path:
     from sim.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean = [{k: v for k, v in d.items() if k != "_series"} for d in docs]
+    clean = [{k: v for k, v in d.items() if not k.startswith("_")} for d in docs]
     path = out_dir / "results.json"
     path.write_text(json.dumps(_finite({"worlds": clean}), indent=2, sort_keys=True, allow_nan=False) + "\n")
     write_report(docs, out_dir)

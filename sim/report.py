@@ -116,7 +116,77 @@ def _plots(doc: dict[str, Any], out: Path) -> list[str]:
             files.append(f"{name}-uplift-by-segment.png")
             fig.savefig(out / files[-1], dpi=110)
             plt.close(fig)
+    shares: list[dict[str, Any]] = doc.get("_react_series", [])
+    if shares:
+        first = [x for x in shares if x["seed"] == doc["seeds"][0]] or shares
+        pick = max(first, key=lambda x: x["duration_min"])
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.axvspan(0, pick["duration_min"], color="red", alpha=0.12, label="incident")
+        for policy, ys in pick["share"].items():
+            ax.plot(_x(pick), [math.nan if y is None else y for y in ys], label=policy, lw=1.2)
+        ax.set_xlabel("minutes from the incident's start")
+        ax.set_ylabel(f"share of eligible first attempts on {pick['route']}")
+        ax.set_title(f"Traffic on {pick['route']} around its incident — {name}, seed {pick['seed']}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8, ncol=3)
+        fig.tight_layout()
+        files.append(f"{name}-incident-share.png")
+        fig.savefig(out / files[-1], dpi=110)
+        plt.close(fig)
     return files
+
+
+def _x(series: dict[str, Any]) -> list[float]:
+    return [float(m) for m in series["minutes"]]
+
+
+def _seconds(v: float | None) -> str:
+    return "never" if v is None else f"{v:,.0f}"
+
+
+def _reactions(reactions: dict[str, Any]) -> list[str]:
+    summary = reactions["summary"]
+    names = [n for n in ("authopt", "success-rate", "oracle", "static") if n in summary]
+    lines = [
+        "Reactions to route incidents (world time). Time-to-react: seconds from the start until the "
+        "policy sends fewer than half as many of the payments it would have sent to the route without "
+        "incidents (same payments, same draws); time-to-return: seconds from the end until it sends at "
+        "least half again; lost: the oracle's first-attempt approval minus the policy's on the "
+        "incident's payments that could use the route (pp). `sim/react.py`.",
+        "",
+        "| policy | incidents measured | reacted | median time-to-react (s) | median time-to-return (s) "
+        "| mean approval lost vs oracle (pp) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in names:
+        v = summary[n]
+        lost = v["mean_lost_vs_oracle_pp"]
+        lines.append(
+            f"| {n} | {v['measured']} of {v['incidents']} | {v['reacted']} | {_seconds(v['median_react_s'])} "
+            f"| {_seconds(v['median_return_s'])} | {'—' if lost is None else f'{lost:.2f}'} |"
+        )
+    lines += [
+        "",
+        "| seed | route | start (h) | minutes | severity | payments | "
+        + " | ".join(f"{n}: react / return (s), lost (pp)" for n in names)
+        + " |",
+        "|---|---|---:|---:|---:|---:|" + "---|" * len(names),
+    ]
+    for row in reactions["incidents"]:
+        cells = []
+        for n in names:
+            v = row["policies"].get(n, {})
+            lost = v.get("lost_vs_oracle_pp")
+            lost_s = "—" if lost is None else f"{lost:.2f}"
+            if not v.get("measured"):
+                cells.append(f"not on the route, {lost_s}")
+            else:
+                cells.append(f"{_seconds(v['react_s'])} / {_seconds(v['return_s'])}, {lost_s}")
+        lines.append(
+            f"| {row['seed']} | {row['route']} | {row['start_s'] / 3600:.2f} | {row['minutes']:.0f} "
+            f"| {row['severity']:.2f} | {row['payments']:,} | " + " | ".join(cells) + " |"
+        )
+    return [*lines, ""]
 
 
 _PAIRED_ROWS = (
@@ -168,6 +238,8 @@ def write_report(docs: list[dict[str, Any]], out: Path) -> Path:
             lines.append("")
         if doc.get("paired"):
             lines += _paired(doc["paired"])
+        if doc.get("reactions"):
+            lines += _reactions(doc["reactions"])
         if "off_policy" in doc:
             lines += [
                 "Off-policy estimates of authopt's first-attempt value per payment (minor units) from the "

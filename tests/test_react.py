@@ -1,0 +1,158 @@
+"""Time-to-react per route incident (`sim.react`): a policy that moves off a route a known time after
+its incident starts, and back a known time after it ends, is measured at those times; static routing
+never reacts; the oracle reacts within seconds; the world without route incidents is the same world."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from model.artifacts import DEFAULT_MODEL_DIR
+from sim import World, load_world
+from sim.config import Episode, WorldConfig
+from sim.evaluate import evaluate_world, write_results
+from sim.play import AttemptView, Decision, play
+from sim.policies import Oracle, Static
+from sim.react import (
+    incident_reactions,
+    route_incidents,
+    share_series,
+    summarize_reactions,
+    without_route_incidents,
+)
+
+START_H, MINUTES = 1.0, 40.0
+REACT_S, RETURN_S = 300.0, 120.0
+
+
+def world_with_incident() -> tuple[WorldConfig, str]:
+    """The default world, smaller, with no random incidents and one scheduled degradation of the route
+    most merchants route to first."""
+    config = load_world("default")
+    config = config.model_copy(
+        update={
+            "traffic": config.traffic.model_copy(update={"payments_per_hour": 3000, "hours": 3}),
+            "cards": config.cards.model_copy(update={"count": 3000}),
+            "issuers": [
+                i.model_copy(
+                    update={
+                        "outages": [],
+                        "random_outages": i.random_outages.model_copy(update={"per_day": 0.0}),
+                    }
+                )
+                for i in config.issuers
+            ],
+        }
+    )
+    calm = without_route_incidents(config)
+    world = World(calm, 1)
+    busiest = Counter(world.route_ids[world.merchant_primary[p.merchant]] for p in world.payments())
+    route = busiest.most_common(1)[0][0]
+    episode = Episode(start_hour=START_H, minutes=MINUTES, severity=0.9)
+    routes = [r.model_copy(update={"degradations": [episode]}) if r.id == route else r for r in calm.routes]
+    return calm.model_copy(update={"routes": routes}), route
+
+
+class Late(Static):
+    """Static routing that, in the world with the incident, leaves the degraded route `REACT_S` after
+    the incident starts and comes back `RETURN_S` after it ends (it reads the schedule: a stand-in
+    with known reaction times)."""
+
+    name = "late"
+
+    def __init__(self, world: World, route: int, start: float, end: float) -> None:
+        super().__init__()
+        self.world, self.route_index, self.start, self.end = world, route, start, end
+
+    def route(self, view: AttemptView) -> Decision:
+        pick = super().route(view)
+        away = view.world is self.world and self.start + REACT_S <= view.now < self.end + RETURN_S
+        if away and pick.route == self.route_index and len(view.routes) > 1:
+            return Decision(next(r for r in view.routes if r != self.route_index))
+        return pick
+
+
+@pytest.fixture(scope="module")
+def played() -> tuple[World, list, dict, dict, str]:
+    config, route = world_with_incident()
+    world, calm = World(config, 1), World(without_route_incidents(config), 1)
+    payments = world.payments()
+    (incident,) = route_incidents(world, payments)
+    r = world.route_index[route]
+
+    def policies() -> dict:
+        return {"static": Static(), "oracle": Oracle(), "late": Late(world, r, incident.start, incident.end)}
+
+    results = {n: play(world, p, payments=payments) for n, p in policies().items()}
+    without = {n: play(calm, p, payments=payments) for n, p in policies().items()}
+    return world, payments, results, without, route
+
+
+def test_the_world_without_route_incidents_is_the_same_world() -> None:
+    config, _ = world_with_incident()
+    a, b = World(config, 1), World(without_route_incidents(config), 1)
+    pa, pb = a.payments(), b.payments()
+    assert [(p.at, p.card, p.amount_minor) for p in pa] == [(p.at, p.card, p.amount_minor) for p in pb]
+    assert a.draws(pa[7], 1) == b.draws(pb[7], 1)
+    assert len(route_incidents(a, pa)) == 1 and route_incidents(b, pb) == []
+
+
+def test_reaction_times_are_measured_where_they_happen(played: tuple) -> None:
+    world, payments, results, without, route = played
+    (row,) = incident_reactions(world, payments, results, without)
+    assert row["route"] == route and row["minutes"] == MINUTES and row["payments"] > 500
+    late = row["policies"]["late"]
+    assert late["measured"] and late["share_before"] == 1.0
+    assert late["react_s"] == pytest.approx(REACT_S, abs=15)  # ~1.5 payments a second on the route
+    assert late["return_s"] == pytest.approx(RETURN_S, abs=15)
+    static = row["policies"]["static"]
+    assert static["measured"] and static["react_s"] is None and static["return_s"] is None
+    assert static["lost_vs_oracle_pp"] > late["lost_vs_oracle_pp"] > 0  # reacting late still loses some
+    oracle = row["policies"]["oracle"]
+    assert oracle["react_s"] is not None and oracle["react_s"] < 30 and oracle["lost_vs_oracle_pp"] == 0
+
+    summary = summarize_reactions([row, row])
+    assert summary["late"]["median_react_s"] == late["react_s"] and summary["late"]["reacted"] == 2
+    assert summary["static"]["median_react_s"] is None and summary["static"]["measured"] == 2  # "never"
+
+
+def test_the_share_series_shows_the_step(played: tuple) -> None:
+    world, payments, results, _, route = played
+    (row,) = incident_reactions(world, payments, results, {})
+    series = share_series(world, payments, results, route, row["start_s"], row["start_s"] + 60 * MINUTES)
+    minutes, late = series["minutes"], series["share"]["late"]
+    before = [y for m, y in zip(minutes, late, strict=True) if m < 0 and y is not None]
+    away = [
+        y for m, y in zip(minutes, late, strict=True) if REACT_S / 60 + 1 <= m < MINUTES and y is not None
+    ]
+    assert min(before) > 0.3 and max(away) == 0.0
+    static = [
+        y
+        for m, y in zip(minutes, series["share"]["static"], strict=True)
+        if 0 <= m < MINUTES and y is not None
+    ]
+    assert min(static) > 0.3  # static routing stays on the route through the incident
+    assert len(minutes) == len(late) == pytest.approx(MINUTES + 60, abs=2)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_reactions_with_a_plot(tmp_path: Path) -> None:
+    config, route = world_with_incident()
+    doc = evaluate_world(
+        config, DEFAULT_MODEL_DIR, [1], policies=("static", "success-rate", "oracle", "authopt"), ope=False
+    )
+    (row,) = doc["reactions"]["incidents"]
+    assert row["seed"] == 1 and row["route"] == route
+    summary = doc["reactions"]["summary"]
+    assert summary["static"]["reacted"] == 0 and summary["oracle"]["reacted"] == 1
+    assert summary["authopt"]["measured"] == 1  # the bundled model routes to the busiest route
+    write_results([doc], tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())["worlds"][0]
+    assert saved["reactions"]["incidents"][0]["route"] == route and "_react_series" not in saved
+    report = (tmp_path / "report.md").read_text()
+    assert "| policy | incidents measured | reacted | median time-to-react (s)" in report
+    assert f"| 1 | {route} | {START_H:.2f} | {MINUTES:.0f} |" in report
+    assert (tmp_path / "default-incident-share.png").stat().st_size > 1000
