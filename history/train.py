@@ -231,11 +231,16 @@ def _selection_from_log(
         "correction": {} if correction.is_identity else dict(correction._asdict()),
         "decisions": len(d.chosen),
         "logged_decisions": len(logged),
-        "ece_before": chosen_ece(d, SelectionCorrection()),
-        "ece_after": chosen_ece(d, correction),
+        # None (JSON null) when no decision was the net's own choice: nothing to measure.
+        "ece_before": _finite_or_none(chosen_ece(d, SelectionCorrection())),
+        "ece_after": _finite_or_none(chosen_ece(d, correction)),
         "served_model_decisions": served,
         "served_versions": versions,
     }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def train_log(

@@ -6,8 +6,9 @@ play is written in `authopt log export`'s layout: the attempts under `OUT/attemp
 `OUT/decisions/`, each first attempt's decision record as the server publishes it to
 `authopt.decisions.v1` (`server.decision_log.decision_record`: the request, the ranked response,
 the exploration rate and every route's first-position propensity). The world's attempts carry their
-payment's id as request id (`pay-N`), so each record is filed under that id, which is how an
-outcome joins its decision (`streams.decisions.join_decisions`).
+payment's id as request id; here it is prefixed with the world's seed (`s<seed>-pay-N`, so a served
+log beside another world's history never shares an id with it), and each record is filed under the
+same id, which is how an outcome joins its decision (`streams.decisions.join_decisions`).
 
 This is the log a platform has after serving a model for a while: `authopt train --log` reads its
 decisions as a served model's own routing (the on-policy refit and the selection correction).
@@ -57,6 +58,7 @@ def served_log(
     policy = Authopt(model, exploration_rate=exploration, seed=seed)
     source = f"served-{world.config.name}-{world.seed}-{model.version}"
     decisions = DayWriter(out, source, "decisions")
+    prefix = f"s{world.seed}-"
     count = 0
 
     def keep(
@@ -64,7 +66,7 @@ def served_log(
     ) -> None:
         nonlocal count
         record = decision_record(req, resp, view.now, producer="sim", exploration_rate=exploration)
-        record.request.request_id = f"pay-{view.payment.index}"
+        record.request.request_id = f"{prefix}pay-{view.payment.index}"
         decisions.add(decision_id(record), record.decided_at.ToMicroseconds(), record.SerializeToString())
         count += 1
 
@@ -76,7 +78,10 @@ def served_log(
         n = 0
         for raw in iter_records(buffer.getvalue()):
             event = events_pb2.AttemptEvent.FromString(raw)
-            attempts.add(event.outcome.event_id, event.outcome.attempted_at.ToMicroseconds(), raw)
+            event.outcome.request_id = prefix + event.outcome.request_id
+            attempts.add(
+                event.outcome.event_id, event.outcome.attempted_at.ToMicroseconds(), event.SerializeToString()
+            )
             n += 1
     except BaseException:
         decisions.abort()

@@ -311,6 +311,7 @@ def test_a_served_models_log_is_read_as_its_own_routing(tmp_path: Path) -> None:
     assert min(d.decided_at.ToDatetime(UTC) for d in decisions) >= datetime(2026, 11, 5, tzinfo=UTC)
     for decision, event in joined.pairs:
         assert event.outcome.attempt.attempt_number == 1
+        assert event.outcome.request_id.startswith("s3-pay-")  # unique beside another world's history
         assert decision.response.model_version == "default-s1000" and decision.exploration_rate == 0.1
         props = list(decision.first_position_propensities)
         assert sum(props) == pytest.approx(1) and props[0] == pytest.approx(decision.response.propensity)
@@ -342,4 +343,5 @@ def test_a_served_models_log_is_read_as_its_own_routing(tmp_path: Path) -> None:
     assert "default-s1000" in info["onpolicy"] and "onpolicy_refit" not in info.get("skipped", {})
     fit = info["selection"]  # a handful decided by the fallback (no features yet for a route)
     assert 0.99 * stats.decisions <= fit["served_model_decisions"] <= stats.decisions
+    assert fit["decisions"] > 0 and fit["ece_before"] is not None  # the net's own choices were found
     assert fit["applied"] == bool(fit["correction"])  # a served model's own decisions: applied when fitted

@@ -1,0 +1,68 @@
+"""Time-to-react to route incidents on one world seed: every routing policy played with and without
+the world's route incidents (`sim.react`), the table printed.
+
+    python -m bench.react [--world default] [--seed 1] [--hours 12]
+
+`authopt evaluate` reports the same table per world over all its seeds; this is the quick look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from model.artifacts import DEFAULT_MODEL_DIR
+from server.models import load_model_dir
+from sim import World, load_world
+from sim.play import Policy, play
+from sim.policies import Authopt, Oracle, Static, SuccessRate
+from sim.react import incident_reactions, summarize_reactions, without_route_incidents
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", default="default")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hours", type=float, default=12.0)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    config = load_world(args.world)
+    config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": args.hours})})
+    world, calm = World(config, args.seed), World(without_route_incidents(config), args.seed)
+    payments = world.payments()
+    model = load_model_dir(args.model)
+    makers: dict[str, Callable[[], Policy]] = {
+        "static": Static,
+        "success-rate": lambda: SuccessRate(seed=args.seed),
+        "oracle": Oracle,
+        "authopt": lambda: Authopt(model, seed=args.seed),
+    }
+    results, without = {}, {}
+    for name, make in makers.items():
+        started = time.perf_counter()
+        results[name] = play(world, make(), payments=payments)
+        without[name] = play(calm, make(), payments=payments)
+        print(f"{name}: played twice in {time.perf_counter() - started:.0f} s", flush=True)
+    rows = incident_reactions(world, payments, results, without)
+    for row in rows:
+        print(
+            f"{row['route']} at {row['start_s'] / 3600:.2f} h, {row['minutes']:.0f} min, severity "
+            f"{row['severity']:.2f}, {row['payments']:,} payments"
+        )
+        for name, v in row["policies"].items():
+            lost = v.get("lost_vs_oracle_pp")
+            print(
+                f"  {name:13s} measured {v['measured']!s:5s} react {v['react_s']} s  "
+                f"return {v['return_s']} s  "
+                f"lost vs oracle {'-' if lost is None else f'{lost:.2f}'} pp"
+            )
+    for name, v in summarize_reactions(rows).items():
+        print(name, v)
+
+
+if __name__ == "__main__":
+    main()
