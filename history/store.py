@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -74,6 +76,7 @@ class DayWriter:
         self._source = source
         self._pending: dict[str, tuple[list[str], list[int], list[bytes]]] = {}
         self._writers: dict[str, pq.ParquetWriter] = {}
+        self._time_type = pa.timestamp("us", tz="UTC")
 
     def _tmp(self, day: str) -> Path:
         return self._root / f"day={day}" / f".{self._source}.parquet.tmp"
@@ -87,15 +90,36 @@ class DayWriter:
         if len(ids) >= _ROWS_PER_FLUSH:
             self._flush(day)
 
-    def _flush(self, day: str) -> None:
-        ids, times, events = self._pending.pop(day)
+    def add_many(self, event_ids: pa.Array, at_us: npt.NDArray[np.int64], events: pa.BinaryArray) -> None:
+        """Many events at once (ids and serialized events as Arrow arrays): straight to their days."""
+        if not len(event_ids):
+            return
+        days = at_us // _DAY_US
+        for index in np.unique(days).tolist():
+            rows = np.flatnonzero(days == index)
+            whole = len(rows) == len(event_ids)
+            table = pa.table(
+                [
+                    event_ids if whole else event_ids.take(rows),
+                    pa.array(at_us if whole else at_us[rows], self._time_type),
+                    events if whole else events.take(rows),
+                ],
+                schema=self._schema,
+            )
+            self._writer(day_of(index * _DAY_US)).write_table(table)
+
+    def _writer(self, day: str) -> pq.ParquetWriter:
         writer = self._writers.get(day)
         if writer is None:
             path = self._tmp(day)
             path.parent.mkdir(parents=True, exist_ok=True)
             writer = self._writers[day] = pq.ParquetWriter(path, self._schema, compression="zstd")
-        writer.write_table(
-            pa.table([ids, pa.array(times, pa.timestamp("us", tz="UTC")), events], schema=self._schema)
+        return writer
+
+    def _flush(self, day: str) -> None:
+        ids, times, events = self._pending.pop(day)
+        self._writer(day).write_table(
+            pa.table([ids, pa.array(times, self._time_type), events], schema=self._schema)
         )
 
     def commit(self) -> set[str]:

@@ -287,3 +287,181 @@ def test_the_platforms_first_attempt_choices_become_decisions_and_bad_pairs_are_
             decision.decided_at
             == next(e for e in read_events(out) if e.outcome.request_id == "req-1").outcome.attempted_at
         )
+
+
+# --- the columnar path: the same import, faster ----------------------------------------------------
+
+# A bad value of every kind the server or the schema rejects, for each column (None: absent).
+_MUTATIONS: dict[str, list[Any]] = {
+    "payment_id": ["", "p\x07", "x" * 130],
+    "attempt_number": [-1, 2**33],
+    "merchant_id": ["", "m\u00e9", "m" * 65],
+    "merchant_mcc": ["541", "54a1", "", 5411],
+    "merchant_country": ["de", "DEU", ""],
+    "amount_minor": [0, -5, 10**13],
+    "currency": ["eur", "XYZ", ""],
+    "card_bin": ["41111", "411111111", "4111a1", ""],
+    "card_last4": ["111", "11a1"],
+    "card_network": ["dinersclubz", "", "VISA", "mastercard"],
+    "card_funding": ["bogus", "debit"],
+    "issuer_country": ["D1", "", "FR"],
+    "network_token": [True],
+    "card_fingerprint": ["", "f\n", "f" * 129],
+    "channel": ["fax", "moto"],
+    "initiator": ["robot", "merchant"],
+    "route_id": ["", "r" * 65, "acq-\u00e4"],
+    "status": ["maybe", "error", "declined", "approved"],
+    "response_code": ["5", "0a", "00", "51", "N7"],
+    "mastercard_mac": ["3", "03", "a1"],
+    "visa_category": [7, 4, -1],
+    "latency_ms": [-3, 2**32, 2**32 - 1],
+    "request_id": ["r\x00", "q" * 129, "req-x"],
+    "event_id": ["", "e" * 129, "dup-1", "dup-1"],
+    "time": [NOW + timedelta(minutes=6), NOW - timedelta(days=3700), NOW + timedelta(minutes=4)],
+}
+
+
+def _mixed_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """`n` rows, most good, about one in four with one or two values from _MUTATIONS, some with
+    logged choices (good and bad) and some repeating an earlier row's event id."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        row = _row(
+            i,
+            card_fingerprint=f"fp-{rng.randrange(50)}",
+            event_id="",
+            candidate_routes="",
+            logging_propensity=None,
+        )
+        for _ in range(rng.choice([0, 0, 0, 0, 0, 1, 2])):
+            column = rng.choice(sorted(_MUTATIONS))
+            row[column] = rng.choice(_MUTATIONS[column])
+        if rng.random() < 0.3:
+            row["candidate_routes"] = rng.choice(["acq-a;acq-b", "acq-b", "acq-a;acq-a", ""])
+            row["logging_propensity"] = rng.choice([0.5, 1.0, 0.0, 1.5])
+        if rng.random() < 0.03:
+            row["payment_id"] = f"pay-{rng.randrange(max(i, 1))}"  # an earlier row's event id again
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_the_columnar_path_accepts_rejects_and_writes_exactly_what_row_by_row_does(
+    tmp_path: Path, fmt: str
+) -> None:
+    from history.store import read_records
+
+    rows = _mixed_rows(3_000, seed=5)
+    for row in rows:  # one type per column, as a file has it
+        for name in ("amount_minor", "attempt_number", "latency_ms", "visa_category", "merchant_mcc"):
+            if row.get(name) is not None:
+                row[name] = str(row[name])
+    src = (_write_parquet if fmt == "parquet" else _write_csv)(tmp_path / f"h.{fmt}", rows)
+    summaries = {}
+    for columnar in (True, False):
+        out = tmp_path / f"out-{columnar}"
+        summaries[columnar] = import_file(src, out, batch_rows=700, columnar=columnar)
+        summaries[columnar].seconds = 0.0
+    fast, slow = summaries[True], summaries[False]
+    assert fast.as_dict() | {"rejects_files": []} == slow.as_dict() | {"rejects_files": []}
+    assert 1_500 < fast.accepted < 2_900 and fast.decisions > 100 and len(fast.rejected) >= 15
+    assert _rejects(fast.rejects_files) == _rejects(slow.rejects_files)
+    for kind in ("attempts", "decisions"):
+        a, b = read_records(tmp_path / "out-True", kind), read_records(tmp_path / "out-False", kind)  # type: ignore[arg-type]
+        assert a == b and len(a.records) > 100
+
+
+def test_each_column_pattern_admits_only_what_the_server_accepts() -> None:
+    """The columnar path takes a row as good when its text matches its column's pattern: every
+    match must be a value the server's validation accepts in that field."""
+    import pyarrow.compute as pc
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from history import imports
+
+    limits, now = Limits(max_past_age_s=3650 * 86400), time.time()
+    template = imports._template(now)
+    alphabet = st.sampled_from([*"0123456789AZaz -_:\x00\x07\x7f\x1f~é٣", "\U0001f4b3"])
+    patterned = {k: v for k, v in imports._SETTERS.items() if v[1] is not None}
+    examples = {"merchant_mcc": "5411", "card_bin": "41111111", "card_last4": "", "mastercard_mac": "03"}
+
+    @settings(max_examples=300, deadline=None)
+    @given(text=st.text(alphabet, max_size=12) | st.text(alphabet, min_size=60, max_size=140))
+    def check(text: str) -> None:
+        for column, (path, pattern) in patterned.items():
+            assert pattern is not None
+            if pc.match_substring_regex(pa.array([text]), pattern)[0].as_py():
+                assert imports._accepts(template, limits, now, **{path: text}), (column, text)
+
+    check()
+    for column, (path, pattern) in patterned.items():  # and a usual value matches: the path is used
+        value = examples.get(column, "DE" if "country" in column else "abc-1")
+        assert pc.match_substring_regex(pa.array([value]), pattern)[0].as_py(), column
+        assert imports._accepts(template, limits, now, **{path: value}), column
+
+
+def test_values_an_event_cannot_hold_are_rejected_not_a_crash(tmp_path: Path) -> None:
+    rows = [_row(0), _row(1, latency_ms=2**32), _row(2, attempt_number=2**40), _row(3, amount_minor=2**64)]
+    for columnar in (True, False):
+        summary = import_file(
+            _write_csv(tmp_path / "h.csv", rows), tmp_path / f"o{columnar}", columnar=columnar
+        )
+        assert summary.accepted == 1
+        assert [(r["column"], r["reason"]) for r in _rejects(summary.rejects_files)] == [
+            ("latency_ms", "INVALID_VALUE"),
+            ("attempt_number", "INVALID_VALUE"),
+            ("amount_minor", "INVALID_VALUE"),
+        ]
+
+
+def test_messages_serialized_column_wise_equal_serialize_to_string() -> None:
+    import random
+
+    import numpy as np
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from authopt.v1 import events_pb2
+    from history.columnar import Const, encode
+
+    rng = random.Random(3)
+    n = 400
+    text = [rng.choice(["", "a", "é" * 70, "x" * 200, "pay-1:1"]) for _ in range(n)]
+    amount = np.array([rng.choice([0, 1, 127, 128, 2**35, -1, -(2**63), 2**63 - 1]) for _ in range(n)])
+    status = np.array([rng.randrange(4) for _ in range(n)])
+    flag = np.array([rng.random() < 0.5 for _ in range(n)])
+    seconds = np.array([rng.choice([0, 1_700_000_000, 2**33]) for _ in range(n)])
+    fields = {
+        "outcome": {
+            "event_id": pa.array(text),
+            "attempt": {
+                "merchant": {"id": pa.array(text), "mcc": Const("5411"), "country": Const("")},
+                "amount_minor": amount,
+                "recurring": flag,
+            },
+            "status": status,
+            "attempted_at": {"seconds": seconds},
+        },
+        "producer": Const("authopt-test"),
+    }
+    got = encode(events_pb2.AttemptEvent.DESCRIPTOR, fields, n).to_pylist()
+    for i in range(n):
+        want = events_pb2.AttemptEvent(
+            outcome=attempt_pb2.AttemptOutcome(
+                event_id=text[i],
+                attempt=attempt_pb2.Attempt(
+                    merchant=attempt_pb2.Merchant(id=text[i], mcc="5411"),
+                    amount_minor=int(amount[i]),
+                    recurring=bool(flag[i]),
+                ),
+                status=int(status[i]),
+                attempted_at=Timestamp(seconds=int(seconds[i])),
+            ),
+            producer="authopt-test",
+        )
+        assert got[i] == want.SerializeToString(), i
+    with pytest.raises(KeyError, match="no field"):
+        encode(events_pb2.AttemptEvent.DESCRIPTOR, {"nope": Const(1)}, n)
