@@ -169,6 +169,10 @@ def _scan_for_card_numbers(path: Path, batch: pa.RecordBatch, first_row: int) ->
             column = pc.cast(column, pa.string())
         elif not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             continue
+        else:
+            longest = pc.max(pc.binary_length(column)).as_py()
+            if longest is None or longest < MIN_PAN:
+                continue  # every value shorter than any card number
         hits = pc.match_substring_regex(column, RUN_PATTERN)
         if not pc.any(hits).as_py():
             continue

@@ -76,6 +76,8 @@ class DayWriter:
         self._source = source
         self._pending: dict[str, tuple[list[str], list[int], list[bytes]]] = {}
         self._writers: dict[str, pq.ParquetWriter] = {}
+        self._tables: dict[str, list[pa.Table]] = {}  # add_many's, per day, until written
+        self._buffered = 0  # rows in _tables
         self._time_type = pa.timestamp("us", tz="UTC")
 
     def _tmp(self, day: str) -> Path:
@@ -91,7 +93,9 @@ class DayWriter:
             self._flush(day)
 
     def add_many(self, event_ids: pa.Array, at_us: npt.NDArray[np.int64], events: pa.BinaryArray) -> None:
-        """Many events at once (ids and serialized events as Arrow arrays): straight to their days."""
+        """Many events at once (ids and serialized events as Arrow arrays), kept per day as tables
+        and written when a day has _ROWS_PER_FLUSH of them (fewer, larger row groups), or all days
+        when four times that many are kept."""
         if not len(event_ids):
             return
         days = at_us // _DAY_US
@@ -106,7 +110,21 @@ class DayWriter:
                 ],
                 schema=self._schema,
             )
-            self._writer(day_of(index * _DAY_US)).write_table(table)
+            day = day_of(index * _DAY_US)
+            tables = self._tables.setdefault(day, [])
+            tables.append(table)
+            self._buffered += table.num_rows
+            if sum(t.num_rows for t in tables) >= _ROWS_PER_FLUSH:
+                self._write_tables(day)
+        if self._buffered >= 4 * _ROWS_PER_FLUSH:  # many days each short of a flush: bounded memory
+            for day in list(self._tables):
+                self._write_tables(day)
+
+    def _write_tables(self, day: str) -> None:
+        tables = self._tables.pop(day, [])
+        self._buffered -= sum(t.num_rows for t in tables)
+        if tables:
+            self._writer(day).write_table(pa.concat_tables(tables))
 
     def _writer(self, day: str) -> pq.ParquetWriter:
         writer = self._writers.get(day)
@@ -126,6 +144,8 @@ class DayWriter:
         """Publish the source's files (replacing an earlier import of it); returns the days written."""
         for day in list(self._pending):
             self._flush(day)
+        for day in list(self._tables):
+            self._write_tables(day)
         for writer in self._writers.values():
             writer.close()
         days = set(self._writers)
@@ -143,6 +163,8 @@ class DayWriter:
             self._tmp(day).unlink(missing_ok=True)
         self._writers.clear()
         self._pending.clear()
+        self._tables.clear()
+        self._buffered = 0
 
 
 def decision_id(record: events_pb2.DecisionRecord) -> str:
