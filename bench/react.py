@@ -3,6 +3,9 @@ the world's route incidents (`sim.react`), the table printed.
 
     python -m bench.react [--world default] [--seed 1] [--hours 12]
 
+authopt plays as `authopt serve` does by default (route health on) and, as `authopt-no-health`,
+with it off: the difference is what the server's route health (server/health.py) buys.
+
 `authopt evaluate` reports the same table per world over all its seeds; this is the quick look.
 """
 
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         "success-rate": lambda: SuccessRate(seed=args.seed),
         "oracle": Oracle,
         "authopt": lambda: Authopt(model, seed=args.seed),
+        "authopt-no-health": lambda: Authopt(model, seed=args.seed, health=None),
     }
     results, without = {}, {}
     for name, make in makers.items():

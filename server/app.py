@@ -26,6 +26,7 @@ from server.batcher import BatcherConfig, MicroBatcher
 from server.decision import DecisionEngine, EngineConfig
 from server.decision_log import DecisionLog, KafkaDecisionLog, NoDecisionLog
 from server.errors import MalformedRequests
+from server.health import HealthSettings, RouteHealth
 from server.idempotency import IdempotencyCache, make_cache
 from server.models import ModelRegistry, resolve_device
 from server.publisher import OutcomePublisher, make_publisher
@@ -228,6 +229,19 @@ def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Me
     )
 
 
+def route_health(settings: ServerSettings) -> RouteHealth | None:
+    """The replica's route health (None when `route_health` is off)."""
+    if not settings.route_health:
+        return None
+    return RouteHealth(
+        HealthSettings(
+            fast_half_life_s=settings.route_health_half_life_s,
+            drop=settings.route_health_drop,
+            probe_share=settings.route_health_probe_share,
+        )
+    )
+
+
 def _make_challenger(
     settings: ServerSettings,
     store: FeatureStore,
@@ -235,8 +249,10 @@ def _make_challenger(
     decision_log: DecisionLog,
     metrics: Metrics,
     cards: OnlineCards | None = None,
+    health: RouteHealth | None = None,
 ) -> Challenger | None:
-    """With a shadow model directory: the challenger's registry, batcher, engine and shadow."""
+    """With a shadow model directory: the challenger's registry, batcher, engine and shadow (route
+    health shared with the served engine: one replica's outcomes, one view of the routes)."""
     if settings.shadow_model_dir is None:
         return None
     registry = ModelRegistry(
@@ -252,6 +268,7 @@ def _make_challenger(
         batcher,
         rng=random.Random(None if settings.seed is None else settings.seed + 1),
         cards=cards,
+        health=health,
     )
     shadow = Shadow(
         engine.decide,
@@ -392,6 +409,7 @@ async def create_server(
         batcher,
         rng=random.Random(settings.seed),
         cards=cards,
+        health=route_health(settings),
     )
     decision_log: DecisionLog = (
         KafkaDecisionLog(
@@ -409,7 +427,7 @@ async def create_server(
         if publisher is not None
         else make_publisher(settings.kafka, settings.kafka_publish_timeout_s)
     )
-    challenger = _make_challenger(settings, store, routes, decision_log, metrics, cards)
+    challenger = _make_challenger(settings, store, routes, decision_log, metrics, cards, engine.health)
     service = OptimizerService(
         engine,
         IdempotencyCache(make_cache(settings.cache_url), settings.idempotency_ttl_s),

@@ -22,6 +22,7 @@ from model.features import FeatureLookup, FeatureStore, attempt_context, card_ke
 from model.layout import DELAY_BUCKETS_S, encode_flat
 from server import policy, rules
 from server.batcher import BatchStats, DeadlineExceeded, MicroBatcher, QueueFull
+from server.health import RouteHealth
 from server.models import ModelRegistry
 from server.telemetry import tracer
 from streams.contract import Entity
@@ -87,8 +88,10 @@ class DecisionEngine:
         *,
         rng: random.Random | None = None,
         cards: OnlineCards | None = None,
+        health: RouteHealth | None = None,
     ) -> None:
         self._config = config
+        self.health = health
         self._store = store
         self._cards = cards
         self._registry = registry
@@ -235,7 +238,17 @@ class DecisionEngine:
         scores: Scores,
         now: float,
     ) -> optimizer_pb2.RecommendResponse:
-        return respond(req, cands, feats, scores, now, self._config.exploration_rate, self._rng)
+        return respond(req, cands, feats, scores, now, self._config.exploration_rate, self._rng, self.health)
+
+    def observe(self, outcome: attempt_pb2.AttemptOutcome) -> None:
+        """An outcome the server has just accepted: route health sees it before Kafka does (O(1))."""
+        if self.health is not None:
+            self.health.observe(
+                outcome.route_id,
+                outcome.attempt.card.issuer_country,
+                outcome.attempted_at.ToMicroseconds() / 1e6,
+                outcome.status == attempt_pb2.OUTCOME_STATUS_APPROVED,
+            )
 
 
 def model_scores(
@@ -287,11 +300,17 @@ def respond(
     now: float,
     exploration_rate: float,
     rng: random.Random,
+    health: RouteHealth | None = None,
 ) -> optimizer_pb2.RecommendResponse:
-    """The policy step: rank by value, explore, advise on a retry (pure; the simulator calls it too)."""
+    """The policy step: rank by value, demote what route health says is failing now and explore
+    (`policy.explore_with_health`), advise on a retry (the simulator calls it too)."""
     amount = req.attempt.amount_minor
     ranked = policy.rank_by_value(amount, cands, scores.p_approve)
-    chosen = policy.explore(ranked, exploration_rate, rng)
+    demoted: dict[str, str] = {}
+    if health is not None:
+        demoted = health.demoted([r.route_id for r in ranked], req.attempt.card.issuer_country, now)
+    probe_share = health.settings.probe_share if health is not None else 0.0
+    chosen = policy.explore_with_health(ranked, exploration_rate, rng, demoted, probe_share)
     resp = optimizer_pb2.RecommendResponse(
         request_id=req.request_id,
         decision_source=scores.source,  # type: ignore[arg-type]
@@ -302,12 +321,14 @@ def respond(
         propensity=chosen.propensity,
         rules_version=rules.RULES_VERSION,
     )
-    for r in chosen.routes:
+    for r, first in zip(chosen.routes, chosen.first_position, strict=True):
         resp.routes.add(
             route_id=r.route_id,
             approval_probability=r.p_approve,
             expected_value_minor=r.expected_value_minor,
             cost_minor=r.cost_minor,
+            first_position_propensity=first,
+            demoted_reason=demoted.get(r.route_id, ""),
         )
     if req.prior_attempts:
         _advise_retry(req, cands, feats, scores, now, resp.retry)

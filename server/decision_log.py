@@ -61,12 +61,21 @@ def decision_record(
         decided_at=ts,
         producer=producer,
         exploration_rate=exploration_rate,
-        first_position_propensities=policy.first_position_propensities(
-            len(resp.routes), exploration_rate, resp.explored
-        ),
+        first_position_propensities=first_position_propensities(resp, exploration_rate),
         shadow=shadow,
         arm=arm,
     )
+
+
+def first_position_propensities(
+    resp: optimizer_pb2.RecommendResponse, exploration_rate: float
+) -> list[float]:
+    """Each served route's probability of having been first: as the policy set it on the route
+    (route health's probes included), else (a response from before it did) `explore`'s."""
+    given = [r.first_position_propensity for r in resp.routes]
+    if resp.routes and all(p > 0 for p in given):
+        return given
+    return policy.first_position_propensities(len(resp.routes), exploration_rate, resp.explored)
 
 
 class DecisionLog(Protocol):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,6 +36,7 @@ __all__ = [
     "SelectionCorrection",
     "advise_retry",
     "explore",
+    "explore_with_health",
     "first_position_propensities",
     "heuristic_retry_probabilities",
     "rank_by_value",
@@ -80,6 +81,9 @@ class Exploration(NamedTuple):
     """True iff the first route differs from the greedy (highest-value) one."""
     propensity: float
     """Probability with which this first route was chosen (for off-policy evaluation)."""
+    first_position: tuple[float, ...] = ()
+    """For each route in `routes`' order, the probability with which it would have been first
+    (`explore_with_health` fills it; empty from `explore`)."""
 
 
 class SelectionCorrection(NamedTuple):
@@ -202,6 +206,40 @@ def first_position_propensities(k: int, epsilon: float, explored: bool) -> list[
     out = [other] * k
     out[1 if explored else 0] = greedy
     return out
+
+
+def explore_with_health(
+    ranked: list[RankedRoute],
+    epsilon: float,
+    rng: random.Random,
+    demoted: Collection[str],
+    probe_share: float,
+) -> Exploration:
+    """`explore` over the healthy routes, the `demoted` ones behind them, and probes.
+
+    With probability `probe_share` (when some but not all routes are demoted) one demoted route,
+    drawn uniformly, goes first — the probe that shows when it has recovered; otherwise the healthy
+    routes are explored as `explore` does and the demoted ones follow them in value order. Every
+    route's first-position probability is exact: a demoted one `probe_share / D`, a healthy one
+    `(1 − probe_share)` × its probability under `explore` over the K − D healthy ones. With nothing
+    demoted (or everything) this is `explore`, draw for draw."""
+    sick = [r for r in ranked if r.route_id in demoted]
+    if not sick or len(sick) == len(ranked):
+        chosen = explore(ranked, epsilon, rng)
+        first = first_position_propensities(len(ranked), epsilon, chosen.explored)
+        return chosen._replace(first_position=tuple(first))
+    healthy = [r for r in ranked if r.route_id not in demoted]
+    q, d = probe_share, len(sick)
+    if rng.random() < q:
+        probe = rng.randrange(d)
+        routes = [sick[probe], *healthy, *sick[:probe], *sick[probe + 1 :]]
+        first = [q / d] + [(1 - q) * p for p in first_position_propensities(len(healthy), epsilon, False)]
+        return Exploration(routes, True, q / d, tuple(first + [q / d] * (d - 1)))
+    inner = explore(healthy, epsilon, rng)
+    first = [(1 - q) * p for p in first_position_propensities(len(healthy), epsilon, inner.explored)]
+    return Exploration(
+        [*inner.routes, *sick], inner.explored, (1 - q) * inner.propensity, tuple(first + [q / d] * d)
+    )
 
 
 def retry_options(

@@ -295,6 +295,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         except StatusError as err:
             self._metrics.errors.labels(err.reason).inc()
             await abort_with(context, err)
+        self._engine.observe(request.outcome)  # route health, before Kafka
         await self._publish([self._event(request.outcome)], context)
         self._latency["ReportOutcome"].observe(time.perf_counter() - t0)
         return optimizer_pb2.ReportOutcomeResponse(event_id=request.outcome.event_id)
@@ -308,5 +309,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         except StatusError as err:
             self._metrics.errors.labels(err.reason).inc()
             await abort_with(context, err)
+        for outcome in request.outcomes:
+            self._engine.observe(outcome)  # route health, before Kafka
         await self._publish([self._event(o) for o in request.outcomes], context)
         return optimizer_pb2.ReportOutcomesResponse(accepted=len(request.outcomes))

@@ -77,6 +77,20 @@ class ServerSettings(BaseSettings):
         50, ge=1, le=10_000, description="budget when the request and its deadline give none"
     )
     exploration_rate: float = Field(0.02, ge=0.0, le=0.5, description="epsilon-greedy share of decisions")
+    route_health: bool = Field(
+        True,
+        description="demote a route whose approval in the last minute fell (server/health.py), from "
+        "the outcomes this replica receives, before the streams' features see it",
+    )
+    route_health_half_life_s: float = Field(
+        60.0, gt=0, le=1800, description="half-life of route health's fast approval rate, seconds"
+    )
+    route_health_drop: float = Field(
+        0.35, gt=0, lt=1, description="relative fall of a route's approval below its usual that demotes it"
+    )
+    route_health_probe_share: float = Field(
+        0.1, ge=0, le=1, description="share of a demoted route's requests that still probe it first (logged)"
+    )
     max_message_bytes: int = Field(
         65_536, ge=1024, le=4 * 1024 * 1024, description="largest request accepted"
     )

@@ -32,7 +32,9 @@ from model.layout import DELAY_BUCKETS_S, encode_flat
 from server import policy as server_policy
 from server import rules
 from server.decision import fallback_scores, model_scores, respond
+from server.health import HealthSettings, RouteHealth
 from server.models import LoadedModel
+from server.settings import ServerSettings
 from sim.play import (
     NETWORK_NAME,
     AttemptView,
@@ -263,6 +265,21 @@ class Logging(_Base):
         return RetryPlan(view.routes[self.rng.randrange(len(view.routes))], view.now + d)
 
 
+def _server_health() -> HealthSettings | None:
+    """Route health as `authopt serve` runs it by default."""
+    d = ServerSettings.model_fields
+    if not d["route_health"].default:
+        return None
+    return HealthSettings(
+        fast_half_life_s=d["route_health_half_life_s"].default,
+        drop=d["route_health_drop"].default,
+        probe_share=d["route_health_probe_share"].default,
+    )
+
+
+_SERVER_HEALTH = _server_health()
+
+
 class Authopt:
     """The trained model through the server's decision code. `retries="model"` follows the retry
     advice; `"ladder"` keeps authopt's routing but retries on the fixed ladder (to isolate the value
@@ -279,8 +296,11 @@ class Authopt:
         retries: str = "model",
         seed: int = 0,
         selection: server_policy.SelectionCorrection | Literal["model"] | None = "model",
+        health: HealthSettings | None = _SERVER_HEALTH,
     ) -> None:
         self.model = model
+        # The server's route health, fed every outcome as ReportOutcome would (None: off)
+        self.health = RouteHealth(health) if health is not None else None
         # "model": the correction in the model's manifest, as the server applies it
         self.selection = model.selection if selection == "model" else selection
         self.last_route_p: list[float] | None = None  # the last decision's uncorrected route column
@@ -326,7 +346,7 @@ class Authopt:
             self.last_route_p = [r[0] for r in rows]
             buckets = self.model.manifest.delay_buckets_s
             scores = model_scores(rows, self.model.version, buckets, self.selection)
-        return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng)
+        return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng, self.health)
 
     def route(self, view: AttemptView) -> Decision:
         req = self.request(view, with_history=False)
@@ -350,4 +370,7 @@ class Authopt:
         return None
 
     def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
-        return None
+        if self.health is not None:
+            w = view.world
+            issuer = w.issuer_country[int(w.card_issuer[view.payment.card])]
+            self.health.observe(w.route_ids[route], issuer, view.now, outcome.status == APPROVED)

@@ -26,39 +26,39 @@ from authopt.v1 import attempt_pb2 as authopt_dot_v1_dot_attempt__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61uthopt/v1/optimizer.proto\x12\nauthopt.v1\x1a\x18\x61uthopt/v1/attempt.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x01\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.authopt.v1.Attempt\x12%\n\ncandidates\x18\x03 \x03(\x0b\x32\x11.authopt.v1.Route\x12\x30\n\x0eprior_attempts\x18\x04 \x03(\x0b\x32\x18.authopt.v1.PriorAttempt\x12\x19\n\x11latency_budget_ms\x18\x05 \x01(\r\x12\x16\n\x0eretry_window_s\x18\x06 \x01(\r\"o\n\x0bRankedRoute\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61pproval_probability\x18\x02 \x01(\x01\x12\x1c\n\x14\x65xpected_value_minor\x18\x03 \x01(\x01\x12\x12\n\ncost_minor\x18\x04 \x01(\x01\"\xd3\x01\n\x0bRetryAdvice\x12\'\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x17.authopt.v1.RetryAction\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12,\n\x08retry_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14recovery_probability\x18\x04 \x01(\x01\x12\x0f\n\x07rule_id\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x1c\n\x14\x65xpected_value_minor\x18\x07 \x01(\x01\"\xcf\x02\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06routes\x18\x02 \x03(\x0b\x32\x17.authopt.v1.RankedRoute\x12&\n\x05retry\x18\x03 \x01(\x0b\x32\x17.authopt.v1.RetryAdvice\x12\x33\n\x0f\x64\x65\x63ision_source\x18\x04 \x01(\x0e\x32\x1a.authopt.v1.DecisionSource\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_age_ms\x18\x06 \x01(\x03\x12\x10\n\x08\x65xplored\x18\x07 \x01(\x08\x12\x12\n\npropensity\x18\x08 \x01(\x01\x12\x16\n\x0eserver_time_us\x18\t \x01(\x03\x12\x15\n\rrules_version\x18\n \x01(\t\x12\x1c\n\x14route_feature_age_ms\x18\x0b \x01(\x03\"G\n\x16RecommendStreamRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.authopt.v1.RecommendRequest\"\x94\x01\n\x17RecommendStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.authopt.v1.RecommendResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.authopt.v1.StreamErrorH\x00\x42\x08\n\x06result\"K\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"C\n\x14ReportOutcomeRequest\x12+\n\x07outcome\x18\x01 \x01(\x0b\x32\x1a.authopt.v1.AttemptOutcome\")\n\x15ReportOutcomeResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"E\n\x15ReportOutcomesRequest\x12,\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1a.authopt.v1.AttemptOutcome\"*\n\x16ReportOutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r*\xb3\x02\n\x0e\x44\x65\x63isionSource\x12\x1f\n\x1b\x44\x45\x43ISION_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45\x43ISION_SOURCE_MODEL\x10\x01\x12%\n!DECISION_SOURCE_FALLBACK_NO_MODEL\x10\x02\x12%\n!DECISION_SOURCE_FALLBACK_FEATURES\x10\x03\x12#\n\x1f\x44\x45\x43ISION_SOURCE_FALLBACK_BUDGET\x10\x04\x12%\n!DECISION_SOURCE_FALLBACK_OVERLOAD\x10\x05\x12\"\n\x1e\x44\x45\x43ISION_SOURCE_FALLBACK_ERROR\x10\x06\x12\'\n#DECISION_SOURCE_FALLBACK_CARD_STATE\x10\x07*\x81\x01\n\x0bRetryAction\x12\x1c\n\x18RETRY_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16RETRY_ACTION_RETRY_NOW\x10\x01\x12\x19\n\x15RETRY_ACTION_RETRY_AT\x10\x02\x12\x1d\n\x19RETRY_ACTION_DO_NOT_RETRY\x10\x03\x32\xf8\x02\n\x1d\x41uthorizationOptimizerService\x12H\n\tRecommend\x12\x1c.authopt.v1.RecommendRequest\x1a\x1d.authopt.v1.RecommendResponse\x12^\n\x0fRecommendStream\x12\".authopt.v1.RecommendStreamRequest\x1a#.authopt.v1.RecommendStreamResponse(\x01\x30\x01\x12T\n\rReportOutcome\x12 .authopt.v1.ReportOutcomeRequest\x1a!.authopt.v1.ReportOutcomeResponse\x12W\n\x0eReportOutcomes\x12!.authopt.v1.ReportOutcomesRequest\x1a\".authopt.v1.ReportOutcomesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61uthopt/v1/optimizer.proto\x12\nauthopt.v1\x1a\x18\x61uthopt/v1/attempt.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x01\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07\x61ttempt\x18\x02 \x01(\x0b\x32\x13.authopt.v1.Attempt\x12%\n\ncandidates\x18\x03 \x03(\x0b\x32\x11.authopt.v1.Route\x12\x30\n\x0eprior_attempts\x18\x04 \x03(\x0b\x32\x18.authopt.v1.PriorAttempt\x12\x19\n\x11latency_budget_ms\x18\x05 \x01(\r\x12\x16\n\x0eretry_window_s\x18\x06 \x01(\r\"\xaa\x01\n\x0bRankedRoute\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61pproval_probability\x18\x02 \x01(\x01\x12\x1c\n\x14\x65xpected_value_minor\x18\x03 \x01(\x01\x12\x12\n\ncost_minor\x18\x04 \x01(\x01\x12!\n\x19\x66irst_position_propensity\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65moted_reason\x18\x06 \x01(\t\"\xd3\x01\n\x0bRetryAdvice\x12\'\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x17.authopt.v1.RetryAction\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12,\n\x08retry_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14recovery_probability\x18\x04 \x01(\x01\x12\x0f\n\x07rule_id\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x1c\n\x14\x65xpected_value_minor\x18\x07 \x01(\x01\"\xcf\x02\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06routes\x18\x02 \x03(\x0b\x32\x17.authopt.v1.RankedRoute\x12&\n\x05retry\x18\x03 \x01(\x0b\x32\x17.authopt.v1.RetryAdvice\x12\x33\n\x0f\x64\x65\x63ision_source\x18\x04 \x01(\x0e\x32\x1a.authopt.v1.DecisionSource\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_age_ms\x18\x06 \x01(\x03\x12\x10\n\x08\x65xplored\x18\x07 \x01(\x08\x12\x12\n\npropensity\x18\x08 \x01(\x01\x12\x16\n\x0eserver_time_us\x18\t \x01(\x03\x12\x15\n\rrules_version\x18\n \x01(\t\x12\x1c\n\x14route_feature_age_ms\x18\x0b \x01(\x03\"G\n\x16RecommendStreamRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.authopt.v1.RecommendRequest\"\x94\x01\n\x17RecommendStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.authopt.v1.RecommendResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.authopt.v1.StreamErrorH\x00\x42\x08\n\x06result\"K\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"C\n\x14ReportOutcomeRequest\x12+\n\x07outcome\x18\x01 \x01(\x0b\x32\x1a.authopt.v1.AttemptOutcome\")\n\x15ReportOutcomeResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"E\n\x15ReportOutcomesRequest\x12,\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1a.authopt.v1.AttemptOutcome\"*\n\x16ReportOutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r*\xb3\x02\n\x0e\x44\x65\x63isionSource\x12\x1f\n\x1b\x44\x45\x43ISION_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45\x43ISION_SOURCE_MODEL\x10\x01\x12%\n!DECISION_SOURCE_FALLBACK_NO_MODEL\x10\x02\x12%\n!DECISION_SOURCE_FALLBACK_FEATURES\x10\x03\x12#\n\x1f\x44\x45\x43ISION_SOURCE_FALLBACK_BUDGET\x10\x04\x12%\n!DECISION_SOURCE_FALLBACK_OVERLOAD\x10\x05\x12\"\n\x1e\x44\x45\x43ISION_SOURCE_FALLBACK_ERROR\x10\x06\x12\'\n#DECISION_SOURCE_FALLBACK_CARD_STATE\x10\x07*\x81\x01\n\x0bRetryAction\x12\x1c\n\x18RETRY_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16RETRY_ACTION_RETRY_NOW\x10\x01\x12\x19\n\x15RETRY_ACTION_RETRY_AT\x10\x02\x12\x1d\n\x19RETRY_ACTION_DO_NOT_RETRY\x10\x03\x32\xf8\x02\n\x1d\x41uthorizationOptimizerService\x12H\n\tRecommend\x12\x1c.authopt.v1.RecommendRequest\x1a\x1d.authopt.v1.RecommendResponse\x12^\n\x0fRecommendStream\x12\".authopt.v1.RecommendStreamRequest\x1a#.authopt.v1.RecommendStreamResponse(\x01\x30\x01\x12T\n\rReportOutcome\x12 .authopt.v1.ReportOutcomeRequest\x1a!.authopt.v1.ReportOutcomeResponse\x12W\n\x0eReportOutcomes\x12!.authopt.v1.ReportOutcomesRequest\x1a\".authopt.v1.ReportOutcomesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'authopt.v1.optimizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISIONSOURCE']._serialized_start=1514
-  _globals['_DECISIONSOURCE']._serialized_end=1821
-  _globals['_RETRYACTION']._serialized_start=1824
-  _globals['_RETRYACTION']._serialized_end=1953
+  _globals['_DECISIONSOURCE']._serialized_start=1574
+  _globals['_DECISIONSOURCE']._serialized_end=1881
+  _globals['_RETRYACTION']._serialized_start=1884
+  _globals['_RETRYACTION']._serialized_end=2013
   _globals['_RECOMMENDREQUEST']._serialized_start=102
   _globals['_RECOMMENDREQUEST']._serialized_end=318
-  _globals['_RANKEDROUTE']._serialized_start=320
-  _globals['_RANKEDROUTE']._serialized_end=431
-  _globals['_RETRYADVICE']._serialized_start=434
-  _globals['_RETRYADVICE']._serialized_end=645
-  _globals['_RECOMMENDRESPONSE']._serialized_start=648
-  _globals['_RECOMMENDRESPONSE']._serialized_end=983
-  _globals['_RECOMMENDSTREAMREQUEST']._serialized_start=985
-  _globals['_RECOMMENDSTREAMREQUEST']._serialized_end=1056
-  _globals['_RECOMMENDSTREAMRESPONSE']._serialized_start=1059
-  _globals['_RECOMMENDSTREAMRESPONSE']._serialized_end=1207
-  _globals['_STREAMERROR']._serialized_start=1209
-  _globals['_STREAMERROR']._serialized_end=1284
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=1286
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=1353
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=1355
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=1396
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=1398
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=1467
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=1469
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=1511
-  _globals['_AUTHORIZATIONOPTIMIZERSERVICE']._serialized_start=1956
-  _globals['_AUTHORIZATIONOPTIMIZERSERVICE']._serialized_end=2332
+  _globals['_RANKEDROUTE']._serialized_start=321
+  _globals['_RANKEDROUTE']._serialized_end=491
+  _globals['_RETRYADVICE']._serialized_start=494
+  _globals['_RETRYADVICE']._serialized_end=705
+  _globals['_RECOMMENDRESPONSE']._serialized_start=708
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1043
+  _globals['_RECOMMENDSTREAMREQUEST']._serialized_start=1045
+  _globals['_RECOMMENDSTREAMREQUEST']._serialized_end=1116
+  _globals['_RECOMMENDSTREAMRESPONSE']._serialized_start=1119
+  _globals['_RECOMMENDSTREAMRESPONSE']._serialized_end=1267
+  _globals['_STREAMERROR']._serialized_start=1269
+  _globals['_STREAMERROR']._serialized_end=1344
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=1346
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=1413
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=1415
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=1456
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=1458
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=1527
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=1529
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=1571
+  _globals['_AUTHORIZATIONOPTIMIZERSERVICE']._serialized_start=2016
+  _globals['_AUTHORIZATIONOPTIMIZERSERVICE']._serialized_end=2392
 # @@protoc_insertion_point(module_scope)

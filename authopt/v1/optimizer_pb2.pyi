@@ -162,6 +162,8 @@ class RankedRoute(_message.Message):
     APPROVAL_PROBABILITY_FIELD_NUMBER: _builtins.int
     EXPECTED_VALUE_MINOR_FIELD_NUMBER: _builtins.int
     COST_MINOR_FIELD_NUMBER: _builtins.int
+    FIRST_POSITION_PROPENSITY_FIELD_NUMBER: _builtins.int
+    DEMOTED_REASON_FIELD_NUMBER: _builtins.int
     route_id: _builtins.str
     """Route identifier."""
     approval_probability: _builtins.float
@@ -173,6 +175,14 @@ class RankedRoute(_message.Message):
     """Expected value in minor units: amount x P(approve) - cost."""
     cost_minor: _builtins.float
     """Cost of one attempt on this route in minor units: amount x bps / 10000 + fixed fee."""
+    first_position_propensity: _builtins.float
+    """The probability with which the policy would have put this route first for this request
+    (exploration and route-health probes included): what off-policy evaluation weighs by.
+    """
+    demoted_reason: _builtins.str
+    """Why the server's route health moved this route behind the healthy ones for this request
+    (its approval in the last minutes against its usual); empty when it did not.
+    """
     def __init__(
         self,
         *,
@@ -180,10 +190,12 @@ class RankedRoute(_message.Message):
         approval_probability: _builtins.float = ...,
         expected_value_minor: _builtins.float = ...,
         cost_minor: _builtins.float = ...,
+        first_position_propensity: _builtins.float = ...,
+        demoted_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_probability", b"approval_probability", "cost_minor", b"cost_minor", "expected_value_minor", b"expected_value_minor", "route_id", b"route_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_probability", b"approval_probability", "cost_minor", b"cost_minor", "demoted_reason", b"demoted_reason", "expected_value_minor", b"expected_value_minor", "first_position_propensity", b"first_position_propensity", "route_id", b"route_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
