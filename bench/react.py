@@ -1,10 +1,10 @@
 """Time-to-react to route incidents on one world seed: every routing policy played with and without
 the world's route incidents (`sim.react`), the table printed.
 
-    python -m bench.react [--world default] [--seed 1] [--hours 12]
+    python -m bench.react [--world default] [--seed 1] [--hours 12] [--policies oracle,authopt,...]
 
-authopt plays as `authopt serve` does by default (route health on) and, as `authopt-no-health`,
-with it off: the difference is what the server's route health (server/health.py) buys.
+authopt plays as `authopt serve` does by default and, as `authopt-health`, with the server's route
+health (server/health.py, `route_health`) on: the difference is what route health buys.
 
 `authopt evaluate` reports the same table per world over all its seeds; this is the quick look.
 """
@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from model.artifacts import DEFAULT_MODEL_DIR
+from server.health import HealthSettings
 from server.models import load_model_dir
 from sim import World, load_world
 from sim.play import Policy, play
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--hours", type=float, default=12.0)
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument(
+        "--policies", default="", help="comma-separated subset to play (default: all; 'lost' needs oracle)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = load_world(args.world)
@@ -43,8 +47,13 @@ def main(argv: list[str] | None = None) -> None:
         "success-rate": lambda: SuccessRate(seed=args.seed),
         "oracle": Oracle,
         "authopt": lambda: Authopt(model, seed=args.seed),
-        "authopt-no-health": lambda: Authopt(model, seed=args.seed, health=None),
+        "authopt-health": lambda: Authopt(model, seed=args.seed, health=HealthSettings()),
     }
+    if args.policies:
+        wanted = args.policies.split(",")
+        if unknown := set(wanted) - set(makers):
+            parser.error(f"unknown policies {sorted(unknown)}; choose from {sorted(makers)}")
+        makers = {name: make for name, make in makers.items() if name in wanted}
     results, without = {}, {}
     for name, make in makers.items():
         started = time.perf_counter()
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
             )
     for name, v in summarize_reactions(rows).items():
         print(name, v)
+    for name, result in results.items():  # the whole run, incidents and calm hours
+        share = sum(result.first_approved) / len(result.first_approved)
+        print(f"{name:18s} first-attempt approval {100 * share:.2f} %")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,7 @@ def route_health(settings: ServerSettings) -> RouteHealth | None:
         HealthSettings(
             fast_half_life_s=settings.route_health_half_life_s,
             drop=settings.route_health_drop,
+            evidence=settings.route_health_evidence,
             probe_share=settings.route_health_probe_share,
         )
     )

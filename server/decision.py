@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -76,6 +77,9 @@ class Scores:
     batch_rows: int | None = None
 
 
+_MAX_EXPECTED = 100_000  # first-attempt decisions whose outcome route health still waits for
+
+
 class DecisionEngine:
     """Turns a validated RecommendRequest into a RecommendResponse."""
 
@@ -92,6 +96,8 @@ class DecisionEngine:
     ) -> None:
         self._config = config
         self.health = health
+        # what each recent first-attempt decision expected of its routes, for route health
+        self._expected: OrderedDict[str, dict[str, float]] = OrderedDict()
         self._store = store
         self._cards = cards
         self._registry = registry
@@ -238,17 +244,27 @@ class DecisionEngine:
         scores: Scores,
         now: float,
     ) -> optimizer_pb2.RecommendResponse:
-        return respond(req, cands, feats, scores, now, self._config.exploration_rate, self._rng, self.health)
+        resp = respond(req, cands, feats, scores, now, self._config.exploration_rate, self._rng, self.health)
+        if self.health is not None and not req.prior_attempts and req.request_id:
+            # a first attempt's expected approval per route, kept until its outcome comes (bounded)
+            self._expected[req.request_id] = {r.route_id: r.approval_probability for r in resp.routes}
+            if len(self._expected) > _MAX_EXPECTED:
+                self._expected.popitem(last=False)
+        return resp
 
     def observe(self, outcome: attempt_pb2.AttemptOutcome) -> None:
-        """An outcome the server has just accepted: route health sees it before Kafka does (O(1))."""
-        if self.health is not None:
-            self.health.observe(
-                outcome.route_id,
-                outcome.attempt.card.issuer_country,
-                outcome.attempted_at.ToMicroseconds() / 1e6,
-                outcome.status == attempt_pb2.OUTCOME_STATUS_APPROVED,
-            )
+        """An outcome the server has just published: route health sees it at once (O(1)), with what
+        the decision expected of its route when this replica made it."""
+        if self.health is None or outcome.attempt.attempt_number > 1:
+            return  # retries are another population: first attempts only
+        expected = self._expected.pop(outcome.request_id, {}).get(outcome.route_id)
+        self.health.observe(
+            outcome.route_id,
+            outcome.attempt.card.issuer_country,
+            outcome.attempted_at.ToMicroseconds() / 1e6,
+            outcome.status == attempt_pb2.OUTCOME_STATUS_APPROVED,
+            expected,
+        )
 
 
 def model_scores(

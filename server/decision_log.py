@@ -73,7 +73,7 @@ def first_position_propensities(
     """Each served route's probability of having been first: as the policy set it on the route
     (route health's probes included), else (a response from before it did) `explore`'s."""
     given = [r.first_position_propensity for r in resp.routes]
-    if resp.routes and all(p > 0 for p in given):
+    if resp.routes and abs(sum(given) - 1.0) < 1e-6:  # set by the policy (they sum to 1)
         return given
     return policy.first_position_propensities(len(resp.routes), exploration_rate, resp.explored)
 

@@ -1,23 +1,32 @@
 """Zero-lag route health: what the last minute of outcomes says about each route, kept in process.
 
-The server receives every outcome (`ReportOutcome(s)`) before Kafka and the streams worker do; the
-route features the model reads have an hour's half-life, so on their own they move a route's traffic
-away from an acquirer incident in minutes. `RouteHealth` keeps, per route and per route × issuer
-country, two exponentially decayed approval rates in event time — a fast one (half-life
-`fast_half_life_s`, default 60 s) and a baseline (default 1 h) — updated in O(1) per outcome, with a
-bounded number of keys (the least recently updated is forgotten first). No lock: the server's event
-loop and the simulator each call it from one thread.
+The server receives every outcome (`ReportOutcome(s)`) before the streams worker turns it into
+features; those have an hour's half-life, so on their own they move a route's traffic away from an
+acquirer incident in minutes. `RouteHealth` keeps, per route and per route × issuer country, the
+first attempts' approvals **observed against expected** over a fast window (exponential decay in
+event time, half-life `fast_half_life_s`, default 60 s): each outcome comes with the approval
+probability the decision gave its route (the engine remembers it by request id; without one, the
+key's baseline approval over an hour stands in). Observed against expected, not against the route's
+usual rate: which payments a route gets moves with the routing itself, and what the model expected
+of those very payments does not. O(1) per outcome, a bounded number of keys (the least recently
+updated is forgotten first), no lock: the server's event loop and the simulator each call it from
+one thread.
 
-A route is **demoted** for a request when its fast approval, over at least `min_outcomes` (decayed)
-recent outcomes, has fallen below `(1 − drop)` × its baseline with a z-score of at least `z` (a
-binomial test, so a thin minute does not demote), and the fall is the route's own: the other
-candidates' median ratio of fast to baseline approval is higher by at least `drop / 2` (an issuer
-outage lowers every route for that issuer and demotes none). The route × issuer key is judged first
-when it has enough outcomes, then the route. While demoted a key's baseline is frozen, so a long
-incident does not become the new normal; it is **restored** when its fast approval is back within
-`drop / 2` of the baseline over at least `min_outcomes / 4` outcomes — the evidence comes from the
-small, logged share of traffic the policy still sends to a demoted route (`policy.explore_with_health`,
-`probe_share`).
+A route is **demoted** for a request when the recent outcomes are strong evidence that its approval
+fell to `(1 − drop)` × expected or below: a CUSUM of the Bernoulli log-likelihood ratio of "fell"
+against "as expected", one term per outcome (an approval counts against, a decline for, more so the
+likelier an approval was expected), floored at zero and decaying with half-life
+`evidence_half_life_s` so that old evidence fades; it demotes at `evidence` (default 5: odds of
+about 150 to 1). Evidence, not a rate over a window: a collapse shows after a handful of outcomes
+however thin the traffic, and a 60 s window's rate would need most of its weight inside the
+incident (two minutes). The fall must also be the route's own: over the fast window the other
+candidates' median observed/expected ratio is higher by at least `drop / 2` (an issuer outage lowers
+every route for that issuer and demotes none). While demoted a key's baseline is frozen and the
+evidence runs the other way; it is **restored** when the outcomes since are evidence of at least
+`evidence / 4` that it approves as expected again (a few approved probes: a wrong restore costs
+little, the route is demoted again a few declines later) — the probes are the small, logged share
+of traffic the policy still sends first to a demoted route (`policy.explore_with_health`,
+`probe_share`). With `per_issuer`, route × issuer country is judged before the route.
 """
 
 from __future__ import annotations
@@ -38,11 +47,12 @@ class HealthSettings:
 
     fast_half_life_s: float = 60.0
     baseline_half_life_s: float = 3600.0
-    min_outcomes: float = 6.0
+    evidence_half_life_s: float = 300.0
     drop: float = 0.35
-    z: float = 2.0
+    evidence: float = 5.0
     probe_share: float = 0.1
     max_keys: int = 20_000
+    per_issuer: bool = False  # also judge route x issuer country (off: see docs/model.md)
 
     def __post_init__(self) -> None:
         if not (self.fast_half_life_s > 0 and self.baseline_half_life_s > self.fast_half_life_s):
@@ -51,61 +61,80 @@ class HealthSettings:
             raise ValueError(f"route health drop must be in (0, 1), got {self.drop}")
         if not 0 <= self.probe_share <= 1:
             raise ValueError(f"route health probe_share must be in [0, 1], got {self.probe_share}")
-        if self.min_outcomes <= 0 or self.z < 0 or self.max_keys < 1:
-            raise ValueError("route health needs min_outcomes > 0, z >= 0 and max_keys >= 1")
+        if self.evidence <= 0 or self.max_keys < 1:
+            raise ValueError("route health needs evidence > 0 and max_keys >= 1")
+        if self.evidence_half_life_s <= 0:
+            raise ValueError("route health needs evidence_half_life_s > 0")
 
 
 class _Key:
-    """One route's (or route × issuer's) decayed counts: fast and baseline, approved and all."""
+    """One route's (or route × issuer's) decayed sums: over the fast window the outcomes, the
+    approvals, the approvals expected and their variance; over the baseline the outcomes and
+    approvals (the expectation of an outcome that comes without one); and the evidence (CUSUM) that
+    it fell, or while demoted that it recovered."""
 
-    __slots__ = ("at", "base_n", "base_ok", "demoted", "fast_n", "fast_ok")
+    __slots__ = ("at", "base_n", "base_ok", "demoted", "evidence", "fast_exp", "fast_n", "fast_ok", "fell_to")
 
     def __init__(self, at: float) -> None:
         self.at = at
-        self.fast_n = self.fast_ok = self.base_n = self.base_ok = 0.0
+        self.fast_n = self.fast_ok = self.fast_exp = 0.0
+        self.base_n = self.base_ok = 0.0
+        self.evidence = 0.0
         self.demoted = False
+        self.fell_to = 1.0  # observed / expected when last demoted
 
-    def decay_to(self, at: float, fast_rate: float, base_rate: float) -> None:
+    def decay_to(self, at: float, rates: tuple[float, float, float]) -> None:
         dt = at - self.at
         if dt <= 0:
             return
-        fast, base = math.exp(-fast_rate * dt), math.exp(-base_rate * dt)
+        fast, base, evidence = (math.exp(-r * dt) for r in rates)
         self.fast_n *= fast
         self.fast_ok *= fast
+        self.fast_exp *= fast
         self.base_n *= base
         self.base_ok *= base
+        self.evidence *= evidence
         self.at = at
+
+    def reset_fast(self) -> None:
+        self.fast_n = self.fast_ok = self.fast_exp = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class _View:
-    """A key's rates at some time: fast and baseline approval and the fast window's weight."""
+    """A key's fast window at some time: approvals observed and expected, and the window's weight
+    (decayed to that time)."""
 
-    fast: float
-    fast_n: float
-    base: float
-    base_n: float
+    ok: float
+    expected: float
+    n: float
 
-
-def _ratio(view: _View | None) -> float | None:
-    return view.fast / view.base if view is not None and view.base > 0 and view.fast_n > 0 else None
+    @property
+    def ratio(self) -> float:
+        return self.ok / self.expected if self.expected > 0 else 1.0
 
 
 class RouteHealth:
-    """Per route and route × issuer country decayed approval, and which routes to demote now."""
+    """Per route and route × issuer country, observed against expected approval over the last
+    minute, and which routes to demote now."""
 
     def __init__(self, settings: HealthSettings | None = None) -> None:
         self.settings = s = settings or HealthSettings()
         self._fast = _LN2 / s.fast_half_life_s
-        self._base = _LN2 / s.baseline_half_life_s
+        self._rates = (self._fast, _LN2 / s.baseline_half_life_s, _LN2 / s.evidence_half_life_s)
         self._keys: OrderedDict[tuple[str, str], _Key] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def observe(self, route_id: str, issuer_country: str, at: float, approved: bool) -> None:
-        """One outcome of an attempt on `route_id` for a card of `issuer_country`, at `at` (epoch s)."""
-        for key in ((route_id, ""), (route_id, issuer_country)):
+    def observe(
+        self, route_id: str, issuer_country: str, at: float, approved: bool, expected: float | None = None
+    ) -> None:
+        """One first attempt's outcome on `route_id` for a card of `issuer_country`, at `at` (epoch
+        s), with the approval probability the decision expected of it (None: not known; the key's
+        baseline approval stands in)."""
+        keys = ((route_id, ""), (route_id, issuer_country)) if self.settings.per_issuer else ((route_id, ""),)
+        for key in keys:
             state = self._keys.get(key)
             if state is None:
                 state = self._keys[key] = _Key(at)
@@ -113,38 +142,44 @@ class RouteHealth:
                     self._keys.popitem(last=False)
             else:
                 self._keys.move_to_end(key)
-                state.decay_to(at, self._fast, self._base)
+                state.decay_to(at, self._rates)
             ok = 1.0 if approved else 0.0
-            state.fast_n += 1.0
-            state.fast_ok += ok
+            p = expected
+            if p is None or not 0.0 <= p <= 1.0:
+                p = state.base_ok / state.base_n if state.base_n >= 1.0 else None
+            if p is not None:
+                state.fast_n += 1.0
+                state.fast_ok += ok
+                state.fast_exp += p
+                # log-likelihood ratio of "fell to (1 - drop) x p" against "p"; while demoted, the
+                # other way round (recovered). p kept off 0 and 1: one outcome is never proof
+                p = min(max(p, 0.05), 0.9)
+                q = p * (1.0 - self.settings.drop)
+                llr = math.log(q / p) if approved else math.log((1.0 - q) / (1.0 - p))
+                state.evidence = max(0.0, state.evidence + (-llr if state.demoted else llr))
             if not state.demoted:  # frozen while demoted: an incident is not the new normal
                 state.base_n += 1.0
                 state.base_ok += ok
 
     def _view(self, key: tuple[str, str], now: float) -> _View | None:
         state = self._keys.get(key)
-        if state is None or state.base_n <= 0:
+        if state is None:
             return None
-        dt = max(0.0, now - state.at)
-        fast_n = state.fast_n * math.exp(-self._fast * dt)
-        base_n = state.base_n * math.exp(-self._base * dt)
-        fast = state.fast_ok / state.fast_n if state.fast_n > 0 else 0.0
-        return _View(fast, fast_n, state.base_ok / state.base_n, base_n)
+        # the sums share one decay factor: only the weight needs decaying to `now`
+        n = state.fast_n * math.exp(-self._fast * max(0.0, now - state.at))
+        return _View(state.fast_ok, state.fast_exp, n)
 
     def demoted(self, route_ids: Sequence[str], issuer_country: str, now: float) -> dict[str, str]:
         """The routes among `route_ids` to demote for a card of `issuer_country` at `now`, each with
         its reason (empty when none is, or when all would be: then health says nothing)."""
         out: dict[str, str] = {}
-        for level in (issuer_country, "") if issuer_country else ("",):
+        for level in (issuer_country, "") if issuer_country and self.settings.per_issuer else ("",):
             keys = [(r, level) for r in route_ids]
             views = [self._view(k, now) for k in keys]
-            ratios = [
-                v.fast / v.base if v is not None and v.base > 0 and v.fast_n > 0 else None for v in views
-            ]
             for i, (key, view) in enumerate(zip(keys, views, strict=True)):
                 if view is None or key[0] in out:
                     continue
-                others = sorted(r for j, r in enumerate(ratios) if j != i and r is not None)
+                others = sorted(v.ratio for j, v in enumerate(views) if j != i and v is not None and v.n > 0)
                 peer = others[len(others) // 2] if others else 1.0
                 reason = self._judge(key, view, peer)
                 if reason:
@@ -158,17 +193,16 @@ class RouteHealth:
         """Why `key` is demoted now ("" if it is not); moves the key in and out of demotion."""
         s = self.settings
         state = self._keys[key]
-        ratio = view.fast / view.base if view.base > 0 else 1.0
         if state.demoted:
-            back = ratio >= 1.0 - s.drop / 2 and view.fast_n >= s.min_outcomes / 4
-            if back:
+            if state.evidence >= s.evidence / 4:
                 state.demoted = False
+                state.evidence = 0.0
                 return ""
         else:
-            if view.fast_n < s.min_outcomes or ratio >= 1.0 - s.drop or peer_ratio - ratio < s.drop / 2:
+            ratio = view.ratio
+            if state.evidence < s.evidence or peer_ratio - ratio < s.drop / 2:
                 return ""
-            spread = math.sqrt(max(view.base * (1.0 - view.base), 1e-4) / view.fast_n)
-            if (view.base - view.fast) / spread < s.z:
-                return ""
-            state.demoted = True
-        return f"approval {view.fast:.2f} in the last minutes vs {view.base:.2f} usually"
+            state.demoted, state.fell_to = True, ratio
+            state.evidence = 0.0  # from now on, evidence of recovery
+            state.reset_fast()
+        return f"approval fell to {state.fell_to:.2f}x of what its decisions expected"

@@ -295,8 +295,8 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         except StatusError as err:
             self._metrics.errors.labels(err.reason).inc()
             await abort_with(context, err)
-        self._engine.observe(request.outcome)  # route health, before Kafka
         await self._publish([self._event(request.outcome)], context)
+        self._engine.observe(request.outcome)  # route health: published, not yet in any feature
         self._latency["ReportOutcome"].observe(time.perf_counter() - t0)
         return optimizer_pb2.ReportOutcomeResponse(event_id=request.outcome.event_id)
 
@@ -309,7 +309,7 @@ class OptimizerService(optimizer_pb2_grpc.AuthorizationOptimizerServiceServicer)
         except StatusError as err:
             self._metrics.errors.labels(err.reason).inc()
             await abort_with(context, err)
-        for outcome in request.outcomes:
-            self._engine.observe(outcome)  # route health, before Kafka
         await self._publish([self._event(o) for o in request.outcomes], context)
+        for outcome in request.outcomes:  # route health: published, not yet in any feature
+            self._engine.observe(outcome)
         return optimizer_pb2.ReportOutcomesResponse(accepted=len(request.outcomes))

@@ -78,15 +78,24 @@ class ServerSettings(BaseSettings):
     )
     exploration_rate: float = Field(0.02, ge=0.0, le=0.5, description="epsilon-greedy share of decisions")
     route_health: bool = Field(
-        True,
-        description="demote a route whose approval in the last minute fell (server/health.py), from "
-        "the outcomes this replica receives, before the streams' features see it",
+        False,
+        description="demote a route whose approval in the last minute fell below what its decisions "
+        "expected (server/health.py), from the outcomes this replica receives; off: see docs/model.md",
     )
     route_health_half_life_s: float = Field(
-        60.0, gt=0, le=1800, description="half-life of route health's fast approval rate, seconds"
+        60.0,
+        gt=0,
+        le=1800,
+        description="half-life of route health's fast window (the ratio it reports, the peer check), seconds",
     )
     route_health_drop: float = Field(
-        0.35, gt=0, lt=1, description="relative fall of a route's approval below its usual that demotes it"
+        0.35, gt=0, lt=1, description="relative fall of a route's approval below expected that demotes it"
+    )
+    route_health_evidence: float = Field(
+        5.0,
+        gt=0,
+        le=50,
+        description="log-likelihood ratio of 'its approval fell' over 'as expected' that demotes a route",
     )
     route_health_probe_share: float = Field(
         0.1, ge=0, le=1, description="share of a demoted route's requests that still probe it first (logged)"

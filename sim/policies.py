@@ -273,6 +273,7 @@ def _server_health() -> HealthSettings | None:
     return HealthSettings(
         fast_half_life_s=d["route_health_half_life_s"].default,
         drop=d["route_health_drop"].default,
+        evidence=d["route_health_evidence"].default,
         probe_share=d["route_health_probe_share"].default,
     )
 
@@ -301,6 +302,7 @@ class Authopt:
         self.model = model
         # The server's route health, fed every outcome as ReportOutcome would (None: off)
         self.health = RouteHealth(health) if health is not None else None
+        self._expected: dict[int, dict[str, float]] = {}  # payment -> route -> expected approval
         # "model": the correction in the model's manifest, as the server applies it
         self.selection = model.selection if selection == "model" else selection
         self.last_route_p: list[float] | None = None  # the last decision's uncorrected route column
@@ -353,6 +355,8 @@ class Authopt:
         resp = self.decide(view, req)
         if self.on_response is not None:
             self.on_response(view, req, resp)
+        if self.health is not None:
+            self._expected[view.payment.index] = {r.route_id: r.approval_probability for r in resp.routes}
         source = optimizer_pb2.DecisionSource.Name(resp.decision_source).removeprefix("DECISION_SOURCE_")
         top = resp.routes[0]
         p = top.approval_probability if resp.decision_source == Source.DECISION_SOURCE_MODEL else -1.0
@@ -370,7 +374,9 @@ class Authopt:
         return None
 
     def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
-        if self.health is not None:
+        if self.health is not None and view.number == 1:  # first attempts, as the server
             w = view.world
             issuer = w.issuer_country[int(w.card_issuer[view.payment.card])]
-            self.health.observe(w.route_ids[route], issuer, view.now, outcome.status == APPROVED)
+            route_id = w.route_ids[route]
+            expected = self._expected.pop(view.payment.index, {}).get(route_id)
+            self.health.observe(route_id, issuer, view.now, outcome.status == APPROVED, expected)
