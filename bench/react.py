@@ -2,6 +2,7 @@
 the world's route incidents (`sim.react`), the table printed.
 
     python -m bench.react [--world default] [--seed 1] [--hours 12] [--policies oracle,authopt,...]
+        [--payments-per-hour 20000] [--incident acq-eu,1.0,40,0.5]
 
 authopt plays as `authopt serve` does by default and, as `authopt-health`, with the server's route
 health (server/health.py, `route_health`) on: the difference is what route health buys.
@@ -21,6 +22,7 @@ from model.artifacts import DEFAULT_MODEL_DIR
 from server.health import HealthSettings
 from server.models import load_model_dir
 from sim import World, load_world
+from sim.config import Episode, WorldConfig
 from sim.play import Policy, play
 from sim.policies import Authopt, Oracle, Static, SuccessRate
 from sim.react import incident_reactions, summarize_reactions, without_route_incidents
@@ -32,13 +34,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--hours", type=float, default=12.0)
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("--payments-per-hour", type=float, help="traffic (default: the world's)")
+    parser.add_argument(
+        "--incident",
+        metavar="ROUTE,START_H,MINUTES,SEVERITY",
+        help="replace the world's route incidents with this one degradation",
+    )
     parser.add_argument(
         "--policies", default="", help="comma-separated subset to play (default: all; 'lost' needs oracle)"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = load_world(args.world)
-    config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": args.hours})})
+    traffic = {"hours": args.hours} | (
+        {"payments_per_hour": args.payments_per_hour} if args.payments_per_hour else {}
+    )
+    config = config.model_copy(update={"traffic": config.traffic.model_copy(update=traffic)})
+    if args.incident:
+        config = _one_incident(parser, without_route_incidents(config), args.incident)
     world, calm = World(config, args.seed), World(without_route_incidents(config), args.seed)
     payments = world.payments()
     model = load_model_dir(args.model)
@@ -78,6 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     for name, result in results.items():  # the whole run, incidents and calm hours
         share = sum(result.first_approved) / len(result.first_approved)
         print(f"{name:18s} first-attempt approval {100 * share:.2f} %")
+
+
+def _one_incident(parser: argparse.ArgumentParser, config: WorldConfig, spec: str) -> WorldConfig:
+    try:
+        route, start_h, minutes, severity = spec.split(",")
+        episode = Episode(start_hour=float(start_h), minutes=float(minutes), severity=float(severity))
+    except ValueError as err:
+        parser.error(f"--incident {spec!r}: expected ROUTE,START_H,MINUTES,SEVERITY ({err})")
+    if route not in {r.id for r in config.routes}:
+        parser.error(f"--incident: no route {route!r}; the world has {[r.id for r in config.routes]}")
+    routes = [r.model_copy(update={"degradations": [episode]}) if r.id == route else r for r in config.routes]
+    return config.model_copy(update={"routes": routes})
 
 
 if __name__ == "__main__":

@@ -1,32 +1,35 @@
-"""Zero-lag route health: what the last minute of outcomes says about each route, kept in process.
+"""Zero-lag route health: what the last outcomes say about each route, kept in process.
 
-The server receives every outcome (`ReportOutcome(s)`) before the streams worker turns it into
-features; those have an hour's half-life, so on their own they move a route's traffic away from an
-acquirer incident in minutes. `RouteHealth` keeps, per route and per route × issuer country, the
-first attempts' approvals **observed against expected** over a fast window (exponential decay in
-event time, half-life `fast_half_life_s`, default 60 s): each outcome comes with the approval
-probability the decision gave its route (the engine remembers it by request id; without one, the
-key's baseline approval over an hour stands in). Observed against expected, not against the route's
-usual rate: which payments a route gets moves with the routing itself, and what the model expected
-of those very payments does not. O(1) per outcome, a bounded number of keys (the least recently
-updated is forgotten first), no lock: the server's event loop and the simulator each call it from
-one thread.
+The server receives every outcome (`ReportOutcome(s)`) before the streams worker has turned it into
+features (Kafka, then the worker, then the replica's feature cache: seconds at best). `RouteHealth`
+keeps, per route (and with `per_issuer` per route × issuer country), the first attempts' approvals
+**observed against expected**: each outcome comes with the approval probability the decision gave
+its route (the engine remembers it by request id; without one, the key's approval over the last
+hour stands in), times the key's usual observed/expected over the last hour (a model persistently
+optimistic about a route is not an incident on it). Observed against expected, not against the
+route's usual rate: which payments a route gets moves with the routing itself, and what the model
+expected of those very payments does not. O(1) per outcome, a bounded number of keys (the least
+recently updated is forgotten first), no lock: the server's event loop and the simulator each call
+it from one thread.
 
-A route is **demoted** for a request when the recent outcomes are strong evidence that its approval
-fell to `(1 − drop)` × expected or below: a CUSUM of the Bernoulli log-likelihood ratio of "fell"
-against "as expected", one term per outcome (an approval counts against, a decline for, more so the
-likelier an approval was expected), floored at zero and decaying with half-life
-`evidence_half_life_s` so that old evidence fades; it demotes at `evidence` (default 5: odds of
-about 150 to 1). Evidence, not a rate over a window: a collapse shows after a handful of outcomes
-however thin the traffic, and a 60 s window's rate would need most of its weight inside the
-incident (two minutes). The fall must also be the route's own: over the fast window the other
-candidates' median observed/expected ratio is higher by at least `drop / 2` (an issuer outage lowers
-every route for that issuer and demotes none). While demoted a key's baseline is frozen and the
+A route is **demoted** for a request when the outcomes are strong evidence that its approval fell to
+`(1 − drop)` × expected or below: a CUSUM of the Bernoulli log-likelihood ratio of "fell" against
+"as expected", one term per outcome (an approval counts against, a decline for, more so the likelier
+an approval was expected), floored at zero and fading with half-life `evidence_half_life_s`; it
+demotes at `evidence` (default 5: odds of about 150 to 1) plus ln(outcomes per minute / 5) on a
+busier route (a CUSUM's false alarms come per outcome; this keeps them per hour). Evidence, not a
+rate over a window: a collapse shows after a handful of outcomes however thin or busy the traffic.
+The fall must also be the route's own: over the fast window (half-life `fast_half_life_s`) the other
+candidates' median observed/expected is higher by at least `drop / 2` (an issuer outage lowers every
+route for that issuer and demotes none). While demoted a key's usual rates are frozen and the
 evidence runs the other way; it is **restored** when the outcomes since are evidence of at least
 `evidence / 4` that it approves as expected again (a few approved probes: a wrong restore costs
 little, the route is demoted again a few declines later) — the probes are the small, logged share
 of traffic the policy still sends first to a demoted route (`policy.explore_with_health`,
-`probe_share`). With `per_issuer`, route × issuer country is judged before the route.
+`probe_share`).
+
+Off by default (`route_health`): on the simulator's worlds, whose features see an outcome at once,
+it reacts faster at high traffic but costs more approval than it saves (docs/model.md).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 __all__ = ["HealthSettings", "RouteHealth"]
 
 _LN2 = math.log(2.0)
+_MIN_BASE = 20.0  # outcomes (decayed) before a key's usual observed / expected is trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +51,7 @@ class HealthSettings:
 
     fast_half_life_s: float = 60.0
     baseline_half_life_s: float = 3600.0
-    evidence_half_life_s: float = 300.0
+    evidence_half_life_s: float = 1800.0
     drop: float = 0.35
     evidence: float = 5.0
     probe_share: float = 0.1
@@ -73,12 +77,23 @@ class _Key:
     approvals (the expectation of an outcome that comes without one); and the evidence (CUSUM) that
     it fell, or while demoted that it recovered."""
 
-    __slots__ = ("at", "base_n", "base_ok", "demoted", "evidence", "fast_exp", "fast_n", "fast_ok", "fell_to")
+    __slots__ = (
+        "at",
+        "base_exp",
+        "base_n",
+        "base_ok",
+        "demoted",
+        "evidence",
+        "fast_exp",
+        "fast_n",
+        "fast_ok",
+        "fell_to",
+    )
 
     def __init__(self, at: float) -> None:
         self.at = at
         self.fast_n = self.fast_ok = self.fast_exp = 0.0
-        self.base_n = self.base_ok = 0.0
+        self.base_n = self.base_ok = self.base_exp = 0.0
         self.evidence = 0.0
         self.demoted = False
         self.fell_to = 1.0  # observed / expected when last demoted
@@ -93,6 +108,7 @@ class _Key:
         self.fast_exp *= fast
         self.base_n *= base
         self.base_ok *= base
+        self.base_exp *= base
         self.evidence *= evidence
         self.at = at
 
@@ -144,22 +160,31 @@ class RouteHealth:
                 self._keys.move_to_end(key)
                 state.decay_to(at, self._rates)
             ok = 1.0 if approved else 0.0
-            p = expected
-            if p is None or not 0.0 <= p <= 1.0:
-                p = state.base_ok / state.base_n if state.base_n >= 1.0 else None
+            known = expected is not None and 0.0 <= expected <= 1.0
+            p: float | None = None
+            if known:
+                assert expected is not None
+                p = expected
+                if state.base_n >= _MIN_BASE and state.base_exp > 0:
+                    # times the key's usual observed / expected over the last hour: a model that is
+                    # persistently optimistic about a route is not an incident on it
+                    p *= min(max(state.base_ok / state.base_exp, 0.5), 1.5)
+            elif state.base_n >= 1.0:
+                p = state.base_ok / state.base_n
             if p is not None:
+                p = min(max(p, 0.05), 0.9)  # one outcome is never proof
                 state.fast_n += 1.0
                 state.fast_ok += ok
                 state.fast_exp += p
                 # log-likelihood ratio of "fell to (1 - drop) x p" against "p"; while demoted, the
-                # other way round (recovered). p kept off 0 and 1: one outcome is never proof
-                p = min(max(p, 0.05), 0.9)
+                # other way round (recovered)
                 q = p * (1.0 - self.settings.drop)
                 llr = math.log(q / p) if approved else math.log((1.0 - q) / (1.0 - p))
                 state.evidence = max(0.0, state.evidence + (-llr if state.demoted else llr))
             if not state.demoted:  # frozen while demoted: an incident is not the new normal
                 state.base_n += 1.0
                 state.base_ok += ok
+                state.base_exp += expected if known and expected is not None else ok
 
     def _view(self, key: tuple[str, str], now: float) -> _View | None:
         state = self._keys.get(key)
@@ -200,7 +225,13 @@ class RouteHealth:
                 return ""
         else:
             ratio = view.ratio
-            if state.evidence < s.evidence or peer_ratio - ratio < s.drop / 2:
+            # a CUSUM's false alarms come per outcome: a busier route needs more evidence for the
+            # same false alarms per hour (the threshold at 5 outcomes a minute, + ln of the excess)
+            per_min = state.base_n * self._rates[1] * 60.0
+            if (
+                state.evidence < s.evidence + max(0.0, math.log(per_min / 5.0))
+                or peer_ratio - ratio < s.drop / 2
+            ):
                 return ""
             state.demoted, state.fell_to = True, ratio
             state.evidence = 0.0  # from now on, evidence of recovery
