@@ -8,6 +8,7 @@ same decision instead of a second one.
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -15,7 +16,7 @@ import grpc
 
 from authopt.v1 import attempt_pb2, optimizer_pb2, optimizer_pb2_grpc
 
-__all__ = ["DEFAULT_TIMEOUT_S", "AsyncClient", "Client", "new_request_id"]
+__all__ = ["DEFAULT_TIMEOUT_S", "AsyncClient", "Client", "new_request_id", "tls_credentials"]
 
 DEFAULT_TIMEOUT_S = 0.5  # the caller's whole wait; the server's own budget is shorter
 
@@ -25,6 +26,26 @@ def new_request_id() -> str:
     run of 12+ digits passing Luhn often enough (~0.3 % of keys) that the server would refuse them
     as a possible card number (`PAN_DETECTED`)."""
     return "r_" + secrets.token_urlsafe(16)
+
+
+def tls_credentials(
+    ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials for a server that speaks TLS: `ca_file` the CA bundle that vouches for
+    the server (None: the system's roots), and for mutual TLS (a server with
+    AUTHOPT_SERVER_TLS_CLIENT_CA_FILE) this client's certificate chain and private key, both PEM."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs both the certificate file and its key file")
+    try:
+        roots = ca_file.read_bytes() if ca_file is not None else None
+        chain = cert_file.read_bytes() if cert_file is not None else None
+        key = key_file.read_bytes() if key_file is not None else None
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    for path, pem in ((ca_file, roots), (cert_file, chain), (key_file, key)):
+        if pem is not None and b"-----BEGIN " not in pem:
+            raise ValueError(f"{path} is not PEM (no -----BEGIN line)")
+    return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
 
 def _prepare(req: optimizer_pb2.RecommendRequest) -> optimizer_pb2.RecommendRequest:

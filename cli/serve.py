@@ -99,7 +99,39 @@ def serve(
     envvar="AUTHOPT_CLIENT_TOKEN_FILE",
     help="A file holding the bearer token to send (a server with AUTHOPT_SERVER_AUTH_TOKENS_FILE).",
 )
-def recommend(request_json: str | None, target: str, timeout_s: float, token_file: Path | None) -> None:
+@click.option(
+    "--tls/--no-tls",
+    default=None,
+    help="Speak TLS to the server (default: when any of --ca-file, --cert-file, --key-file is given).",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    envvar="AUTHOPT_CLIENT_CA_FILE",
+    help="PEM CA bundle that vouches for the server's certificate (default: the system's roots).",
+)
+@click.option(
+    "--cert-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    envvar="AUTHOPT_CLIENT_CERT_FILE",
+    help="PEM client certificate chain, for a server that requires one (mutual TLS).",
+)
+@click.option(
+    "--key-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    envvar="AUTHOPT_CLIENT_KEY_FILE",
+    help="PEM private key of --cert-file.",
+)
+def recommend(
+    request_json: str | None,
+    target: str,
+    timeout_s: float,
+    token_file: Path | None,
+    tls: bool | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+) -> None:
     """Ask a server for a decision and print it as JSON.
 
     REQUEST_JSON is a RecommendRequest in protobuf JSON form (e.g. '{"attempt": {...}}'); '-' or no
@@ -110,11 +142,17 @@ def recommend(request_json: str | None, target: str, timeout_s: float, token_fil
         req = json_format.Parse(text or "{}", optimizer_pb2.RecommendRequest())
     except json_format.ParseError as exc:
         raise click.BadParameter(f"not a RecommendRequest: {exc}", param_hint="REQUEST_JSON") from exc
-    from authopt.client import Client
+    from authopt.client import Client, tls_credentials
     from server.errors import error_info
 
     token = token_file.read_text().strip() if token_file is not None else None
-    with Client(target, token=token) as client:
+    credentials = None
+    if tls or (tls is None and (ca_file or cert_file or key_file)):
+        try:
+            credentials = tls_credentials(ca_file, cert_file, key_file)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--ca-file/--cert-file/--key-file") from exc
+    with Client(target, credentials=credentials, token=token) as client:
         try:
             resp = client.recommend(req, timeout_s=timeout_s)
         except grpc.RpcError as err:

@@ -217,6 +217,11 @@ def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Me
         if model is not None:  # keeps the budget check's latency estimate live
             model.latency.observe(rows, seconds)
 
+    def on_queue_wait(waits: list[float]) -> None:
+        if metrics is not None:
+            for wait in waits:
+                metrics.queue_wait.observe(wait)
+
     return MicroBatcher(
         infer,
         BatcherConfig(
@@ -226,6 +231,7 @@ def _make_batcher(settings: ServerSettings, registry: ModelRegistry, metrics: Me
             inline=settings.inference_executor == "inline",
         ),
         on_batch=on_batch,
+        on_queue_wait=on_queue_wait if metrics is not None else None,
     )
 
 

@@ -56,6 +56,7 @@ _log = logging.getLogger(__name__)
 
 Infer = Callable[[torch.Tensor], torch.Tensor]
 OnBatch = Callable[[int, int, float], None]
+OnQueueWait = Callable[[list[float]], None]  # each request of a batch: seconds it waited for it
 OutputRows = list[list[float]]
 
 
@@ -234,10 +235,12 @@ class MicroBatcher:
         config: BatcherConfig | None = None,
         *,
         on_batch: OnBatch | None = None,
+        on_queue_wait: OnQueueWait | None = None,
     ) -> None:
         self._infer = infer
         self.config = config or BatcherConfig()
         self._on_batch = on_batch
+        self._on_queue_wait = on_queue_wait
         self._pending: collections.deque[_Request] = collections.deque()
         self._pending_rows = 0
         self._inflight: list[_Request] | None = None  # the batch being computed
@@ -386,6 +389,13 @@ class MicroBatcher:
             return
         self._inflight = batch
         started_ns = time.time_ns()
+        if self._on_queue_wait is not None:
+            assert self._loop is not None
+            now = self._loop.time()
+            try:
+                self._on_queue_wait([now - r.arrived for r in batch])
+            except Exception:
+                _log.exception("micro-batcher on_queue_wait callback failed")
         try:
             x = _batch_input(batch)
         except Exception as exc:

@@ -131,6 +131,12 @@ class Metrics:
             "authopt_inference_seconds", "model forward time per batch", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("authopt_queue_depth", "requests waiting for inference", registry=r)
+        self.queue_wait = Histogram(
+            "authopt_queue_wait_seconds",
+            "time a request waited in the micro-batcher's queue for its model forward",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.errors = Counter("authopt_rpc_errors_total", "rejected RPCs by reason", ["reason"], registry=r)
         self.outcomes = Counter("authopt_outcomes_published_total", "outcome events published", registry=r)
         self.model_loaded = Gauge("authopt_model_loaded", "1 when a model is serving", registry=r)

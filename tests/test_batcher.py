@@ -106,6 +106,26 @@ async def test_results_split_per_request_under_concurrency(make_batcher: Factory
     assert all(s >= 0.002 for _, _, s in rec.batches)
 
 
+async def test_each_request_s_queue_wait_is_reported(make_batcher: Factory) -> None:
+    """on_queue_wait gets, per batch, how long each of its requests waited: behind a running batch
+    a request waits for it."""
+    gate = Gate()
+    waits: list[list[float]] = []
+    b = MicroBatcher(gate, BatcherConfig(max_batch_rows=64), on_queue_wait=waits.append)
+    await b.start()
+    try:
+        first = asyncio.ensure_future(b.submit(_rows(0, 1)))
+        await gate.wait_entered()
+        behind = [asyncio.ensure_future(b.submit(_rows(i, 1))) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # the two wait behind the gated batch
+        gate.open.set()
+        await asyncio.gather(first, *behind)
+    finally:
+        await b.stop()
+    assert [len(w) for w in waits] == [1, 2]
+    assert waits[0][0] < 0.05 and all(0.04 <= w < 5 for w in waits[1])
+
+
 async def test_rows_go_back_to_their_request_exactly(make_batcher: Factory) -> None:
     gate = Gate(lambda x: x[:, :2].clone())
     b = make_batcher(gate)

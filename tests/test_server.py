@@ -89,6 +89,18 @@ async def test_missing_route_features_fall_back(start_server: ServerFactory, mod
     assert resp.model_version == "1"
 
 
+async def test_queue_wait_is_measured_per_request(start_server: ServerFactory, model_dir: Path) -> None:
+    """`authopt_queue_wait_seconds`: each model decision's wait for its forward, a 20 ms batching
+    delay included (the overload dashboards' first signal)."""
+    srv = await start_server(model_dir=model_dir, batch_max_queue_delay_us=20_000)
+    resps = await asyncio.gather(*(srv.stub.Recommend(make_request(f"q-{i}"), timeout=5) for i in range(3)))
+    assert all(r.decision_source == Source.DECISION_SOURCE_MODEL for r in resps)
+    registry = srv.server.metrics.registry
+    assert registry.get_sample_value("authopt_queue_wait_seconds_count") == 3
+    waited = registry.get_sample_value("authopt_queue_wait_seconds_sum")
+    assert waited is not None and 0.015 <= waited < 3.0  # the first waited out the 20 ms delay
+
+
 async def test_an_old_card_row_is_not_stale_features(start_server: ServerFactory, model_dir: Path) -> None:
     """A card last seen days ago is normal; only the route feed's freshness decides staleness."""
     from tests.conftest import fill_route_features

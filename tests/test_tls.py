@@ -119,3 +119,105 @@ async def test_a_renewed_certificate_is_served_without_a_restart(
     new_ca = cert.read_bytes()
     assert await answered(new_ca)  # new connections get the renewed certificate ...
     assert not await answered(old_ca)  # ... which the old one no longer vouches for
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _ca(d: Path, name: str) -> tuple[Path, Path]:
+    cert, key = d / f"{name}-ca.pem", d / f"{name}-ca.key"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name} CA",
+             "-keyout", str(key), "-out", str(cert))  # fmt: skip
+    return cert, key
+
+
+def _signed(d: Path, name: str, ca: tuple[Path, Path], *extensions: str) -> tuple[Path, Path]:
+    """A certificate for `name` signed by `ca` (openssl, as an operator's PKI would issue it)."""
+    cert, key, csr, ext = d / f"{name}.pem", d / f"{name}.key", d / f"{name}.csr", d / f"{name}.ext"
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr)
+    )
+    ext.write_text("\n".join(extensions) + "\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+             "-days", "1", "-extfile", str(ext), "-out", str(cert))  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate and a client certificate it signed, and a client certificate from
+    another CA."""
+    ca = _ca(tmp_path, "ours")
+    other = _ca(tmp_path, "theirs")
+    server = _signed(tmp_path, "server", ca, "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    client = _signed(tmp_path, "client", ca, "extendedKeyUsage=clientAuth")
+    stranger = _signed(tmp_path, "stranger", other, "extendedKeyUsage=clientAuth")
+    return {
+        "ca": ca[0],
+        "server": server[0],
+        "server_key": server[1],
+        "client": client[0],
+        "client_key": client[1],
+        "stranger": stranger[0],
+        "stranger_key": stranger[1],
+    }
+
+
+async def test_mutual_tls_answers_a_client_our_ca_signed_and_no_one_else(
+    start_server: ServerFactory, pki: dict[str, Path]
+) -> None:
+    from authopt.client import tls_credentials
+
+    srv = await start_server(
+        tls_cert_file=pki["server"], tls_key_file=pki["server_key"], tls_client_ca_file=pki["ca"]
+    )
+
+    async def call(creds: grpc.ChannelCredentials) -> grpc.StatusCode:
+        async with grpc.aio.secure_channel(f"localhost:{srv.port}", creds) as channel:
+            api = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(channel)
+            try:
+                await api.Recommend(make_request(f"m-{id(creds)}"), timeout=3)
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+    assert await call(tls_credentials(pki["ca"], pki["client"], pki["client_key"])) == grpc.StatusCode.OK
+    assert await call(tls_credentials(pki["ca"])) == grpc.StatusCode.UNAVAILABLE  # no certificate
+    stranger = tls_credentials(pki["ca"], pki["stranger"], pki["stranger_key"])
+    assert await call(stranger) == grpc.StatusCode.UNAVAILABLE  # another CA's
+
+
+async def test_authopt_recommend_speaks_mutual_tls(start_server: ServerFactory, pki: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+    from google.protobuf import json_format
+
+    from cli.main import main
+
+    srv = await start_server(
+        tls_cert_file=pki["server"], tls_key_file=pki["server_key"], tls_client_ca_file=pki["ca"]
+    )
+    body = json_format.MessageToJson(make_request("cli-tls"))
+    base = ["recommend", body, "--target", f"127.0.0.1:{srv.port}", "--timeout", "5"]
+    runner = CliRunner()
+
+    async def run(*args: str) -> tuple[int, str]:
+        result = await asyncio.to_thread(runner.invoke, main, [*base, *args])
+        return result.exit_code, result.output
+
+    mine = (
+        "--ca-file",
+        str(pki["ca"]),
+        "--cert-file",
+        str(pki["client"]),
+        "--key-file",
+        str(pki["client_key"]),
+    )
+    code, out = await run(*mine)
+    assert code == 0 and '"routes"' in out, out
+    code, out = await run("--ca-file", str(pki["ca"]))
+    assert code == 1 and "UNAVAILABLE" in out, out  # no client certificate: no connection
+    code, out = await run("--ca-file", str(pki["ca"]), "--cert-file", str(pki["client"]))
+    assert code == 2 and "needs both" in out, out
+    code, out = await run()
+    assert code == 1 and "UNAVAILABLE" in out, out  # plaintext to a TLS port
