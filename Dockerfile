@@ -8,12 +8,16 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/authopt
+RUN python3 -m venv /opt/authopt
 ENV PATH=/opt/authopt/bin:$PATH
 # torch first, and the CPU build: an open requirement would fetch the multi-GB CUDA build. The same
-# pin as scripts/setup and pyproject.toml (torch>=2.13.0,<2.14).
+# pin as scripts/setup and pyproject.toml (torch>=2.13.0,<2.14). TORCH_INDEX_URL empty: pip's own
+# configuration decides (scripts/build-images mounts the machine's, whose wheels hold the CPU build).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
+# DL3013: torch is pinned; hadolint takes the "$@" (the index option, or nothing) for a package.
+# hadolint ignore=DL3013
+RUN if [ -n "$TORCH_INDEX_URL" ]; then set -- --index-url "$TORCH_INDEX_URL"; fi \
+    && pip install "$@" "torch==2.13.0"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY authopt ./authopt
