@@ -230,3 +230,28 @@ def test_up_with_a_shadow_model_and_an_export_while_it_runs(tmp_path: Path) -> N
     shadowed = [d for d in decisions if d.HasField("shadow")]
     assert shadowed and {d.shadow.model_version for d in shadowed} == {"challenger-1"}
     assert {d.response.model_version for d in shadowed} == {"default-s1000"}  # the served, bundled model
+
+
+@pytest.mark.timeout(240)
+def test_up_with_the_online_store(tmp_path: Path, redis_server: Any) -> None:
+    """`up --store redis://…`: the worker writes the card rows to a real redis-server, the server
+    reads them there, and the loop still decides from the model with nothing lost."""
+    import redis
+
+    from streams.online import _DEFAULT_PREFIX
+
+    proc = _up(tmp_path, "--duration", "25", "--rate", "150", "--store", redis_server.url)
+    out, _ = proc.communicate(timeout=220)
+    assert proc.returncode == 0, out[-4000:]
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    p, o = doc["platform"], doc["outcomes"]
+    assert doc["problems"] == [] and p["payments"] >= 1500
+    assert p["model_share"] > 0.5, p["decision_sources"]
+    assert o["consumed"] == o["produced"] == p["outcomes_reported"] and o["lost"] == 0, o
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        cards = sum(1 for _ in client.scan_iter(match=f"{_DEFAULT_PREFIX}cm:*", count=1000))
+    finally:
+        client.close()
+    assert cards > 500, cards  # one row per card x merchant the worker folded
+    _assert_nothing_left(doc)
