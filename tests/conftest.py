@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -80,19 +81,59 @@ class Recording:
         return None
 
 
+class CardRowsInRedis:
+    """The replica's feature store as a test writes it, with the card rows (card x merchant, and
+    card x merchant x amount) going to the online store instead, as the worker would write them
+    (`streams.online`: one JSON row per card x merchant holding its amount counts); every other
+    entity, and every read, goes to the in-memory store."""
+
+    def __init__(self, memory: InMemoryFeatureStore, url: str) -> None:
+        import redis
+
+        self._memory = memory
+        self._redis = redis.Redis.from_url(url)
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    def put(self, entity: Entity, key: str, values: Any, as_of: float | None = None) -> None:
+        from streams.contract import CONTRACT_HASH
+        from streams.online import _DEFAULT_PREFIX
+
+        if entity not in (Entity.CARD_MERCHANT, Entity.CARD_MERCHANT_AMOUNT):
+            self._memory.put(entity, key, values, as_of)
+            return
+        as_of = time.time() if as_of is None else as_of
+        fingerprint, merchant, *amount = key.split("|")
+        card = f"{fingerprint}|{merchant}"
+        row = self._rows.setdefault(card, {"h": CONTRACT_HASH, "t": as_of, "v": {}, "a": {}})
+        if entity is Entity.CARD_MERCHANT:
+            row["v"], row["t"] = dict(values), as_of
+        else:
+            row["a"][amount[0]] = float(values.get("attempts_30d", 0.0))
+            row["t"] = max(row["t"], as_of)
+        self._redis.set(f"{_DEFAULT_PREFIX}cm:{card}", json.dumps(row))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._memory, name)
+
+
 class Running:
     """A started server, its port and a stub on a real channel."""
 
-    def __init__(self, server: AuthoptServer, port: int, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, server: AuthoptServer, port: int, channel: grpc.aio.Channel, store_url: str | None = None
+    ) -> None:
         self.server = server
         self.port = port
         self.channel = channel
         self.stub = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(channel)
+        self.store_url = store_url
 
     @property
     def features(self) -> InMemoryFeatureStore:
         store = self.server.features
         assert isinstance(store, InMemoryFeatureStore)
+        if self.store_url is not None:
+            return CardRowsInRedis(store, self.store_url)  # type: ignore[return-value]
         return store
 
 
@@ -100,26 +141,61 @@ ServerFactory = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def start_server() -> AsyncIterator[ServerFactory]:
-    """Factory: `await start_server(model_dir=..., **settings)` → Running; all stopped at teardown."""
+def card_store(request: pytest.FixtureRequest) -> str:
+    """Where a started server keeps card state: "memory", or "redis" for a test marked both_stores
+    in its second run."""
+    return str(getattr(request, "param", "memory"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "start_server" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_stores"):
+        metafunc.parametrize("card_store", ["memory", "redis"], indirect=True)
+
+
+@pytest.fixture
+async def start_server(
+    card_store: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ServerFactory]:
+    """Factory: `await start_server(model_dir=..., **settings)` → Running; all stopped at teardown.
+    With `card_store` "redis" the servers read card state from a real redis-server (started for
+    the test) and `Running.features` writes card rows there."""
     running: list[Running] = []
+    redis_proc = None
+    store_url: str | None = None
+    if card_store == "redis":
+        redis_proc, store_url = _start_redis(tmp_path_factory.mktemp("redis"))
 
     async def factory(*, features: bool = True, publisher: Any = None, **overrides: Any) -> Running:
-        settings = ServerSettings(**{"port": 0, "host": "127.0.0.1", "exploration_rate": 0.0, **overrides})
+        online = {}
+        if store_url is not None and "online_store" not in overrides:
+            # every read reaches the store (no reuse), with time to answer on a loaded machine
+            online = {
+                "online_store": store_url,
+                "online_store_cache_ttl_s": 0,
+                "online_store_timeout_ms": 2000,
+            }
+        settings = ServerSettings(
+            **{"port": 0, "host": "127.0.0.1", "exploration_rate": 0.0, **online, **overrides}
+        )
         store = InMemoryFeatureStore()
         if features:
             fill_route_features(store)
         server, port = await create_server(settings, features=store, publisher=publisher)
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        r = Running(server, port, channel)
+        r = Running(server, port, channel, store_url if online else None)
         running.append(r)
         return r
 
-    yield factory
-    for r in running:
-        await r.channel.close()
-        await r.server.stop(grace=0.5)
+    try:
+        yield factory
+    finally:
+        for r in running:
+            await r.channel.close()
+            await r.server.stop(grace=0.5)
+        if redis_proc is not None:
+            redis_proc.kill()
+            redis_proc.wait(5)
 
 
 class RedisServer:
@@ -136,6 +212,22 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
     `scripts/setup --dev` installs it (Debian's redis-server); without it a test is skipped here
     and fails under CI, where a missing install step must not pass unnoticed."""
+    import subprocess
+
+    proc, url = _start_redis(tmp_path)
+    try:
+        yield RedisServer(url, proc)
+    finally:
+        proc.kill()  # also when the test left it stopped (SIGSTOP)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start_redis(tmp_path: Path) -> tuple[Any, str]:
+    """A redis-server process on a free port of 127.0.0.1, accepting connections, and its URL."""
     import shutil
     import socket
     import subprocess
@@ -161,12 +253,4 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
                 proc.kill()
                 raise RuntimeError((tmp_path / "redis.log").read_text()[-2000:]) from None
             time.sleep(0.05)
-    try:
-        yield RedisServer(f"redis://127.0.0.1:{port}/0", proc)
-    finally:
-        proc.kill()  # also when the test left it stopped (SIGSTOP)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return proc, f"redis://127.0.0.1:{port}/0"

@@ -16,6 +16,9 @@ from server.errors import error_info, retry_after_s
 from streams.contract import Entity
 from tests.conftest import ROUTES, Running, ServerFactory, make_request
 
+# Every test twice: card state in the server's memory, and in a real redis-server (issue 21).
+pytestmark = pytest.mark.both_stores
+
 Source = optimizer_pb2.DecisionSource
 
 
@@ -257,7 +260,12 @@ async def test_graceful_drain_finishes_in_flight(start_server: ServerFactory, mo
         return resp
 
     in_flight = [asyncio.create_task(call(i)) for i in range(5)]
-    await asyncio.sleep(0.02)
+    registry = srv.server.metrics.registry
+    for _ in range(200):  # all five inside the server (a loaded machine may take a while)
+        if registry.get_sample_value("authopt_in_flight") == 5:
+            break
+        await asyncio.sleep(0.005)
+    assert registry.get_sample_value("authopt_in_flight") == 5
     health = asyncio.create_task(srv.server.stop(grace=5))
     await asyncio.sleep(0.01)
     # Draining: not ready, still alive (the servicer, as the transport refuses new calls now).

@@ -12,6 +12,9 @@ from authopt.v1 import attempt_pb2, optimizer_pb2
 from server.rules import RULES, RuleKind
 from tests.conftest import ServerFactory, make_request
 
+# Every test twice: card state in the server's memory, and in a real redis-server (issue 21).
+pytestmark = pytest.mark.both_stores
+
 Action = optimizer_pb2.RetryAction
 WAITS = {
     "24": 3600,
