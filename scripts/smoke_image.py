@@ -11,10 +11,12 @@ uid/gid, `env -i` with exactly that environment. Only the ports move (this runs 
 where the chart's fixed ports may be taken). The checks, from outside the containers:
 
 1. the server's health is SERVING and the worker's /readyz answers 200;
-2. a Recommend before any outcome falls back (no route features); 240 reported outcomes
+2. the chart's defaults — TLS and bearer tokens — with Secrets made here (a self-signed certificate,
+   one caller's token) mounted where the pod has them: a call without the token is refused;
+3. a Recommend before any outcome falls back (no route features); 240 reported outcomes
    (ReportOutcomes) then go server → Kafka → worker → features → server, and a Recommend is
    answered by the bundled model (decision source MODEL, a model version);
-3. the image's size and layer count.
+4. the image's size and layer count.
 
 Needs root, buildah, unshare (util-linux) and the project's venv (for the chart renderer, the
 client and the local broker): `scripts/setup` first. `scripts/build-images` builds and calls this.
@@ -53,13 +55,17 @@ def _run(*cmd: str) -> str:
 
 
 def render(image: str, bootstrap: str) -> list[dict[str, Any]]:
+    """The chart with its defaults (TLS and bearer tokens on: the two Secrets named), the image,
+    Kafka, the workers on and the routes."""
     repository, _, tag = image.rpartition(":")
     values = {
         "image": {"repository": repository, "tag": tag},
         "kafka": {"bootstrap": bootstrap},
         "workers": {"enabled": True},
         "server": {
-            "settings": {"routes": [{"id": r, "cost_bps": b, "fixed_fee_minor": f} for r, b, f in ROUTES]}
+            "tls": {"secretName": "authopt-tls"},
+            "auth": {"tokensSecret": {"name": "authopt-tokens"}},
+            "settings": {"routes": [{"id": r, "cost_bps": b, "fixed_fee_minor": f} for r, b, f in ROUTES]},
         },
     }
     with helm.Chart.load(CHART) as chart:
@@ -80,7 +86,16 @@ def pod(objects: list[dict[str, Any]], name: str, container: str) -> dict[str, A
     for source in c.get("envFrom", []):
         env.update(maps[source["configMapRef"]["name"]])
     env.update({e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e})
-    empty = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    empty = {name for name, v in volumes.items() if "emptyDir" in v}
+    secrets = {  # mount path -> (Secret name, {key: file name})
+        m["mountPath"]: (
+            volumes[m["name"]]["secret"]["secretName"],
+            {i["key"]: i["path"] for i in volumes[m["name"]]["secret"].get("items", [])},
+        )
+        for m in c.get("volumeMounts", [])
+        if "secret" in volumes.get(m["name"], {})
+    }
     ctx = {**spec.get("securityContext", {}), **c.get("securityContext", {})}
     return {
         "env": env,
@@ -93,17 +108,23 @@ def pod(objects: list[dict[str, Any]], name: str, container: str) -> dict[str, A
         "read_only": bool(ctx.get("readOnlyRootFilesystem")),
         "non_root": bool(ctx.get("runAsNonRoot")),
         "tmpfs": [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in empty],
+        "secrets": secrets,
     }
 
 
-def launch(rootfs: Path, spec: dict[str, Any], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """The container: a private mount namespace over the image's root, as `spec` says."""
+def launch(
+    rootfs: Path, spec: dict[str, Any], env: dict[str, str], log: Path, secrets: dict[str, Path]
+) -> subprocess.Popen[bytes]:
+    """The container: a private mount namespace over the image's root, as `spec` says; `secrets`
+    holds each Secret's files, by Secret name (a folder, mounted read-only where the pod has it)."""
     root = shlex.quote(str(rootfs))
     lines = ["set -e", f"mount --bind {root} {root}"]
-    for path in spec["tmpfs"]:  # Kubernetes makes the mount points; a read-only root cannot
+    for path in [*spec["tmpfs"], *spec["secrets"]]:  # Kubernetes makes the mount points
         lines.append(f"mkdir -p {root}{shlex.quote(path)}")
     if spec["read_only"]:
         lines.append(f"mount -o remount,bind,ro {root}")
+    for path, (name, _) in spec["secrets"].items():
+        lines.append(f"mount --bind -o ro {shlex.quote(str(secrets[name]))} {root}{shlex.quote(path)}")
     for path in spec["tmpfs"]:
         lines.append(
             f"mount -t tmpfs -o size=256m,mode=2775,gid={spec['fs_group']} tmpfs {root}{shlex.quote(path)}"
@@ -126,6 +147,36 @@ def launch(rootfs: Path, spec: dict[str, Any], env: dict[str, str], log: Path) -
         stdout=out,
         stderr=subprocess.STDOUT,
     )
+
+
+def make_secrets(where: Path, mounts: dict[str, Any], fs_group: int) -> tuple[dict[str, Path], str]:
+    """The Secrets the pod mounts, made here as an operator would (a self-signed certificate for
+    localhost, a tokens file with one caller): a folder each, files named as the pod sees them,
+    readable by the pod's group only (the chart's defaultMode 0440). Returns them and the token."""
+    import secrets as random
+
+    token = random.token_urlsafe(24)
+    made: dict[str, Path] = {}
+    for name, files in mounts.values():
+        folder = where / name
+        folder.mkdir(parents=True, exist_ok=True)
+        made[name] = folder
+        names = set(files.values())
+        if "tls.crt" in names:
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                 "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                 "-keyout", str(folder / "tls.key"), "-out", str(folder / "tls.crt")],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        if "tokens" in names:
+            (folder / "tokens").write_text(f"smoke {token}\n")
+        for f in folder.iterdir():
+            os.chown(f, 0, fs_group)
+            f.chmod(0o440)
+        os.chown(folder, 0, fs_group)
+        folder.chmod(0o750)
+    return made, token
 
 
 def wait_for(what: str, check: Any, timeout_s: float, procs: dict[str, subprocess.Popen[bytes]]) -> float:
@@ -170,6 +221,64 @@ def outcomes(n: int) -> list[attempt_pb2.AttemptOutcome]:
     return out
 
 
+def connect(
+    server: dict[str, Any], secrets: dict[str, Path], token: str, port: int, health_port: int
+) -> tuple[grpc.Channel, grpc.Channel, tuple[tuple[str, str], ...]]:
+    """The API channel (TLS when the pod serves it, vouched for by the certificate made here), the
+    health channel (the plaintext health port under TLS) and the call metadata (the bearer token
+    when the pod checks tokens)."""
+    env = server["env"]
+    if "AUTHOPT_SERVER_TLS_CERT_FILE" in env:
+        ca = (secrets["authopt-tls"] / "tls.crt").read_bytes()
+        channel = grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=ca))
+        health = grpc.insecure_channel(f"127.0.0.1:{health_port}")
+    else:
+        channel = health = grpc.insecure_channel(f"127.0.0.1:{port}")
+    auth = (("authorization", f"Bearer {token}"),) if "AUTHOPT_SERVER_AUTH_TOKENS_FILE" in env else ()
+    tls = "TLS" if channel is not health else "plaintext"
+    print(f"API: {tls}, {'a bearer token' if auth else 'no token'}")
+    return channel, health, auth
+
+
+def exercise(
+    channel: grpc.Channel, auth: tuple[tuple[str, str], ...], procs: dict[str, Any], timeout_s: float
+) -> optimizer_pb2.RecommendResponse:
+    """Check 2 and 3 of the module's list; the model's answer."""
+    api = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(channel)
+    if auth:
+        try:
+            api.Recommend(sample_request("smoke-no-token", ROUTES), timeout=5)
+        except grpc.RpcError as err:
+            print(f"Recommend without a token: {err.code().name}")  # type: ignore[attr-defined]
+        else:
+            raise SystemExit("a call without a bearer token was answered")
+    before = api.Recommend(sample_request("smoke-before", ROUTES), timeout=5, metadata=auth)
+    print(f"Recommend before any outcome: {optimizer_pb2.DecisionSource.Name(before.decision_source)} "
+          "(no route features yet)")  # fmt: skip
+    if before.decision_source == optimizer_pb2.DECISION_SOURCE_MODEL:
+        raise SystemExit("the model decided before any route feature existed: the check below proves nothing")
+    api.ReportOutcomes(optimizer_pb2.ReportOutcomesRequest(outcomes=outcomes(240)), timeout=10, metadata=auth)
+    answer: dict[str, Any] = {}
+
+    def decided_by_the_model() -> bool:
+        resp = api.Recommend(sample_request(f"smoke-{time.monotonic_ns()}", ROUTES), timeout=5, metadata=auth)
+        answer["resp"] = resp
+        return bool(resp.decision_source == optimizer_pb2.DECISION_SOURCE_MODEL)
+
+    took = wait_for("a decision from the model (features through the worker)", decided_by_the_model,
+                    timeout_s, procs)  # fmt: skip
+    print(f"Recommend answered by the model {took:.1f} s after 240 outcomes were reported:")
+    resp: optimizer_pb2.RecommendResponse = answer["resp"]
+    routes = [
+        {"route_id": r.route_id, "approval_probability": round(r.approval_probability, 3)}
+        for r in resp.routes
+    ]
+    print(json.dumps({"decision_source": optimizer_pb2.DecisionSource.Name(resp.decision_source),
+                      "model_version": resp.model_version, "routes": routes,
+                      "server_time_us": resp.server_time_us}, indent=2))  # fmt: skip
+    return resp
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image")
@@ -191,17 +300,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: uid {spec['uid']} gid {spec['gid']}, read-only root {spec['read_only']}, "
                 f"non-root {spec['non_root']}, emptyDirs {spec['tmpfs']}, args {spec['args']}"
             )
-        port, metrics, worker_health = free_port(), free_port(), free_port()
+        secrets, token = make_secrets(args.logs / "secrets", server["secrets"], server["fs_group"])
+        print(f"server Secrets (made here): {sorted(secrets)} at {sorted(server['secrets'])}")
+        port, metrics, worker_health, health_port = free_port(), free_port(), free_port(), free_port()
         moved = {  # this host's network instead of the pod's: free ports
             "AUTHOPT_SERVER_PORT": str(port),
             "AUTHOPT_SERVER_METRICS_PORT": str(metrics),
             "AUTHOPT_WORKER_HEALTH_PORT": str(worker_health),
         }
+        if "AUTHOPT_SERVER_HEALTH_PORT" in server["env"]:  # TLS: the kubelet's plaintext health port
+            moved["AUTHOPT_SERVER_HEALTH_PORT"] = str(health_port)
         t0 = time.monotonic()
-        procs["worker"] = launch(rootfs, worker, {**worker["env"], **moved}, args.logs / "worker.log")
-        procs["server"] = launch(rootfs, server, {**server["env"], **moved}, args.logs / "server.log")
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
+        for name, spec in (("worker", worker), ("server", server)):
+            procs[name] = launch(rootfs, spec, {**spec["env"], **moved}, args.logs / f"{name}.log", secrets)
+        channel, health_channel, auth = connect(server, secrets, token, port, health_port)
+        health = health_pb2_grpc.HealthStub(health_channel)
         serving = health_pb2.HealthCheckResponse.SERVING
 
         def server_up() -> bool:
@@ -215,44 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server SERVING {time.monotonic() - t0:.1f} s after start ({up:.1f} s of waiting)")
         wait_for("the worker's /readyz", worker_ready, args.timeout, procs)
         print(f"worker ready {time.monotonic() - t0:.1f} s after start")
-        api = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(channel)
-        before = api.Recommend(sample_request("smoke-before", ROUTES), timeout=5)
-        source = optimizer_pb2.DecisionSource.Name(before.decision_source)
-        print(f"Recommend before any outcome: {source} (no route features yet)")
-        if before.decision_source == optimizer_pb2.DECISION_SOURCE_MODEL:
-            raise SystemExit(
-                "the model decided before any route feature existed: the check below proves nothing"
-            )
-        api.ReportOutcomes(optimizer_pb2.ReportOutcomesRequest(outcomes=outcomes(240)), timeout=10)
-        answer: dict[str, Any] = {}
-
-        def decided_by_the_model() -> bool:
-            resp = api.Recommend(sample_request(f"smoke-{time.monotonic_ns()}", ROUTES), timeout=5)
-            answer["resp"] = resp
-            return bool(resp.decision_source == optimizer_pb2.DECISION_SOURCE_MODEL)
-
-        took = wait_for(
-            "a decision from the model (features through the worker)",
-            decided_by_the_model,
-            args.timeout,
-            procs,
-        )
-        resp = answer["resp"]
-        print(f"Recommend answered by the model {took:.1f} s after 240 outcomes were reported:")
-        print(
-            json.dumps(
-                {
-                    "decision_source": optimizer_pb2.DecisionSource.Name(resp.decision_source),
-                    "model_version": resp.model_version,
-                    "routes": [
-                        {"route_id": r.route_id, "approval_probability": round(r.approval_probability, 3)}
-                        for r in resp.routes
-                    ],
-                    "server_time_us": resp.server_time_us,
-                },
-                indent=2,
-            )
-        )
+        exercise(channel, auth, procs, args.timeout)
         size = _run("buildah", "images", "--format", "{{.Size}}", args.image)
         layers = _run(
             "buildah", "inspect", "--type", "image", "--format", "{{len .OCIv1.RootFS.DiffIDs}}", args.image

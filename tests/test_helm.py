@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = ROOT / "helm" / "authopt"
 CI_FILES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
 VARIANTS: dict[str, dict[str, Any]] = {
-    "chart-defaults": {},
+    "chart-defaults": {  # the least an install names: the Secrets that TLS and tokens, on by default, need
+        "server": {"tls": {"secretName": "authopt-tls"}, "auth": {"tokensSecret": {"name": "authopt-tokens"}}}
+    },
     **{p.name.removesuffix("-values.yaml"): yaml.safe_load(p.read_text()) or {} for p in CI_FILES},
 }
 RELEASE, NAMESPACE = "authopt", "payments"
@@ -81,7 +83,25 @@ def chart() -> Iterator[helm.Chart]:
         yield loaded
 
 
-def render(chart: helm.Chart, values: dict[str, Any]) -> Rendered:
+# What every install must name since TLS and bearer tokens are on by default: the two Secrets.
+SECRETS: dict[str, Any] = {
+    "server": {"tls": {"secretName": "authopt-tls"}, "auth": {"tokensSecret": {"name": "authopt-tokens"}}}
+}
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (
+            merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def render(chart: helm.Chart, values: dict[str, Any], *, secrets: bool = True) -> Rendered:
+    """The release with `values` over the chart's defaults (and, unless `secrets` is False, the two
+    Secrets the defaults require named)."""
+    values = merged(SECRETS, values) if secrets else values
     return Rendered(chart.render(values, name=RELEASE, namespace=NAMESPACE))
 
 
@@ -249,7 +269,7 @@ def test_security_context(chart: helm.Chart, variant: str) -> None:
 
 
 def test_server_probes_and_drain(chart: helm.Chart) -> None:
-    rendered = render(chart, {})
+    rendered = render(chart, {"server": {"tls": {"enabled": False}}})  # TLS probes: test_tls_* below
     server = rendered.server()
     spec = server["spec"]["template"]["spec"]
     c = container(server, "server")
@@ -278,7 +298,7 @@ def test_server_probes_and_drain(chart: helm.Chart) -> None:
 
 
 def test_service_headless_pdb(chart: helm.Chart) -> None:
-    rendered = render(chart, {})
+    rendered = render(chart, {"server": {"tls": {"enabled": False}}})  # plaintext: h2c
     server = rendered.server()
     pod_labels = server["spec"]["template"]["metadata"]["labels"]
     main, headless = rendered.one("Service"), rendered.one("Service", f"{RELEASE}-headless")
@@ -654,10 +674,10 @@ def test_checks_the_schema_cannot_express(chart: helm.Chart) -> None:
     with pytest.raises(
         helm.HelmRenderError, match=r"workers.replicas \(5\) is more than workers.partitions \(4\)"
     ):
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        render(chart, values)
     values = {"server": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}
     with pytest.raises(helm.HelmRenderError, match=r"minReplicas \(5\) is more than maxReplicas \(2\)"):
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        render(chart, values)
 
 
 def test_auth_tokens_come_from_a_mounted_secret_never_the_configmap(chart: helm.Chart) -> None:
@@ -676,11 +696,28 @@ def test_auth_tokens_come_from_a_mounted_secret_never_the_configmap(chart: helm.
     mount = next(m for m in container(server, "server")["volumeMounts"] if m["name"] == "auth")
     assert mount == {"name": "auth", "mountPath": "/etc/authopt/auth", "readOnly": True}
     assert all("tok" not in str(v) or k.endswith("TOKENS_FILE") for k, v in env.items())
-    with pytest.raises(Exception, match=r"server\.auth\.enabled needs server\.auth\.tokensSecret\.name"):
-        render(chart, {"server": {"auth": {"enabled": True}}})
-    assert "AUTHOPT_SERVER_AUTH_TOKENS_FILE" not in pod_env(
-        render(chart, {}), render(chart, {}).server(), "server"
-    )
+    plaintext_open = {"server": {"tls": {"enabled": False}, "auth": {"enabled": False}}}
+    off = render(chart, plaintext_open, secrets=False)
+    assert "AUTHOPT_SERVER_AUTH_TOKENS_FILE" not in pod_env(off, off.server(), "server")
+
+
+def test_tls_and_tokens_are_on_unless_turned_off_and_an_install_must_name_their_secrets(
+    chart: helm.Chart,
+) -> None:
+    """Safe defaults: the chart serves TLS and checks bearer tokens unless told not to, and an
+    install that names neither Secret nor turns them off is refused, naming what to give."""
+    with pytest.raises(helm.HelmValuesError, match=r"/server/tls/secretName"):
+        render(chart, {}, secrets=False)
+    with pytest.raises(helm.HelmRenderError, match=r"server\.auth\.enabled \(on by default\) needs"):
+        render(chart, {"server": {"tls": {"enabled": False}}}, secrets=False)
+    rendered = render(chart, {})  # the two Secrets named, nothing else
+    env = pod_env(rendered, rendered.server(), "server")
+    assert env["AUTHOPT_SERVER_TLS_CERT_FILE"] == "/etc/authopt/tls/tls.crt"
+    assert env["AUTHOPT_SERVER_AUTH_TOKENS_FILE"] == "/etc/authopt/auth/tokens"
+    assert "TLS" in rendered.notes
+    plain = render(chart, {"server": {"tls": {"enabled": False}, "auth": {"enabled": False}}}, secrets=False)
+    env = pod_env(plain, plain.server(), "server")
+    assert "AUTHOPT_SERVER_TLS_CERT_FILE" not in env and "AUTHOPT_SERVER_AUTH_TOKENS_FILE" not in env
 
 
 def test_online_store_url_and_password_file_reach_server_and_workers(chart: helm.Chart) -> None:

@@ -178,4 +178,7 @@ def test_the_smoke_test_runs_each_container_as_the_chart_does() -> None:
         assert (spec["uid"], spec["gid"], spec["read_only"], spec["non_root"]) == (10001, 10001, True, True)
         assert spec["tmpfs"] == ["/tmp"] and spec["args"][-1] == command
     assert worker["env"]["AUTHOPT_KAFKA_BOOTSTRAP"] == "127.0.0.1:9092"
+    # the chart's defaults: TLS and bearer tokens, their Secrets mounted where the smoke test binds its own
+    assert sorted(server["secrets"]) == ["/etc/authopt/auth", "/etc/authopt/tls"]
+    assert server["env"]["AUTHOPT_SERVER_TLS_CERT_FILE"] == "/etc/authopt/tls/tls.crt"
     assert "acq-a" in server["env"]["AUTHOPT_SERVER_ROUTES"]
