@@ -31,7 +31,7 @@ WORLD_HELP_UP = WORLD_HELP + " Its payments are played as a time-lapse at --rate
 
 @click.group()
 def world() -> None:
-    """Simulated payment worlds: check a config, emit an event log."""
+    """Simulated payment worlds: check a config, draw one of the random family, write its logs."""
 
 
 @world.command("check")
@@ -50,6 +50,32 @@ def world_check(world_ref: str) -> None:
         f"incidents (seed 0): {sum(map(len, w.issuer_outages))} issuer outages, "
         f"{sum(map(len, w.route_degradations))} route degradations"
     )
+
+
+@world.command("random")
+@click.option("--seed", type=click.IntRange(min=0), required=True, help="The family member to draw.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML file to write [default: standard output].",
+)
+@click.option("--payments-per-hour", type=click.FloatRange(min=1), default=1500.0, show_default=True)
+@click.option("--hours", type=click.FloatRange(min=0.1, max=24 * 90), default=12.0, show_default=True)
+def world_random(seed: int, out: Path | None, payments_per_hour: float, hours: float) -> None:
+    """Draw a world of the random family (sim/family.py; docs/simulator.md) as a world TOML file.
+
+    Countries, issuers, routes and their affinities and costs, merchants, the card and decline mix
+    and the incident schedules are drawn from documented ranges; the same seed gives the same
+    world. Train and evaluate on it like a built-in world: --world FILE.
+    """
+    from sim.family import random_world, world_toml
+
+    text = world_toml(random_world(seed, payments_per_hour=payments_per_hour, hours=hours))
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.write_text(text)
+    click.echo(f"wrote world random-{seed} to {out}", err=True)
 
 
 @world.command("emit")
