@@ -112,6 +112,9 @@ class CardRowsInRedis:
             row["t"] = max(row["t"], as_of)
         self._redis.set(f"{_DEFAULT_PREFIX}cm:{card}", json.dumps(row))
 
+    def close(self) -> None:
+        self._redis.close()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._memory, name)
 
@@ -126,15 +129,19 @@ class Running:
         self.port = port
         self.channel = channel
         self.stub = optimizer_pb2_grpc.AuthorizationOptimizerServiceStub(channel)
-        self.store_url = store_url
+        store = server.features
+        assert isinstance(store, InMemoryFeatureStore)
+        # one writer for the server's life: a card's row is written whole, from what this test set of
+        # it so far (a later amount row must not write the card's values over with nothing)
+        self._features = store if store_url is None else CardRowsInRedis(store, store_url)
 
     @property
     def features(self) -> InMemoryFeatureStore:
-        store = self.server.features
-        assert isinstance(store, InMemoryFeatureStore)
-        if self.store_url is not None:
-            return CardRowsInRedis(store, self.store_url)  # type: ignore[return-value]
-        return store
+        return self._features  # type: ignore[return-value]
+
+    def close_store(self) -> None:
+        if isinstance(self._features, CardRowsInRedis):
+            self._features.close()
 
 
 ServerFactory = Callable[..., Awaitable[Running]]
@@ -193,6 +200,7 @@ async def start_server(
         for r in running:
             await r.channel.close()
             await r.server.stop(grace=0.5)
+            r.close_store()
         if redis_proc is not None:
             redis_proc.kill()
             redis_proc.wait(5)

@@ -253,3 +253,28 @@ def test_rebuild_store_refuses_a_bad_url_and_an_absent_store() -> None:
         main, ["features", "rebuild-store", "--store", "redis://127.0.0.1:1/0", "--bootstrap", "h:1"]
     )
     assert gone.exit_code == 1 and "does not answer" in gone.output
+
+
+async def test_the_both_stores_harness_writes_a_card_row_whole(
+    start_server: ServerFactory, redis_server: RedisServer
+) -> None:
+    """tests/conftest.py's CardRowsInRedis (what `both_stores` tests write through): a card's
+    amount row set after its card row keeps the card's values, as the worker's one row would."""
+    from streams.contract import Entity
+
+    srv = await start_server(online_store=redis_server.url)
+    from tests.conftest import CardRowsInRedis
+
+    writer = CardRowsInRedis(srv.features, redis_server.url)
+    try:
+        writer.put(Entity.CARD_MERCHANT, "fp-abc|m-1", {"reattempts_30d": 2.0}, 1_000.0)
+        writer.put(Entity.CARD_MERCHANT_AMOUNT, "fp-abc|m-1|12500EUR", {"attempts_30d": 3.0}, 1_100.0)
+    finally:
+        writer.close()
+    reader = OnlineStore(redis_server.url)
+    try:
+        (rows,) = await reader.read_many(["fp-abc|m-1"])
+    finally:
+        await reader.close()
+    assert rows is not None and rows.card.values == {"reattempts_30d": 2.0}
+    assert rows.amounts == {"12500EUR": 3.0} and rows.card.as_of == 1_100.0
