@@ -203,8 +203,15 @@ async def test_the_worker_writes_every_card_row_the_replica_holds(
                 total = len(evs)
 
                 def folded() -> bool:
+                    # every event is behind both its route's row and its card x merchant row; the
+                    # features topic publishes the two separately, so both are waited for
                     routes = {e.outcome.route_id for e in evs}
-                    return sum(replica.materializer.events_for(Entity.ROUTE, r) for r in routes) >= total
+                    cards = [k for (entity, k) in replica.store.rows() if entity is Entity.CARD_MERCHANT]
+                    m = replica.materializer
+                    return (
+                        sum(m.events_for(Entity.ROUTE, r) for r in routes) >= total
+                        and sum(m.events_for(Entity.CARD_MERCHANT, k) for k in cards) >= total
+                    )
 
                 await wait_for(folded, 60, f"{total} events folded")
                 held = {
