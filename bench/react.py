@@ -2,10 +2,12 @@
 the world's route incidents (`sim.react`), the table printed.
 
     python -m bench.react [--world default] [--seed 1] [--hours 12] [--policies oracle,authopt,...]
-        [--payments-per-hour 20000] [--incident acq-eu,1.0,40,0.5]
+        [--payments-per-hour 20000] [--incident acq-eu,1.0,40,0.5] [--replicas 1,3]
 
 authopt plays as `authopt serve` does by default and, as `authopt-health`, with the server's route
-health (server/health.py, `route_health`) on: the difference is what route health buys.
+health (server/health.py, `route_health`) on: the difference is what route health buys. With
+`--replicas 1,3` route health also plays as N server replicas behind the platform's round-robin
+(`authopt-health-x3`), each keeping its own health from the share of outcomes reported to it.
 
 `authopt evaluate` reports the same table per world over all its seeds; this is the quick look.
 """
@@ -43,7 +45,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--policies", default="", help="comma-separated subset to play (default: all; 'lost' needs oracle)"
     )
+    parser.add_argument(
+        "--replicas",
+        default="1",
+        help="comma-separated server replica counts to play route health with (default 1)",
+    )
     args = parser.parse_args(argv)
+    try:
+        replicas = [int(n) for n in args.replicas.split(",")]
+    except ValueError:
+        parser.error(f"--replicas {args.replicas!r}: expected comma-separated counts such as 1,3")
+    if any(n < 1 for n in replicas):
+        parser.error(f"--replicas {args.replicas!r}: counts must be >= 1")
     torch.set_num_threads(1)
     config = load_world(args.world)
     traffic = {"hours": args.hours} | (
@@ -60,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         "success-rate": lambda: SuccessRate(seed=args.seed),
         "oracle": Oracle,
         "authopt": lambda: Authopt(model, seed=args.seed),
-        "authopt-health": lambda: Authopt(model, seed=args.seed, health=HealthSettings()),
     }
+    for n in replicas:
+        name = "authopt-health" if n == 1 else f"authopt-health-x{n}"
+        makers[name] = lambda n=n: Authopt(model, seed=args.seed, health=HealthSettings(), replicas=n)
     if args.policies:
         wanted = args.policies.split(",")
         if unknown := set(wanted) - set(makers):

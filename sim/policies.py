@@ -298,10 +298,18 @@ class Authopt:
         seed: int = 0,
         selection: server_policy.SelectionCorrection | Literal["model"] | None = "model",
         health: HealthSettings | None = _SERVER_HEALTH,
+        replicas: int = 1,
     ) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.model = model
-        # The server's route health, fed every outcome as ReportOutcome would (None: off)
-        self.health = RouteHealth(health) if health is not None else None
+        # The server's route health, fed every outcome as ReportOutcome would (None: off). With
+        # several replicas behind the platform's round-robin, each keeps its own: a decision is
+        # made by the next replica in turn, and its outcome is reported, as a separate call, to
+        # the next in turn of its own rotation, so each replica sees a 1/N share of the outcomes.
+        self.healths = [RouteHealth(health) for _ in range(replicas)] if health is not None else []
+        self._decided = 0  # decisions made, for the round-robin
+        self._reported = 0  # outcomes reported, for the round-robin
         self._expected: dict[int, dict[str, float]] = {}  # payment -> route -> expected approval
         # "model": the correction in the model's manifest, as the server applies it
         self.selection = model.selection if selection == "model" else selection
@@ -348,14 +356,18 @@ class Authopt:
             self.last_route_p = [r[0] for r in rows]
             buckets = self.model.manifest.delay_buckets_s
             scores = model_scores(rows, self.model.version, buckets, self.selection)
-        return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng, self.health)
+        health = None
+        if self.healths:
+            health = self.healths[self._decided % len(self.healths)]
+            self._decided += 1
+        return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng, health)
 
     def route(self, view: AttemptView) -> Decision:
         req = self.request(view, with_history=False)
         resp = self.decide(view, req)
         if self.on_response is not None:
             self.on_response(view, req, resp)
-        if self.health is not None:
+        if self.healths:
             self._expected[view.payment.index] = {r.route_id: r.approval_probability for r in resp.routes}
         source = optimizer_pb2.DecisionSource.Name(resp.decision_source).removeprefix("DECISION_SOURCE_")
         top = resp.routes[0]
@@ -374,9 +386,11 @@ class Authopt:
         return None
 
     def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
-        if self.health is not None and view.number == 1:  # first attempts, as the server
+        if self.healths and view.number == 1:  # first attempts, as the server
             w = view.world
             issuer = w.issuer_country[int(w.card_issuer[view.payment.card])]
             route_id = w.route_ids[route]
             expected = self._expected.pop(view.payment.index, {}).get(route_id)
-            self.health.observe(route_id, issuer, view.now, outcome.status == APPROVED, expected)
+            health = self.healths[self._reported % len(self.healths)]
+            self._reported += 1
+            health.observe(route_id, issuer, view.now, outcome.status == APPROVED, expected)

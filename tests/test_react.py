@@ -156,3 +156,47 @@ def test_evaluate_reports_the_reactions_with_a_plot(tmp_path: Path) -> None:
     assert "| policy | incidents measured | reacted | median time-to-react (s)" in report
     assert f"| 1 | {route} | {START_H:.2f} | {MINUTES:.0f} |" in report
     assert (tmp_path / "default-incident-share.png").stat().st_size > 1000
+
+
+def test_route_health_behind_a_round_robin_keeps_one_health_per_replica() -> None:
+    """`Authopt(replicas=3)` plays route health as three servers behind the platform's round-robin:
+    decisions and outcome reports each go to the next replica in turn, so each replica judges the
+    route from its third of the outcomes (and demotes it on its own evidence, when it has enough:
+    docs/model.md has the reaction with 1 and 3 replicas)."""
+    from server.health import HealthSettings
+    from server.models import load_model_dir
+    from sim.policies import Authopt
+
+    config, route = world_with_incident()
+    world = World(config, 1)
+    payments = world.payments()
+    (incident,) = route_incidents(world, payments)
+    window = [p for p in payments if incident.start - 1800 <= p.at < incident.start + 900]
+    policy = Authopt(load_model_dir(DEFAULT_MODEL_DIR), seed=1, health=HealthSettings(), replicas=3)
+    assert len(policy.healths) == 3
+    observed, asked, demoted_at = Counter(), Counter(), {}
+    for i, health in enumerate(policy.healths):
+
+        def observe(*args, i=i, inner=health.observe, **kwargs):  # type: ignore[no-untyped-def]
+            observed[i] += 1
+            return inner(*args, **kwargs)
+
+        def demoted(route_ids, issuer, now, i=i, inner=health.demoted):  # type: ignore[no-untyped-def]
+            asked[i] += 1
+            out = inner(route_ids, issuer, now)
+            if route in out:
+                demoted_at.setdefault(i, now)
+            return out
+
+        health.observe, health.demoted = observe, demoted  # type: ignore[method-assign]
+    result = play(world, policy, payments=window)
+
+    firsts = len(result.first_approved)
+    assert sum(observed.values()) == firsts == len(window)
+    assert max(observed.values()) - min(observed.values()) <= 1  # a third each
+    assert max(asked.values()) - min(asked.values()) <= 1  # decisions in turn too
+    assert demoted_at  # a replica demoted it from its own share of the outcomes
+    assert all(incident.start <= t < incident.start + 900 for t in demoted_at.values())
+
+    with pytest.raises(ValueError, match="replicas"):
+        Authopt(load_model_dir(DEFAULT_MODEL_DIR), replicas=0)
