@@ -81,6 +81,9 @@ class Timeline:
 
     points: list[tuple[float, float, str, float]] = field(default_factory=list)  # + the server's own ms
     marks: dict[str, float] = field(default_factory=dict)
+    # (monotonic time, ms) the platform's own event loop was late to wake a 50 ms sleep: a pause
+    # of the process that plays the traffic, which its calls' latencies include
+    lags: list[tuple[float, float]] = field(default_factory=list)
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.monotonic()
@@ -236,11 +239,23 @@ class Lab:
         ) as channel:
             timeline.mark("start")
             fault_task = asyncio.create_task(faults(timeline)) if faults else None
-            stats = await platform.run(asyncio.Event(), channel=channel)
+            lag_task = asyncio.create_task(_loop_lag(timeline.lags))
+            try:
+                stats = await platform.run(asyncio.Event(), channel=channel)
+            finally:
+                lag_task.cancel()
             timeline.mark("end")
             if fault_task is not None:
                 await fault_task
         return stats.summary(), timeline
+
+
+async def _loop_lag(lags: list[tuple[float, float]], period_s: float = 0.05) -> None:
+    while True:
+        asked = time.monotonic()
+        await asyncio.sleep(period_s)
+        now = time.monotonic()
+        lags.append((now, 1000 * (now - asked - period_s)))
 
 
 async def features_folded(bootstrap: str, expected: int, timeout_s: float = 60.0) -> int:
@@ -365,5 +380,17 @@ def window_p99s(
         lat = sorted(p[column] for p in tl.points if t <= p[0] < t + width_s)
         if lat:
             out.append(lat[min(len(lat) - 1, int(0.99 * len(lat)))])
+        t += width_s
+    return out
+
+
+def window_lags(tl: Timeline, start: float, end: float, width_s: float = 5.0) -> list[float]:
+    """The platform's longest event-loop lag (ms) in each `width_s` window that has answers, the
+    same windows as `window_p99s`."""
+    out = []
+    t = start
+    while t + width_s <= end:
+        if any(t <= p[0] < t + width_s for p in tl.points):
+            out.append(max((lag for at, lag in tl.lags if t <= at < t + width_s), default=0.0))
         t += width_s
     return out

@@ -8,6 +8,8 @@ import asyncio
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tests.chaos.lab import (
     report,
     server_counts,
     threads,
+    window_lags,
     window_p99s,
 )
 from tests.chaos.test_processes import _ledger, _started
@@ -56,16 +59,28 @@ async def test_soak_at_half_capacity(tmp_path: Path) -> None:
         await asyncio.to_thread(proc.communicate)
         capacity = (decided(server_counts(srv)) - decided(before)) / 3
         samples: list[tuple[float, float, int, int]] = []  # (t, RSS MiB, fds, threads)
+        probe_tl = Timeline()  # the probe's calls (tests/chaos/probe.py), its own process and channel
 
         async def load(tl: Timeline) -> None:
             tl.mark("fault")
             flood_rate = max(0.5 * capacity - SOAK_RATE, 8.0)
             flood = h2load(srv, body, duration_s=SOAK_S, connections=8, streams=32, rps=flood_rate / 8)
+            probe_args = ["--target", srv.target, "--body", str(body), "--seconds", str(SOAK_S)]
+            probe = subprocess.Popen(
+                [sys.executable, "-m", "tests.chaos.probe", *probe_args],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            probed = asyncio.ensure_future(asyncio.to_thread(probe.communicate))
             waiting = asyncio.ensure_future(asyncio.to_thread(flood.communicate))
             while not waiting.done():
                 samples.append((time.monotonic(), srv.rss_mib(), open_fds(pid), threads(pid)))
                 await asyncio.wait([waiting], timeout=10)
             tl.mark("recovered")
+            out, _ = await probed
+            for line in out.splitlines():
+                at, ms, server_ms = (float(x) for x in line.split())
+                probe_tl.points.append((at, ms, "probe", server_ms))
 
         doc, tl = await the_lab.play(the_lab.servers, rate=SOAK_RATE, duration_s=SOAK_S + 10, faults=load)
         folded = await features_folded(the_lab.bootstrap, doc["outcomes_reported"])
@@ -76,6 +91,11 @@ async def test_soak_at_half_capacity(tmp_path: Path) -> None:
     median = statistics.median(windows)
     served = window_p99s(tl, start + WARM_UP_S, tl.marks["recovered"], server=True)
     served_median = statistics.median(served)
+    # Which windows the platform saw slow, and how late its own event loop was in them: a slow
+    # window with a late loop is this process's pause, one without it is the server's transport
+    lags = window_lags(tl, start + WARM_UP_S, tl.marks["recovered"])
+    slow = [i for i, p99 in enumerate(windows) if p99 > 3 * median]
+    probed = window_p99s(probe_tl, start + WARM_UP_S, tl.marks["recovered"])
     row = {
         "scenario": f"9. soak: {SOAK_S / 60:g} min at half capacity",
         "load": f"{0.5 * capacity:,.0f}/s: h2load + the platform at {SOAK_RATE:g} payments/s",
@@ -85,6 +105,20 @@ async def test_soak_at_half_capacity(tmp_path: Path) -> None:
         "threads_first_last": [warm[0][3], warm[-1][3]],
         "window_p99_ms_median_max": [round(median, 1), round(max(windows), 1)],
         "server_time_window_p99_ms_median_max": [round(served_median, 1), round(max(served), 1)],
+        "probe_window_p99_ms_median_max": [round(statistics.median(probed), 1), round(max(probed), 1)],
+        "probe_calls": len(probe_tl.points),
+        "platform_loop_lag_window_max_ms_median_max": [
+            round(statistics.median(lags), 1),
+            round(max(lags), 1),
+        ],
+        "slow_windows": [
+            {
+                "p99_ms": round(windows[i], 1),
+                "server_p99_ms": round(served[i], 1),
+                "loop_lag_ms": round(lags[i], 1),
+            }
+            for i in slow
+        ],
         "seconds": round(time.monotonic() - t0),
         "cards_held_end": cards,
     }
