@@ -310,7 +310,10 @@ class Authopt:
         self.healths = [RouteHealth(health) for _ in range(replicas)] if health is not None else []
         self._decided = 0  # decisions made, for the round-robin
         self._reported = 0  # outcomes reported, for the round-robin
-        self._expected: dict[int, dict[str, float]] = {}  # payment -> route -> expected approval
+        # per replica, payment -> route -> expected approval: as in the server, only the replica that
+        # made a decision knows what it expected; an outcome reported to another one comes without
+        self._expected: list[dict[int, dict[str, float]]] = [{} for _ in self.healths]
+        self._last_replica = 0  # the replica that made the last decision
         # "model": the correction in the model's manifest, as the server applies it
         self.selection = model.selection if selection == "model" else selection
         self.last_route_p: list[float] | None = None  # the last decision's uncorrected route column
@@ -358,7 +361,8 @@ class Authopt:
             scores = model_scores(rows, self.model.version, buckets, self.selection)
         health = None
         if self.healths:
-            health = self.healths[self._decided % len(self.healths)]
+            self._last_replica = self._decided % len(self.healths)
+            health = self.healths[self._last_replica]
             self._decided += 1
         return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng, health)
 
@@ -368,7 +372,9 @@ class Authopt:
         if self.on_response is not None:
             self.on_response(view, req, resp)
         if self.healths:
-            self._expected[view.payment.index] = {r.route_id: r.approval_probability for r in resp.routes}
+            self._expected[self._last_replica][view.payment.index] = {
+                r.route_id: r.approval_probability for r in resp.routes
+            }
         source = optimizer_pb2.DecisionSource.Name(resp.decision_source).removeprefix("DECISION_SOURCE_")
         top = resp.routes[0]
         p = top.approval_probability if resp.decision_source == Source.DECISION_SOURCE_MODEL else -1.0
@@ -390,7 +396,9 @@ class Authopt:
             w = view.world
             issuer = w.issuer_country[int(w.card_issuer[view.payment.card])]
             route_id = w.route_ids[route]
-            expected = self._expected.pop(view.payment.index, {}).get(route_id)
-            health = self.healths[self._reported % len(self.healths)]
+            replica = self._reported % len(self.healths)
             self._reported += 1
+            kept = [e.pop(view.payment.index, None) for e in self._expected]  # (the server's is bounded)
+            expected = (kept[replica] or {}).get(route_id)
+            health = self.healths[replica]
             health.observe(route_id, issuer, view.now, outcome.status == APPROVED, expected)
