@@ -1,6 +1,7 @@
 """Chaos scenario 9, the soak (the long run only: `python -m bench.chaos`): 10 minutes at half the
 server's measured capacity. After warm-up the server's memory grows < 10 % and its threads and file
-descriptors do not grow; the p99 of every 5-second window stays <= 3x the median window's p99."""
+descriptors do not grow; the p99 of every 5-second window stays <= 3x the median window's p99, as the
+server times itself and as a client apart from the platform sees it (tests/chaos/probe.py)."""
 
 from __future__ import annotations
 
@@ -126,6 +127,8 @@ async def test_soak_at_half_capacity(tmp_path: Path) -> None:
     assert row["errors"] == {} and row["outcomes_folded"] == row["outcomes_produced"], row
     assert warm[-1][1] < 1.10 * warm[0][1], row
     assert warm[-1][2] <= warm[0][2] + 4 and warm[-1][3] <= warm[0][3] + 2, row
-    # The server's own time per decision: the platform's side adds this test process's own pauses
-    # (it plays the traffic and keeps every point on the same two cores).
+    # The server's own time per decision, and the whole call as a client that does nothing else
+    # sees it (the probe). The platform's own windows add this test process's pauses (it plays the
+    # world and keeps every point): reported, with its loop lag, not asserted.
     assert max(served) <= 3 * served_median, row
+    assert max(probed) <= 3 * statistics.median(probed), row
