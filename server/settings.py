@@ -80,7 +80,8 @@ class ServerSettings(BaseSettings):
     route_health: bool = Field(
         False,
         description="demote a route whose approval in the last minute fell below what its decisions "
-        "expected (server/health.py), from the outcomes this replica receives; off: see docs/model.md",
+        "expected (server/health.py), from the outcomes this replica receives; for one replica (behind "
+        "a round-robin of several it reacts later than with none) and off by default: see docs/model.md",
     )
     route_health_half_life_s: float = Field(
         60.0,
