@@ -1,7 +1,7 @@
 """The online store's figures (streams/online.py), against a real redis-server on 127.0.0.1.
 
   python -m bench.online_store [--rows 200000] [--duration 5] [--repeats 3] [--inflight 16]
-                               [--replica-cards 200000] [--pin] [--json PATH]
+                               [--replica-cards 200000] [--json PATH]
 
 Starts its own redis-server (a free port, nothing persisted; Debian's redis-server or valkey-server
 on the PATH), then:
@@ -12,9 +12,7 @@ on the PATH), then:
    model) in turn with the bench card's rows in its in-memory store, and with them in Redis
    (AUTHOPT_SERVER_ONLINE_STORE, the process's LRU off so every decision asks Redis: the worst
    case); h2load over one connection at `--inflight` streams, `--repeats` runs of `--duration` s:
-   median QPS, p50, p99, and p99(Redis) - p99(memory), measured in the same run. With `--pin` the
-   server has the last CPU to itself and h2load and redis-server share the others (`taskset`),
-   as where the store runs on its own machine: what the store costs the server, not the CPUs;
+   median QPS, p50, p99, and p99(Redis) - p99(memory), measured in the same run;
 3. a server's memory with card state out of process: a feature replica's Materializer applying
    `--replica-cards` card snapshots with the cards held (as without a store) and skipped (as with
    one), tracemalloc's peak in this process.
@@ -26,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import socket
 import statistics
@@ -174,8 +171,6 @@ def recommend(url: str, args: argparse.Namespace) -> dict[str, dict[str, float]]
     results: dict[str, dict[str, float]] = {}
     for name, (extra, env) in variants.items():
         proc, port = _start("recommend", model_dir, extra, env)
-        if args.pin:
-            _pin(proc.pid, [args.server_cpu])
         try:
             source = _check_decision(port)
             runs = [
@@ -195,16 +190,6 @@ def recommend(url: str, args: argparse.Namespace) -> dict[str, dict[str, float]]
     return results
 
 
-def _server_cpu() -> int:
-    return max(os.sched_getaffinity(0))
-
-
-def _pin(pid: int, cpus: list[int]) -> None:
-    """Every thread of `pid` onto `cpus` (threads made later inherit it from their maker)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), cpus)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -216,16 +201,7 @@ def main() -> None:
     parser.add_argument("--replica-cards", type=int, default=200_000)
     parser.add_argument("--skip-recommend", action="store_true", help="no servers (no h2load needed)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument(
-        "--pin", action="store_true", help="the server on the last CPU alone; h2load and Redis on the others"
-    )
     args = parser.parse_args()
-    args.server_cpu = _server_cpu()
-    if args.pin:
-        others = sorted(os.sched_getaffinity(0) - {args.server_cpu})
-        if not others:
-            parser.error("--pin needs at least 2 CPUs")
-        os.sched_setaffinity(0, others)  # this process, and so redis-server and h2load, its children
     proc, url = _redis()
     out: dict[str, Any] = {}
     try:
