@@ -2,13 +2,15 @@
 its capture of the oracle's uplift, its lead over success-rate routing and its calibration.
 
     python -m bench.world_family [--worlds 10] [--first-seed 1] [--payments-per-hour 1000]
-        [--train-hours 48] [--eval-hours 6] [--members 1] [--epochs 8] [--out family]
+        [--train-hours 48] [--eval-hours 6] [--eval-seeds 1] [--members 1] [--epochs 8]
+        [--onpolicy-hours 6] [--selection-rounds 1] [--out family]
 
 For each world seed: `authopt world random` writes the world, `authopt train --world` trains on it
 with the given budget (the same hyperparameters for every world: never tuned to one), `authopt
-evaluate --world` plays it on one evaluation seed with static, success-rate, the oracle and the
+evaluate --world` plays it on the evaluation seeds with static, success-rate, the oracle and the
 model. Each world's row is printed as it finishes (and kept in OUT/family.json, so an interrupted
-run resumes where it stopped); at the end the medians and counts the issue's targets ask about.
+run resumes where it stopped: give another budget another OUT); at the end the medians and counts
+the issue's targets ask about.
 Prints figures; never fails on them.
 """
 
@@ -43,9 +45,11 @@ def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     if not (work / "models" / version / "manifest.json").exists():
         _run("train", "--world", str(world), "--out", str(work / "models"), "--version", version,
              "--hours", str(args.train_hours), "--members", str(args.members), "--epochs", str(args.epochs),
-             "--onpolicy-hours", str(args.eval_hours), "--selection-rounds", "1", "--quiet")  # fmt: skip
-    _run("evaluate", "--world", str(world), "--model", str(work / "models" / version), "--seeds", "1",
-         "--hours", str(args.eval_hours), "--no-ope", "--out", str(work / "eval"))  # fmt: skip
+             "--onpolicy-hours", str(args.onpolicy_hours or args.eval_hours),
+             "--selection-rounds", str(args.selection_rounds), "--quiet")  # fmt: skip
+    _run("evaluate", "--world", str(world), "--model", str(work / "models" / version),
+         "--seeds", args.eval_seeds, "--hours", str(args.eval_hours),
+         "--no-ope", "--out", str(work / "eval"))  # fmt: skip
     (result,) = json.loads((work / "eval" / "results.json").read_text())["worlds"]
     measured = {k: v["measured"] for k, v in result["targets"].items()}
     summary = result["summary"]
@@ -70,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-hours", type=float, default=6.0)
     parser.add_argument("--members", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--eval-seeds", default="1", help="comma-separated evaluation seeds")
+    parser.add_argument(
+        "--onpolicy-hours", type=float, help="train's on-policy hours (default: --eval-hours)"
+    )
+    parser.add_argument("--selection-rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("family"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -392,12 +392,14 @@ class Authopt:
         return None
 
     def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
-        if self.healths and view.number == 1:  # first attempts, as the server
+        if not self.healths:
+            return
+        replica = self._reported % len(self.healths)  # every attempt's outcome is a call in turn
+        self._reported += 1
+        if view.number == 1:  # route health judges first attempts, as the server
             w = view.world
             issuer = w.issuer_country[int(w.card_issuer[view.payment.card])]
             route_id = w.route_ids[route]
-            replica = self._reported % len(self.healths)
-            self._reported += 1
             kept = [e.pop(view.payment.index, None) for e in self._expected]  # (the server's is bounded)
             expected = (kept[replica] or {}).get(route_id)
             health = self.healths[replica]

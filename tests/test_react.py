@@ -195,7 +195,8 @@ def test_route_health_behind_a_round_robin_keeps_one_health_per_replica() -> Non
 
     firsts = len(result.first_approved)
     assert sum(observed.values()) == firsts == len(window)
-    assert max(observed.values()) - min(observed.values()) <= 1  # a third each
+    assert all(0.28 < n / firsts < 0.39 for n in observed.values())  # about a third each (retries'
+    # reports take their turns too)
     assert max(asked.values()) - min(asked.values()) <= 1  # decisions in turn too
     # only the replica that decided knows what it expected: about two outcomes in three reach
     # another one, which judges them against the route's usual rate instead
