@@ -81,7 +81,7 @@ class ServerSettings(BaseSettings):
         False,
         description="demote a route whose approval in the last minute fell below what its decisions "
         "expected (server/health.py), from the outcomes this replica receives; for one replica (behind "
-        "a round-robin of several it reacts later than with none) and off by default: see docs/model.md",
+        "a round-robin of several it loses more in an incident than none) and off by default: docs/model.md",
     )
     route_health_half_life_s: float = Field(
         60.0,
