@@ -35,9 +35,10 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -84,6 +85,25 @@ class _Slot:
     async def acquire(self) -> None:
         await self.sem.acquire()
         self.held = True
+
+
+_T = TypeVar("_T")
+_END = object()
+
+
+def built_ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """`items` in order, the first made here and each next one made on a thread while the one before
+    it is used, so a consumer on an event loop never waits for one to be made (unless it uses them up
+    faster than they are made)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="authopt-next-day")
+    try:
+        current = next(items, _END)
+        while current is not _END:
+            ahead = pool.submit(next, items, _END)
+            yield current  # type: ignore[misc]
+            current = ahead.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _acquire_unless(sem: asyncio.Semaphore, stop: asyncio.Event) -> bool:
@@ -139,23 +159,35 @@ class Platform:
         """
         cfg = self.config
         s = self.settings
-        if s.duration_s is not None:
-            need_h = s.rate * s.duration_s * 1.1 / cfg.traffic.payments_per_hour + 0.1
-            if need_h < cfg.traffic.hours:
-                cfg = cfg.model_copy(update={"traffic": cfg.traffic.model_copy(update={"hours": need_h})})
+        need_h = self._hours_needed()
+        if need_h < cfg.traffic.hours:
+            cfg = cfg.model_copy(update={"traffic": cfg.traffic.model_copy(update={"hours": need_h})})
         k = 0
         while True:
             yield World(cfg, s.seed + k)
             k += 1
 
+    def _hours_needed(self) -> float:
+        """World hours the run plays (with a margin); infinite for a run without an end."""
+        s = self.settings
+        if s.duration_s is None:
+            return math.inf
+        return s.rate * s.duration_s * 1.1 / self.config.traffic.payments_per_hour + 0.1
+
     def payments(self) -> Iterator[tuple[int, World, Payment]]:
-        for k, world in enumerate(self.worlds()):
+        """Every payment of day 0, then of day 1, ...: each next day's world and payments are built
+        on a thread while this day's are played (a day of the default world takes ~1 s to build,
+        which stalled the event loop that plays the payments once a simulated day)."""
+        days: Iterator[tuple[World, list[Payment]]] = ((w, w.payments()) for w in self.worlds())
+        if self._hours_needed() >= self.config.traffic.hours:  # a run of more than one day
+            days = built_ahead(days)
+        for k, (world, payments) in enumerate(days):
             self.world = world
             self._incidents[k] = world.incidents(-math.inf, math.inf)
             # A new day is a new population: the baseline's per-card counters start afresh (this
             # also bounds their memory to one day's payments in a long run).
             self._counters = RuleCounters()
-            for p in world.payments():
+            for p in payments:
                 yield k, world, p
 
     def incidents_now(self) -> list[Incident]:
