@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -89,6 +90,7 @@ class _Slot:
 
 _T = TypeVar("_T")
 _END = object()
+_UP_FRONT_DAYS = 3  # a run of at most this many simulated days builds them all before it starts
 
 
 def built_ahead(items: Iterator[_T]) -> Iterator[_T]:
@@ -175,11 +177,16 @@ class Platform:
         return s.rate * s.duration_s * 1.1 / self.config.traffic.payments_per_hour + 0.1
 
     def payments(self) -> Iterator[tuple[int, World, Payment]]:
-        """Every payment of day 0, then of day 1, ...: each next day's world and payments are built
-        on a thread while this day's are played (a day of the default world takes ~1 s to build,
-        which stalled the event loop that plays the payments once a simulated day)."""
+        """Every payment of day 0, then of day 1, ...: never a day built in the event loop that
+        plays the payments (a day of the default world takes ~1 s to build: it stalled every payment
+        in flight once a simulated day). A run of a few days builds them all before its clock starts
+        (`run` takes the first payment up front); a longer one builds each next day on a thread
+        while the one before is played."""
         days: Iterator[tuple[World, list[Payment]]] = ((w, w.payments()) for w in self.worlds())
-        if self._hours_needed() >= self.config.traffic.hours:  # a run of more than one day
+        need_h, day_h = self._hours_needed(), self.config.traffic.hours
+        if need_h <= _UP_FRONT_DAYS * day_h:  # a few days: all of them before the clock starts
+            days = itertools.chain(list(itertools.islice(days, math.ceil(need_h / day_h))), built_ahead(days))
+        else:  # a long run: each next day on a thread while the one before is played
             days = built_ahead(days)
         for k, (world, payments) in enumerate(days):
             self.world = world

@@ -304,3 +304,26 @@ def test_a_run_of_more_than_a_day_plays_the_days_in_order() -> None:
 
     short = Platform(_settings("unused:1", seed=5, duration_s=2.0), load_world("default"))
     assert short._hours_needed() < short.config.traffic.hours
+
+
+def test_a_run_of_a_few_days_builds_them_all_before_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sim.platform
+
+    built: list[int] = []
+
+    class Counted(World):
+        def __init__(self, config, seed):  # type: ignore[no-untyped-def]
+            built.append(seed)
+            super().__init__(config, seed)
+
+    monkeypatch.setattr(sim.platform, "World", Counted)
+    config = load_world("default")
+    config = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": 0.2})})
+    # 0.2 world hours a day at 2,000 payments an hour: 60 s at 6 payments a second needs 0.3 h, 2 days
+    two_days = Platform(_settings("unused:1", seed=5, rate=6.0, duration_s=60.0), config)
+    source = two_days.payments()
+    next(source)  # the first payment, taken before the clock starts
+    assert built == [5, 6]
+    one_day = Platform(_settings("unused:1", seed=7, rate=1.0, duration_s=60.0), config)
+    next(one_day.payments())
+    assert built == [5, 6, 7]  # the run fits in its first day: no other is built
