@@ -368,6 +368,18 @@ def threads(pid: int) -> int:
     return 0
 
 
+def _answered_windows(
+    tl: Timeline, start: float, end: float, width_s: float
+) -> Iterator[tuple[float, list[tuple[float, float, str, float]]]]:
+    """Each `width_s` window between `start` and `end` (monotonic) that has answers: (its start, them)."""
+    t = start
+    while t + width_s <= end:
+        points = [p for p in tl.points if t <= p[0] < t + width_s]
+        if points:
+            yield t, points
+        t += width_s
+
+
 def window_p99s(
     tl: Timeline, start: float, end: float, width_s: float = 5.0, *, server: bool = False
 ) -> list[float]:
@@ -375,22 +387,16 @@ def window_p99s(
     the platform waited for them, or (`server`) as the server reports its own time."""
     column = 3 if server else 1
     out = []
-    t = start
-    while t + width_s <= end:
-        lat = sorted(p[column] for p in tl.points if t <= p[0] < t + width_s)
-        if lat:
-            out.append(lat[min(len(lat) - 1, int(0.99 * len(lat)))])
-        t += width_s
+    for _, points in _answered_windows(tl, start, end, width_s):
+        lat = sorted(p[column] for p in points)
+        out.append(lat[min(len(lat) - 1, int(0.99 * len(lat)))])
     return out
 
 
 def window_lags(tl: Timeline, start: float, end: float, width_s: float = 5.0) -> list[float]:
     """The platform's longest event-loop lag (ms) in each `width_s` window that has answers, the
     same windows as `window_p99s`."""
-    out = []
-    t = start
-    while t + width_s <= end:
-        if any(t <= p[0] < t + width_s for p in tl.points):
-            out.append(max((lag for at, lag in tl.lags if t <= at < t + width_s), default=0.0))
-        t += width_s
-    return out
+    return [
+        max((lag for at, lag in tl.lags if t <= at < t + width_s), default=0.0)
+        for t, _ in _answered_windows(tl, start, end, width_s)
+    ]
