@@ -7,7 +7,9 @@ the world's route incidents (`sim.react`), the table printed.
 authopt plays as `authopt serve` does by default and, as `authopt-health`, with the server's route
 health (server/health.py, `route_health`) on: the difference is what route health buys. With
 `--replicas 1,3` route health also plays as N server replicas behind the platform's round-robin
-(`authopt-health-x3`), each keeping its own health from the share of outcomes reported to it.
+(`authopt-health-x3`), each keeping its own health from the share of outcomes reported to it, and
+(`authopt-health-x3-echo`) with the platform echoing each decision's expected approval in the outcome
+it reports (`AttemptOutcome.expected_approval`), so that a replica that did not decide can judge it.
 
 `authopt evaluate` reports the same table per world over all its seeds; this is the quick look.
 """
@@ -22,12 +24,31 @@ import torch
 
 from model.artifacts import DEFAULT_MODEL_DIR
 from server.health import HealthSettings
-from server.models import load_model_dir
+from server.models import LoadedModel, load_model_dir
 from sim import World, load_world
 from sim.config import Episode, WorldConfig
 from sim.play import Policy, play
 from sim.policies import Authopt, Oracle, Static, SuccessRate
 from sim.react import incident_reactions, summarize_reactions, without_route_incidents
+
+
+def _makers(model: LoadedModel, seed: int, replicas: list[int]) -> dict[str, Callable[[], Policy]]:
+    """Each policy by name: the baselines, authopt as served by default, and authopt with route
+    health as 1 or N replicas (with and without the platform's echo of the expectation)."""
+    makers: dict[str, Callable[[], Policy]] = {
+        "static": Static,
+        "success-rate": lambda: SuccessRate(seed=seed),
+        "oracle": Oracle,
+        "authopt": lambda: Authopt(model, seed=seed),
+    }
+    for n in replicas:
+        name = "authopt-health" if n == 1 else f"authopt-health-x{n}"
+        makers[name] = lambda n=n: Authopt(model, seed=seed, health=HealthSettings(), replicas=n)
+        if n > 1:
+            makers[f"{name}-echo"] = lambda n=n: Authopt(
+                model, seed=seed, health=HealthSettings(), replicas=n, echo=True
+            )
+    return makers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,15 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     world, calm = World(config, args.seed), World(without_route_incidents(config), args.seed)
     payments = world.payments()
     model = load_model_dir(args.model)
-    makers: dict[str, Callable[[], Policy]] = {
-        "static": Static,
-        "success-rate": lambda: SuccessRate(seed=args.seed),
-        "oracle": Oracle,
-        "authopt": lambda: Authopt(model, seed=args.seed),
-    }
-    for n in replicas:
-        name = "authopt-health" if n == 1 else f"authopt-health-x{n}"
-        makers[name] = lambda n=n: Authopt(model, seed=args.seed, health=HealthSettings(), replicas=n)
+    makers = _makers(model, args.seed, replicas)
     if args.policies:
         wanted = args.policies.split(",")
         if unknown := set(wanted) - set(makers):

@@ -254,10 +254,13 @@ class DecisionEngine:
 
     def observe(self, outcome: attempt_pb2.AttemptOutcome) -> None:
         """An outcome the server has just published: route health sees it at once (O(1)), with what
-        the decision expected of its route when this replica made it."""
+        the decision expected of its route: as this replica remembers it when it made the decision,
+        else as the caller echoed it (`expected_approval`, when another replica made it)."""
         if self.health is None or outcome.attempt.attempt_number > 1:
             return  # retries are another population: first attempts only
         expected = self._expected.pop(outcome.request_id, {}).get(outcome.route_id)
+        if expected is None and outcome.HasField("expected_approval"):
+            expected = outcome.expected_approval
         self.health.observe(
             outcome.route_id,
             outcome.attempt.card.issuer_country,

@@ -501,6 +501,13 @@ def _validate_outcome_fields(outcome: attempt_pb2.AttemptOutcome, limits: Limits
             f'(e.g. "05"; required when DECLINED), got {_show(code)}',
         )
     _check_decline_details(outcome, limits, now, p)
+    if outcome.HasField("expected_approval") and not 0.0 <= outcome.expected_approval <= 1.0:  # NaN too
+        _fail(
+            "INVALID_PROBABILITY",
+            f"{p}expected_approval",
+            f"{p}expected_approval must be within [0, 1] (the decision's approval_probability for "
+            f"route_id), got {outcome.expected_approval!r}",
+        )
 
 
 def validate_outcome(

@@ -356,6 +356,8 @@ class Platform:
 
         resp = await self._recommend(stub, self._request(day, world, p, 1, [], window))
         route = primary if resp is None else world.route_index[resp.routes[0].route_id]
+        # echoed with the first attempt's outcome, so that any replica can judge the route by it
+        expected = None if resp is None else resp.routes[0].approval_probability
         if resp is None:
             st.sources[_CLIENT_DEFAULT] += 1
         # Both policies' results count once this payment is done: the same payments on both sides.
@@ -368,7 +370,7 @@ class Platform:
             history.append(_Tried(route, wall, outcome))
             st.outcomes_made += 1
             a.attempted(number, world.cost_minor(route, p.amount_minor), world.config.retry_fee_minor)
-            await self._report(day, world, p, number, route, wall, outcome)
+            await self._report(day, world, p, number, route, wall, outcome, expected if number == 1 else None)
             if outcome.status == APPROVED:
                 a.approved_at(number, p.amount_minor)
                 break
@@ -436,7 +438,15 @@ class Platform:
     # --- outcome reports ----------------------------------------------------------------------
 
     async def _report(
-        self, day: int, world: World, p: Payment, number: int, route: int, wall: float, o: Outcome
+        self,
+        day: int,
+        world: World,
+        p: Payment,
+        number: int,
+        route: int,
+        wall: float,
+        o: Outcome,
+        expected: float | None,
     ) -> None:
         assert self._reports is not None
         if self._no_broker:
@@ -452,6 +462,8 @@ class Platform:
             event_id=self._id(day, p, number),
             request_id=self._id(day, p, number),
         )
+        if expected is not None:
+            msg.expected_approval = expected
         self.stats.report_backlog = self._reports.qsize()
         await self._reports.put(msg)  # waits (slows the traffic) when the server cannot keep up
 

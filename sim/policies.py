@@ -299,6 +299,7 @@ class Authopt:
         selection: server_policy.SelectionCorrection | Literal["model"] | None = "model",
         health: HealthSettings | None = _SERVER_HEALTH,
         replicas: int = 1,
+        echo: bool = False,
     ) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -311,8 +312,10 @@ class Authopt:
         self._decided = 0  # decisions made, for the round-robin
         self._reported = 0  # outcomes reported, for the round-robin
         # per replica, payment -> route -> expected approval: as in the server, only the replica that
-        # made a decision knows what it expected; an outcome reported to another one comes without
+        # made a decision knows what it expected; an outcome reported to another one comes without,
+        # unless the platform echoes it (`echo`: AttemptOutcome.expected_approval)
         self._expected: list[dict[int, dict[str, float]]] = [{} for _ in self.healths]
+        self.echo = echo
         self._last_replica = 0  # the replica that made the last decision
         # "model": the correction in the model's manifest, as the server applies it
         self.selection = model.selection if selection == "model" else selection
@@ -402,5 +405,7 @@ class Authopt:
             route_id = w.route_ids[route]
             kept = [e.pop(view.payment.index, None) for e in self._expected]  # (the server's is bounded)
             expected = (kept[replica] or {}).get(route_id)
+            if expected is None and self.echo:  # the deciding replica's, as the platform echoes it
+                expected = next((k for k in kept if k is not None), {}).get(route_id)
             health = self.healths[replica]
             health.observe(route_id, issuer, view.now, outcome.status == APPROVED, expected)

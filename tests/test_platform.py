@@ -52,6 +52,10 @@ async def test_platform_plays_reports_and_retries_only_as_advised(start_server: 
         # Nothing after an approval; every retry followed a decline or an error.
         statuses = [o.status for o in outcomes]
         assert attempt_pb2.OUTCOME_STATUS_APPROVED not in statuses[:-1]
+        # The first attempt's outcome echoes what its decision expected (for any replica's route
+        # health); a retry's does not (route health judges first attempts).
+        assert outcomes[0].HasField("expected_approval") and 0 < outcomes[0].expected_approval < 1
+        assert not any(o.HasField("expected_approval") for o in outcomes[1:])
     a = doc["authopt"]
     assert a["retries"] == len(published.events) - doc["payments"]
     assert 0.5 < a["first_attempt_approval"] < 1 and 0.5 < doc["static"]["first_attempt_approval"] < 1

@@ -206,3 +206,30 @@ def test_route_health_behind_a_round_robin_keeps_one_health_per_replica() -> Non
 
     with pytest.raises(ValueError, match="replicas"):
         Authopt(load_model_dir(DEFAULT_MODEL_DIR), replicas=0)
+
+
+def test_with_the_platform_echoing_the_expectation_every_replica_judges_against_it() -> None:
+    """`Authopt(replicas=3, echo=True)`: the platform echoes each decision's expected approval in
+    the outcome it reports (`AttemptOutcome.expected_approval`), so every replica that is reported a
+    first attempt judges it against what the deciding replica expected, not the route's usual rate."""
+    from server.health import HealthSettings
+    from server.models import load_model_dir
+    from sim.policies import Authopt
+
+    config, _ = world_with_incident()
+    world = World(config, 1)
+    window = world.payments()[:300]
+    policy = Authopt(
+        load_model_dir(DEFAULT_MODEL_DIR), seed=1, health=HealthSettings(), replicas=3, echo=True
+    )
+    expectations: list[float | None] = []
+    for health in policy.healths:
+
+        def observe(*args, inner=health.observe, **kwargs):  # type: ignore[no-untyped-def]
+            expectations.append(args[4])
+            return inner(*args, **kwargs)
+
+        health.observe = observe  # type: ignore[method-assign]
+    play(world, policy, payments=window)
+    assert len(expectations) == len(window)
+    assert all(e is not None and 0.0 < e < 1.0 for e in expectations)

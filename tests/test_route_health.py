@@ -143,7 +143,9 @@ def test_first_position_propensities_are_exact_with_demotion_and_probes(demoted:
     assert sum(claimed[r] for r in demoted) == pytest.approx(0.1)
 
 
-def _outcome(i: int, route: str, at: float, approved: bool) -> attempt_pb2.AttemptOutcome:
+def _outcome(
+    i: int, route: str, at: float, approved: bool, expected: float | None = None
+) -> attempt_pb2.AttemptOutcome:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(at * 1e9))
     return attempt_pb2.AttemptOutcome(
@@ -155,6 +157,7 @@ def _outcome(i: int, route: str, at: float, approved: bool) -> attempt_pb2.Attem
         response_code="" if approved else "91",
         latency_ms=200,
         attempted_at=ts,
+        expected_approval=expected,
     )
 
 
@@ -186,6 +189,40 @@ async def test_the_server_demotes_a_route_from_reported_outcomes_and_logs_the_pr
     assert after.propensity == 1.0
     record = decision_record(make_request("req-after"), after, now, producer="t", exploration_rate=0.0)
     assert list(record.first_position_propensities) == [1.0, 0.0, 0.0]
+
+
+async def test_a_replica_that_did_not_decide_judges_by_the_echoed_expectation(
+    start_server: ServerFactory,
+) -> None:
+    """Outcomes reported to a replica that made none of their decisions (another one behind the
+    platform's round-robin did). acq-a usually gets payments it approves 40 % of and was expected
+    to; in the last minutes the routing sends it payments expected at 90 %, and it approves 50 %.
+    Against its usual rate that is no fall; against what the decisions expected (echoed in
+    `expected_approval`) it is: only the replica given the echo demotes acq-a."""
+    now, rng = time.time(), random.Random(7)
+    usual_p = {"acq-a": 0.4, "acq-b": 0.8, "acq-c": 0.8}
+    usual = [
+        (i, r, now - 3600 + 5 * (i // 3), rng.random() < usual_p[r], usual_p[r])
+        for i in range(3 * 700)
+        for r in [ROUTES[i % 3]]
+    ]
+    recent = [
+        (10_000 + k, r, now - 120 + 2 * (k // 3), rng.random() < p, e)
+        for k in range(3 * 60)
+        for r in [ROUTES[k % 3]]
+        for p, e in [(0.5, 0.9) if r == "acq-a" else (0.8, 0.8)]
+    ]
+    demoted = {}
+    for echoed in (True, False):
+        srv = await start_server(publisher=Recording(), route_health=True, route_health_probe_share=0.0)
+        outcomes = [_outcome(i, r, at, ok, e if echoed else None) for i, r, at, ok, e in usual + recent]
+        for k in range(0, len(outcomes), 500):
+            await srv.stub.ReportOutcomes(
+                optimizer_pb2.ReportOutcomesRequest(outcomes=outcomes[k : k + 500]), timeout=10
+            )
+        resp = await srv.stub.Recommend(make_request(f"req-echo-{echoed}"), timeout=5)
+        demoted[echoed] = {r.route_id for r in resp.routes if r.demoted_reason}
+    assert demoted == {True: {"acq-a"}, False: set()}
 
 
 def test_hours_of_ordinary_noise_demote_nothing() -> None:

@@ -320,6 +320,8 @@ def _status(status: int, code: str) -> OutcomeMutation:
         pytest.param(_status(attempt_pb2.OUTCOME_STATUS_ERROR, ""), id="route-error"),
         pytest.param(_status(attempt_pb2.OUTCOME_STATUS_ERROR, "91"), id="route-error-code"),
         pytest.param(lambda o: setattr(o, "request_id", ""), id="no-request-id"),
+        pytest.param(lambda o: setattr(o, "expected_approval", 0.0), id="expected-0"),
+        pytest.param(lambda o: setattr(o, "expected_approval", 1.0), id="expected-1"),
     ],
 )
 def test_valid_outcome_passes(mutate: OutcomeMutation) -> None:
@@ -347,6 +349,13 @@ OUTCOME_CASES = [
     (lambda o: o.ClearField("attempted_at"), "MISSING_FIELD", "outcome.attempted_at"),
     (lambda o: o.attempted_at.CopyFrom(_ts(NOW + 3600)), "TIMESTAMP_IN_FUTURE", "outcome.attempted_at"),
     (lambda o: o.attempted_at.CopyFrom(_ts(NOW - 500 * DAY)), "TIMESTAMP_TOO_OLD", "outcome.attempted_at"),
+    (lambda o: setattr(o, "expected_approval", 1.01), "INVALID_PROBABILITY", "outcome.expected_approval"),
+    (lambda o: setattr(o, "expected_approval", -0.1), "INVALID_PROBABILITY", "outcome.expected_approval"),
+    (
+        lambda o: setattr(o, "expected_approval", float("nan")),
+        "INVALID_PROBABILITY",
+        "outcome.expected_approval",
+    ),
 ]
 
 

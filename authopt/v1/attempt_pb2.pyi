@@ -427,6 +427,7 @@ class AttemptOutcome(_message.Message):
     VISA_CATEGORY_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     ATTEMPTED_AT_FIELD_NUMBER: _builtins.int
+    EXPECTED_APPROVAL_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id of this outcome, 1-128 characters; repeated reports with the same id are
     the same event (idempotent downstream).
@@ -445,6 +446,12 @@ class AttemptOutcome(_message.Message):
     """Visa decline category, when known."""
     latency_ms: _builtins.int
     """Route latency from send to answer, in milliseconds."""
+    expected_approval: _builtins.float
+    """The approval_probability Recommend gave route_id in the decision this attempt followed (that
+    route's RankedRoute), echoed back. With it any server replica, not only the one that made the
+    decision, can judge the route by this outcome (route health). Unset when not known; within
+    [0, 1] when set.
+    """
     @_builtins.property
     def attempt(self) -> Global___Attempt:
         """The attempt."""
@@ -466,11 +473,14 @@ class AttemptOutcome(_message.Message):
         visa_category: Global___VisaDeclineCategory.ValueType = ...,
         latency_ms: _builtins.int = ...,
         attempted_at: _timestamp_pb2.Timestamp | None = ...,
+        expected_approval: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempted_at", b"attempted_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_approval", b"_expected_approval", "attempt", b"attempt", "attempted_at", b"attempted_at", "expected_approval", b"expected_approval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempted_at", b"attempted_at", "event_id", b"event_id", "latency_ms", b"latency_ms", "mastercard_mac", b"mastercard_mac", "request_id", b"request_id", "response_code", b"response_code", "route_id", b"route_id", "status", b"status", "visa_category", b"visa_category"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_approval", b"_expected_approval", "attempt", b"attempt", "attempted_at", b"attempted_at", "event_id", b"event_id", "expected_approval", b"expected_approval", "latency_ms", b"latency_ms", "mastercard_mac", b"mastercard_mac", "request_id", b"request_id", "response_code", b"response_code", "route_id", b"route_id", "status", b"status", "visa_category", b"visa_category"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_approval: _TypeAlias = _typing.Literal["expected_approval"]  # noqa: Y015
+    _WhichOneofArgType__expected_approval: _TypeAlias = _typing.Literal["_expected_approval", b"_expected_approval"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_approval) -> _WhichOneofReturnType__expected_approval | None: ...
 
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
