@@ -80,8 +80,9 @@ class ServerSettings(BaseSettings):
     route_health: bool = Field(
         False,
         description="demote a route whose approval in the last minute fell below what its decisions "
-        "expected (server/health.py), from the outcomes this replica receives; for one replica (behind "
-        "a round-robin of several it loses more in an incident than none) and off by default: docs/model.md",
+        "expected (server/health.py), from the outcomes this replica receives; behind several replicas "
+        "the platform must echo each decision's expectation (AttemptOutcome.expected_approval), else it "
+        "loses more in an incident than none; off by default: docs/model.md",
     )
     route_health_half_life_s: float = Field(
         60.0,
