@@ -4,8 +4,9 @@ The server receives every outcome (`ReportOutcome(s)`) before the streams worker
 features (Kafka, then the worker, then the replica's feature cache: seconds at best). `RouteHealth`
 keeps, per route (and with `per_issuer` per route × issuer country), the first attempts' approvals
 **observed against expected**: each outcome comes with the approval probability the decision gave
-its route (the engine remembers it by request id; without one, the key's approval over the last
-hour stands in), times the key's usual observed/expected over the last hour (a model persistently
+its route (the engine remembers it by request id; for a decision another replica made, the
+platform may echo it in `AttemptOutcome.expected_approval`; without either, the key's approval over
+the last hour stands in), times the key's usual observed/expected over the last hour (a model persistently
 optimistic about a route is not an incident on it). Observed against expected, not against the
 route's usual rate: which payments a route gets moves with the routing itself, and what the model
 expected of those very payments does not. O(1) per outcome, a bounded number of keys (the least

@@ -219,17 +219,18 @@ def test_with_the_platform_echoing_the_expectation_every_replica_judges_against_
     config, _ = world_with_incident()
     world = World(config, 1)
     window = world.payments()[:300]
-    policy = Authopt(
-        load_model_dir(DEFAULT_MODEL_DIR), seed=1, health=HealthSettings(), replicas=3, echo=True
-    )
-    expectations: list[float | None] = []
-    for health in policy.healths:
+    model = load_model_dir(DEFAULT_MODEL_DIR)
+    expectations: dict[bool, list[float | None]] = {True: [], False: []}
+    for echo, seen in expectations.items():
+        policy = Authopt(model, seed=1, health=HealthSettings(), replicas=3, echo=echo)
+        for health in policy.healths:
 
-        def observe(*args, inner=health.observe, **kwargs):  # type: ignore[no-untyped-def]
-            expectations.append(args[4])
-            return inner(*args, **kwargs)
+            def observe(*args, inner=health.observe, seen=seen, **kwargs):  # type: ignore[no-untyped-def]
+                seen.append(args[4])
+                return inner(*args, **kwargs)
 
-        health.observe = observe  # type: ignore[method-assign]
-    play(world, policy, payments=window)
-    assert len(expectations) == len(window)
-    assert all(e is not None and 0.0 < e < 1.0 for e in expectations)
+            health.observe = observe  # type: ignore[method-assign]
+        play(world, policy, payments=window)
+    assert len(expectations[True]) == len(expectations[False]) == len(window)
+    assert all(e is not None and 0.0 < e < 1.0 for e in expectations[True])
+    assert sum(e is None for e in expectations[False]) > len(window) / 2  # without it, most come bare

@@ -225,6 +225,28 @@ async def test_a_replica_that_did_not_decide_judges_by_the_echoed_expectation(
     assert demoted == {True: {"acq-a"}, False: set()}
 
 
+def test_the_deciding_replica_trusts_its_own_memory_over_the_echo() -> None:
+    """The replica that made a decision judges its outcome by what it remembers expecting; the
+    echoed `expected_approval` stands in only where it remembers nothing (another replica decided)."""
+    from server.decision import DecisionEngine
+
+    seen: list[float | None] = []
+
+    class Recorder(RouteHealth):
+        def observe(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(args[4])
+
+    engine = DecisionEngine(None, None, None, None, health=Recorder())  # type: ignore[arg-type]
+    engine._expected["req-1"] = {"acq-a": 0.8}  # as Recommend leaves it for this request
+    engine.observe(_outcome(1, "acq-a", T0, True, 0.3))  # remembered: 0.8, not the echo
+    engine.observe(_outcome(2, "acq-a", T0, True, 0.3))  # decided elsewhere: the echo
+    engine.observe(_outcome(3, "acq-a", T0, True))  # neither: unknown
+    retry = _outcome(4, "acq-a", T0, True, 0.3)
+    retry.attempt.attempt_number = 2
+    engine.observe(retry)  # a retry: not route health's population
+    assert seen == [0.8, 0.3, None]
+
+
 def test_hours_of_ordinary_noise_demote_nothing() -> None:
     """Six hours of three routes approving exactly as expected (80 %, one outcome each per 5 s):
     chance runs of declines do happen, and route health must rarely take one for an incident."""

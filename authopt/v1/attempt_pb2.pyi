@@ -449,8 +449,8 @@ class AttemptOutcome(_message.Message):
     expected_approval: _builtins.float
     """The approval_probability Recommend gave route_id in the decision this attempt followed (that
     route's RankedRoute), echoed back. With it any server replica, not only the one that made the
-    decision, can judge the route by this outcome (route health). Unset when not known; within
-    [0, 1] when set.
+    decision, can judge the route by this outcome (route health). For first attempts: route
+    health ignores retries. Unset when not known; within [0, 1] when set.
     """
     @_builtins.property
     def attempt(self) -> Global___Attempt:
