@@ -105,20 +105,27 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(
             f"{row['route']} at {row['start_s'] / 3600:.2f} h, {row['minutes']:.0f} min, severity "
-            f"{row['severity']:.2f}, {row['payments']:,} payments"
+            f"{row['severity']:.2f}, {row['payments']:,} payments{'' if row['isolated'] else ', overlapping'}"
         )
         for name, v in row["policies"].items():
-            lost = v.get("lost_vs_oracle_pp")
+            lost, after = v.get("lost_vs_oracle_pp"), v.get("lost_after_vs_oracle_pp")
             print(
-                f"  {name:13s} measured {v['measured']!s:5s} react {v['react_s']} s  "
-                f"return {v['return_s']} s  "
-                f"lost vs oracle {'-' if lost is None else f'{lost:.2f}'} pp"
+                f"  {name:13s} measured {v['measured']!s:5s} react {_s(v['react_s'])}  "
+                f"return {_s(v['return_s'])}  lost vs oracle {_pp(lost)} during, {_pp(after)} after"
             )
     for name, v in summarize_reactions(rows).items():
         print(name, v)
     for name, result in results.items():  # the whole run, incidents and calm hours
         share = sum(result.first_approved) / len(result.first_approved)
         print(f"{name:18s} first-attempt approval {100 * share:.2f} %")
+
+
+def _s(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{seconds:.0f} s"
+
+
+def _pp(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} pp"
 
 
 def _one_incident(parser: argparse.ArgumentParser, config: WorldConfig, spec: str) -> WorldConfig:

@@ -14,7 +14,13 @@ puts a step change where it happened; a trailing one would report it late, a lea
 - **time-to-return**: world seconds from the end until the share is back to at least half the share
   before; None when the policy had not reacted, or had not returned within `lookback_s`;
 - **approval lost vs the oracle**: the oracle's first-attempt approval minus the policy's over the
-  incident's payments that could go to the route (pp), on the same payments with the same draws.
+  incident's payments that could go to the route (pp), on the same payments with the same draws;
+- **approval lost after**: the same over the `lookback_s` after the incident ends, which is what a
+  slow return costs (the oracle returns at once);
+- **isolated**: no other route incident overlaps the incident or the `lookback_s` before and after
+  it. Overlapping incidents blur each other's shares before and after (an earlier incident on the
+  same route leaves the policy off it before the next starts; a later one cuts a return short), so
+  the summary also gives the medians over the isolated incidents alone.
 
 A policy that would have sent fewer than `min_before` payments to the route in the lookback is not
 measured on it. The medians over incidents count an incident the policy never reacted to (or never
@@ -105,25 +111,34 @@ def incident_reactions(
         raise ValueError("payments must be in time order")
     first = float(at_all.min()) if len(at_all) else 0.0
     oracle = results.get("oracle")
+    incidents = route_incidents(world, payments)
     out = []
-    for inc in route_incidents(world, payments):
+    for inc in incidents:
         r = world.route_index[inc.id]
         ok = _eligible(world, payments, r)
         during = (at_all >= inc.start) & (at_all < inc.end) & ok
+        then = (at_all >= inc.end) & (at_all < inc.end + lookback_s) & ok
         row: dict[str, Any] = {
             "route": inc.id,
             "start_s": inc.start - first,
             "minutes": (inc.end - inc.start) / 60,
             "severity": inc.severity,
             "payments": int(during.sum()),
+            "isolated": not any(
+                o.start < inc.end + lookback_s and o.end > inc.start - lookback_s
+                for o in incidents
+                if o is not inc
+            ),
             "policies": {},
         }
         for name, result in results.items():
             measured: dict[str, Any] = {"react_s": None, "return_s": None, "measured": False}
-            if oracle is not None and during.any():
-                mine = np.asarray(result.first_approved, dtype=np.float64)[during]
-                best = np.asarray(oracle.first_approved, dtype=np.float64)[during]
-                measured["lost_vs_oracle_pp"] = float(100 * (best.mean() - mine.mean()))
+            if oracle is not None:
+                mine = np.asarray(result.first_approved, dtype=np.float64)
+                best = np.asarray(oracle.first_approved, dtype=np.float64)
+                for key, where in (("lost_vs_oracle_pp", during), ("lost_after_vs_oracle_pp", then)):
+                    if where.any():
+                        measured[key] = float(100 * (best[where].mean() - mine[where].mean()))
             row["policies"][name] = measured
             if name not in without:
                 continue
@@ -177,13 +192,17 @@ def share_series(
 
 def summarize_reactions(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
     """Per policy over every measured incident: median time-to-react and time-to-return, how many
-    incidents it reacted to, and the mean approval lost vs the oracle."""
+    incidents it reacted to, the mean approval lost vs the oracle during and after them; and the
+    medians over the isolated incidents alone."""
     names = sorted({n for row in rows for n in row["policies"]})
     out: dict[str, dict[str, float | int | None]] = {}
     for name in names:
         got = [row["policies"][name] for row in rows if name in row["policies"]]
         measured = [g for g in got if g["measured"]]
+        alone = [row["policies"][name] for row in rows if row.get("isolated") and name in row["policies"]]
+        alone = [g for g in alone if g["measured"]]
         lost = [g["lost_vs_oracle_pp"] for g in got if "lost_vs_oracle_pp" in g]
+        lost_after = [g["lost_after_vs_oracle_pp"] for g in got if "lost_after_vs_oracle_pp" in g]
         out[name] = {
             "incidents": len(got),
             "measured": len(measured),
@@ -192,6 +211,10 @@ def summarize_reactions(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, f
             "returned": sum(g["return_s"] is not None for g in measured),
             "median_return_s": _median([g["return_s"] for g in measured]),
             "mean_lost_vs_oracle_pp": float(np.mean(lost)) if lost else None,
+            "mean_lost_after_vs_oracle_pp": float(np.mean(lost_after)) if lost_after else None,
+            "isolated_measured": len(alone),
+            "isolated_median_react_s": _median([g["react_s"] for g in alone]),
+            "isolated_median_return_s": _median([g["return_s"] for g in alone]),
         }
     return out
 

@@ -152,41 +152,56 @@ def _reactions(reactions: dict[str, Any]) -> list[str]:
         "policy sends fewer than half as many of the payments it would have sent to the route without "
         "incidents (same payments, same draws); time-to-return: seconds from the end until it sends at "
         "least half again; lost: the oracle's first-attempt approval minus the policy's on the "
-        "incident's payments that could use the route (pp). `sim/react.py`.",
+        "incident's payments that could use the route (pp), and on those of the 30 minutes after it "
+        "ends (what a slow return costs); isolated: incidents no other route incident overlaps, "
+        "30 minutes either side included. `sim/react.py`.",
         "",
         "| policy | incidents measured | reacted | median time-to-react (s) | median time-to-return (s) "
-        "| mean approval lost vs oracle (pp) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| isolated: measured, median react / return (s) "
+        "| mean approval lost vs oracle, during / after (pp) |",
+        "|---|---:|---:|---:|---:|---|---:|",
     ]
     for n in names:
         v = summary[n]
-        lost = v["mean_lost_vs_oracle_pp"]
+        lost, after = v["mean_lost_vs_oracle_pp"], v.get("mean_lost_after_vs_oracle_pp")
         lines.append(
             f"| {n} | {v['measured']} of {v['incidents']} | {v['reacted']} | {_seconds(v['median_react_s'])} "
-            f"| {_seconds(v['median_return_s'])} | {'—' if lost is None else f'{lost:.2f}'} |"
+            f"| {_seconds(v['median_return_s'])} | {_isolated(v)} | {_pp(lost)} / {_pp(after)} |"
         )
     lines += [
         "",
-        "| seed | route | start (h) | minutes | severity | payments | "
-        + " | ".join(f"{n}: react / return (s), lost (pp)" for n in names)
+        "| seed | route | start (h) | minutes | severity | payments | isolated | "
+        + " | ".join(f"{n}: react / return (s), lost during / after (pp)" for n in names)
         + " |",
-        "|---|---|---:|---:|---:|---:|" + "---|" * len(names),
+        "|---|---|---:|---:|---:|---:|---|" + "---|" * len(names),
     ]
     for row in reactions["incidents"]:
         cells = []
         for n in names:
             v = row["policies"].get(n, {})
-            lost = v.get("lost_vs_oracle_pp")
-            lost_s = "—" if lost is None else f"{lost:.2f}"
+            lost_s = f"{_pp(v.get('lost_vs_oracle_pp'))} / {_pp(v.get('lost_after_vs_oracle_pp'))}"
             if not v.get("measured"):
                 cells.append(f"not on the route, {lost_s}")
             else:
                 cells.append(f"{_seconds(v['react_s'])} / {_seconds(v['return_s'])}, {lost_s}")
         lines.append(
             f"| {row['seed']} | {row['route']} | {row['start_s'] / 3600:.2f} | {row['minutes']:.0f} "
-            f"| {row['severity']:.2f} | {row['payments']:,} | " + " | ".join(cells) + " |"
+            f"| {row['severity']:.2f} | {row['payments']:,} | {'yes' if row.get('isolated') else 'no'} | "
+            + " | ".join(cells)
+            + " |"
         )
     return [*lines, ""]
+
+
+def _isolated(v: dict[str, Any]) -> str:
+    n = v.get("isolated_measured", 0)
+    if not n:
+        return "none"
+    return f"{n}: {_seconds(v['isolated_median_react_s'])} / {_seconds(v['isolated_median_return_s'])}"
+
+
+def _pp(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 _PAIRED_ROWS = (

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from model.artifacts import DEFAULT_MODEL_DIR
+from server import policy as server_policy
 from sim import World, load_world
 from sim.config import Episode, WorldConfig
 from sim.evaluate import evaluate_world, write_results
 from sim.play import AttemptView, Decision, play
-from sim.policies import Oracle, Static
+from sim.policies import Oracle, Static, candidates
 from sim.react import (
     incident_reactions,
     route_incidents,
@@ -63,16 +64,42 @@ class Late(Static):
 
     name = "late"
 
-    def __init__(self, world: World, route: int, start: float, end: float) -> None:
+    def __init__(
+        self, world: World, route: int, start: float, end: float, return_s: float = RETURN_S
+    ) -> None:
         super().__init__()
         self.world, self.route_index, self.start, self.end = world, route, start, end
+        self.return_s = return_s
 
     def route(self, view: AttemptView) -> Decision:
         pick = super().route(view)
-        away = view.world is self.world and self.start + REACT_S <= view.now < self.end + RETURN_S
+        away = view.world is self.world and self.start + REACT_S <= view.now < self.end + self.return_s
         if away and pick.route == self.route_index and len(view.routes) > 1:
             return Decision(next(r for r in view.routes if r != self.route_index))
         return pick
+
+
+class Shy(Oracle):
+    """The oracle, except that in the world with the incident it stays off the degraded route until
+    `return_s` after the incident ends (the next best route instead): what coming back late costs."""
+
+    def __init__(self, world: World, route: int, start: float, end: float, return_s: float) -> None:
+        super().__init__()
+        self.world, self.route_index, self.start, self.end = world, route, start, end
+        self.return_s = return_s
+        self.name = f"shy-{return_s:.0f}"
+
+    def route(self, view: AttemptView) -> Decision:
+        pick = super().route(view)
+        here = view.world is self.world and self.start <= view.now < self.end + self.return_s
+        if not here or pick.route != self.route_index or len(view.routes) < 2:
+            return pick
+        w = view.world
+        p = w.p_approve(view.payment, view.routes, view.now, view.belief)
+        ranked = server_policy.rank_by_value(view.payment.amount_minor, candidates(view), p)
+        return Decision(
+            next(w.route_index[r.route_id] for r in ranked if r.route_id != w.route_ids[self.route_index])
+        )
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +111,13 @@ def played() -> tuple[World, list, dict, dict, str]:
     r = world.route_index[route]
 
     def policies() -> dict:
-        return {"static": Static(), "oracle": Oracle(), "late": Late(world, r, incident.start, incident.end)}
+        return {
+            "static": Static(),
+            "oracle": Oracle(),
+            "late": Late(world, r, incident.start, incident.end),
+            "shy-120": Shy(world, r, incident.start, incident.end, 120.0),
+            "shy-900": Shy(world, r, incident.start, incident.end, 900.0),
+        }
 
     results = {n: play(world, p, payments=payments) for n, p in policies().items()}
     without = {n: play(calm, p, payments=payments) for n, p in policies().items()}
@@ -113,10 +146,35 @@ def test_reaction_times_are_measured_where_they_happen(played: tuple) -> None:
     assert static["lost_vs_oracle_pp"] > late["lost_vs_oracle_pp"] > 0  # reacting late still loses some
     oracle = row["policies"]["oracle"]
     assert oracle["react_s"] is not None and oracle["react_s"] < 30 and oracle["lost_vs_oracle_pp"] == 0
+    # after the incident: the later a policy comes back to the better route, the more it loses
+    soon, later = row["policies"]["shy-120"], row["policies"]["shy-900"]
+    assert later["return_s"] == pytest.approx(900, abs=15) and soon["return_s"] == pytest.approx(120, abs=15)
+    assert oracle["lost_after_vs_oracle_pp"] == 0 and soon["lost_vs_oracle_pp"] == later["lost_vs_oracle_pp"]
+    assert later["lost_after_vs_oracle_pp"] > 2 * soon["lost_after_vs_oracle_pp"] > 0
+    assert row["isolated"]
 
     summary = summarize_reactions([row, row])
     assert summary["late"]["median_react_s"] == late["react_s"] and summary["late"]["reacted"] == 2
     assert summary["static"]["median_react_s"] is None and summary["static"]["measured"] == 2  # "never"
+    assert summary["late"]["mean_lost_after_vs_oracle_pp"] == pytest.approx(late["lost_after_vs_oracle_pp"])
+    apart = {**row, "isolated": False}
+    summary = summarize_reactions([row, apart, apart])
+    assert summary["late"]["isolated_measured"] == 1 and summary["late"]["measured"] == 3
+    assert summary["shy-900"]["isolated_median_return_s"] == later["return_s"]
+
+
+def test_incidents_close_to_another_are_not_isolated() -> None:
+    config, route = world_with_incident()
+    second = Episode(start_hour=START_H + MINUTES / 60 + 0.25, minutes=10.0, severity=0.9)  # 15 min after
+    routes = [
+        r.model_copy(update={"degradations": [*r.degradations, second]}) if r.id == route else r
+        for r in config.routes
+    ]
+    world = World(config.model_copy(update={"routes": routes}), 1)
+    payments = world.payments()
+    rows = incident_reactions(world, payments, {"static": play(world, Static(), payments=payments)}, {})
+    assert [row["isolated"] for row in rows] == [False, False]
+    assert incident_reactions(world, payments, {}, {}, lookback_s=600)[0]["isolated"]  # 15 min > 10 min
 
 
 def test_the_share_series_shows_the_step(played: tuple) -> None:
