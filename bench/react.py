@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['severity']:.2f}, {row['payments']:,} payments{'' if row['isolated'] else ', overlapping'}"
         )
         for name, v in row["policies"].items():
-            lost, after = v.get("lost_vs_oracle_pp"), v.get("lost_after_vs_oracle_pp")
+            lost = (v.get(f"lost_{k}vs_oracle_pp") for k in ("before_", "", "after_"))
             print(
                 f"  {name:13s} measured {v['measured']!s:5s} react {_s(v['react_s'])}  "
-                f"return {_s(v['return_s'])}  lost vs oracle {_pp(lost)} during, {_pp(after)} after"
+                f"return {_s(v['return_s'])}  lost vs oracle before / during / after "
+                + " / ".join(map(_pp, lost))
             )
     for name, v in summarize_reactions(rows).items():
         print(name, v)

@@ -15,8 +15,9 @@ puts a step change where it happened; a trailing one would report it late, a lea
   before; None when the policy had not reacted, or had not returned within `lookback_s`;
 - **approval lost vs the oracle**: the oracle's first-attempt approval minus the policy's over the
   incident's payments that could go to the route (pp), on the same payments with the same draws;
-- **approval lost after**: the same over the `lookback_s` after the incident ends, which is what a
-  slow return costs (the oracle returns at once);
+- **approval lost before and after**: the same over the `lookback_s` before the incident starts
+  (the policy's usual gap to the oracle) and after it ends: what a slow return costs is the excess
+  of after over before (the oracle returns at once);
 - **isolated**: no other route incident overlaps the incident or the `lookback_s` before and after
   it. Overlapping incidents blur each other's shares before and after (an earlier incident on the
   same route leaves the policy off it before the next starts; a later one cuts a return short), so
@@ -117,6 +118,7 @@ def incident_reactions(
         r = world.route_index[inc.id]
         ok = _eligible(world, payments, r)
         during = (at_all >= inc.start) & (at_all < inc.end) & ok
+        ahead = (at_all >= inc.start - lookback_s) & (at_all < inc.start) & ok
         then = (at_all >= inc.end) & (at_all < inc.end + lookback_s) & ok
         row: dict[str, Any] = {
             "route": inc.id,
@@ -136,7 +138,11 @@ def incident_reactions(
             if oracle is not None:
                 mine = np.asarray(result.first_approved, dtype=np.float64)
                 best = np.asarray(oracle.first_approved, dtype=np.float64)
-                for key, where in (("lost_vs_oracle_pp", during), ("lost_after_vs_oracle_pp", then)):
+                for key, where in (
+                    ("lost_before_vs_oracle_pp", ahead),
+                    ("lost_vs_oracle_pp", during),
+                    ("lost_after_vs_oracle_pp", then),
+                ):
                     if where.any():
                         measured[key] = float(100 * (best[where].mean() - mine[where].mean()))
             row["policies"][name] = measured
@@ -192,7 +198,7 @@ def share_series(
 
 def summarize_reactions(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
     """Per policy over every measured incident: median time-to-react and time-to-return, how many
-    incidents it reacted to, the mean approval lost vs the oracle during and after them; and the
+    incidents it reacted to, the mean approval lost vs the oracle before, during and after them; and the
     medians over the isolated incidents alone."""
     names = sorted({n for row in rows for n in row["policies"]})
     out: dict[str, dict[str, float | int | None]] = {}
@@ -202,6 +208,7 @@ def summarize_reactions(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, f
         alone = [row["policies"][name] for row in rows if row.get("isolated") and name in row["policies"]]
         alone = [g for g in alone if g["measured"]]
         lost = [g["lost_vs_oracle_pp"] for g in got if "lost_vs_oracle_pp" in g]
+        lost_before = [g["lost_before_vs_oracle_pp"] for g in got if "lost_before_vs_oracle_pp" in g]
         lost_after = [g["lost_after_vs_oracle_pp"] for g in got if "lost_after_vs_oracle_pp" in g]
         out[name] = {
             "incidents": len(got),
@@ -211,6 +218,7 @@ def summarize_reactions(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, f
             "returned": sum(g["return_s"] is not None for g in measured),
             "median_return_s": _median([g["return_s"] for g in measured]),
             "mean_lost_vs_oracle_pp": float(np.mean(lost)) if lost else None,
+            "mean_lost_before_vs_oracle_pp": float(np.mean(lost_before)) if lost_before else None,
             "mean_lost_after_vs_oracle_pp": float(np.mean(lost_after)) if lost_after else None,
             "isolated_measured": len(alone),
             "isolated_median_react_s": _median([g["react_s"] for g in alone]),

@@ -152,26 +152,32 @@ def _reactions(reactions: dict[str, Any]) -> list[str]:
         "policy sends fewer than half as many of the payments it would have sent to the route without "
         "incidents (same payments, same draws); time-to-return: seconds from the end until it sends at "
         "least half again; lost: the oracle's first-attempt approval minus the policy's on the "
-        "incident's payments that could use the route (pp), and on those of the 30 minutes after it "
-        "ends (what a slow return costs); isolated: incidents no other route incident overlaps, "
-        "30 minutes either side included. `sim/react.py`.",
+        "incident's payments that could use the route (pp), and on those of the 30 minutes before it "
+        "(the policy's usual gap) and after it (after minus before: what a slow return costs); "
+        "isolated: incidents no other route incident overlaps, 30 minutes either side included. "
+        "`sim/react.py`.",
         "",
         "| policy | incidents measured | reacted | median time-to-react (s) | median time-to-return (s) "
         "| isolated: measured, median react / return (s) "
-        "| mean approval lost vs oracle, during / after (pp) |",
+        "| mean approval lost vs oracle, before / during / after (pp) |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
     for n in names:
         v = summary[n]
-        lost, after = v["mean_lost_vs_oracle_pp"], v.get("mean_lost_after_vs_oracle_pp")
+        lost, before, after = (
+            v["mean_lost_vs_oracle_pp"],
+            v.get("mean_lost_before_vs_oracle_pp"),
+            v.get("mean_lost_after_vs_oracle_pp"),
+        )
         lines.append(
             f"| {n} | {v['measured']} of {v['incidents']} | {v['reacted']} | {_seconds(v['median_react_s'])} "
-            f"| {_seconds(v['median_return_s'])} | {_isolated(v)} | {_pp(lost)} / {_pp(after)} |"
+            f"| {_seconds(v['median_return_s'])} | {_isolated(v)} "
+            f"| {_pp(before)} / {_pp(lost)} / {_pp(after)} |"
         )
     lines += [
         "",
         "| seed | route | start (h) | minutes | severity | payments | isolated | "
-        + " | ".join(f"{n}: react / return (s), lost during / after (pp)" for n in names)
+        + " | ".join(f"{n}: react / return (s), lost before / during / after (pp)" for n in names)
         + " |",
         "|---|---|---:|---:|---:|---:|---|" + "---|" * len(names),
     ]
@@ -179,7 +185,7 @@ def _reactions(reactions: dict[str, Any]) -> list[str]:
         cells = []
         for n in names:
             v = row["policies"].get(n, {})
-            lost_s = f"{_pp(v.get('lost_vs_oracle_pp'))} / {_pp(v.get('lost_after_vs_oracle_pp'))}"
+            lost_s = " / ".join(_pp(v.get(f"lost_{k}vs_oracle_pp")) for k in ("before_", "", "after_"))
             if not v.get("measured"):
                 cells.append(f"not on the route, {lost_s}")
             else:

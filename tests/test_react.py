@@ -151,6 +151,8 @@ def test_reaction_times_are_measured_where_they_happen(played: tuple) -> None:
     assert later["return_s"] == pytest.approx(900, abs=15) and soon["return_s"] == pytest.approx(120, abs=15)
     assert oracle["lost_after_vs_oracle_pp"] == 0 and soon["lost_vs_oracle_pp"] == later["lost_vs_oracle_pp"]
     assert later["lost_after_vs_oracle_pp"] > 2 * soon["lost_after_vs_oracle_pp"] > 0
+    assert later["lost_before_vs_oracle_pp"] == soon["lost_before_vs_oracle_pp"] == 0  # the oracle's, then
+    assert static["lost_before_vs_oracle_pp"] > 0  # static routing's usual gap
     assert row["isolated"]
 
     summary = summarize_reactions([row, row])
