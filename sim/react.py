@@ -203,10 +203,10 @@ def summarize_reactions(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, f
     names = sorted({n for row in rows for n in row["policies"]})
     out: dict[str, dict[str, float | int | None]] = {}
     for name in names:
-        got = [row["policies"][name] for row in rows if name in row["policies"]]
+        pairs = [(row, row["policies"][name]) for row in rows if name in row["policies"]]
+        got = [g for _, g in pairs]
         measured = [g for g in got if g["measured"]]
-        alone = [row["policies"][name] for row in rows if row.get("isolated") and name in row["policies"]]
-        alone = [g for g in alone if g["measured"]]
+        alone = [g for row, g in pairs if row.get("isolated") and g["measured"]]
         lost = [g["lost_vs_oracle_pp"] for g in got if "lost_vs_oracle_pp" in g]
         lost_before = [g["lost_before_vs_oracle_pp"] for g in got if "lost_before_vs_oracle_pp" in g]
         lost_after = [g["lost_after_vs_oracle_pp"] for g in got if "lost_after_vs_oracle_pp" in g]

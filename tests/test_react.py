@@ -64,16 +64,13 @@ class Late(Static):
 
     name = "late"
 
-    def __init__(
-        self, world: World, route: int, start: float, end: float, return_s: float = RETURN_S
-    ) -> None:
+    def __init__(self, world: World, route: int, start: float, end: float) -> None:
         super().__init__()
         self.world, self.route_index, self.start, self.end = world, route, start, end
-        self.return_s = return_s
 
     def route(self, view: AttemptView) -> Decision:
         pick = super().route(view)
-        away = view.world is self.world and self.start + REACT_S <= view.now < self.end + self.return_s
+        away = view.world is self.world and self.start + REACT_S <= view.now < self.end + RETURN_S
         if away and pick.route == self.route_index and len(view.routes) > 1:
             return Decision(next(r for r in view.routes if r != self.route_index))
         return pick
@@ -90,16 +87,14 @@ class Shy(Oracle):
         self.name = f"shy-{return_s:.0f}"
 
     def route(self, view: AttemptView) -> Decision:
-        pick = super().route(view)
-        here = view.world is self.world and self.start <= view.now < self.end + self.return_s
-        if not here or pick.route != self.route_index or len(view.routes) < 2:
-            return pick
         w = view.world
+        here = w is self.world and self.start <= view.now < self.end + self.return_s
+        if not here or self.route_index not in view.routes or len(view.routes) < 2:
+            return super().route(view)
         p = w.p_approve(view.payment, view.routes, view.now, view.belief)
         ranked = server_policy.rank_by_value(view.payment.amount_minor, candidates(view), p)
-        return Decision(
-            next(w.route_index[r.route_id] for r in ranked if r.route_id != w.route_ids[self.route_index])
-        )
+        avoid = w.route_ids[self.route_index]
+        return Decision(next(w.route_index[r.route_id] for r in ranked if r.route_id != avoid))
 
 
 @pytest.fixture(scope="module")
