@@ -34,7 +34,7 @@ ROUTES_OPTION = click.option(
     "--routes", help="The server's routes, JSON or a JSON file [default: $AUTHOPT_SERVER_ROUTES]."
 )
 
-_WORLD_ONLY = ("world_ref", "hours", "onpolicy_hours", "incident_boost", "selection_rounds")
+_WORLD_ONLY = ("world_ref", "hours", "onpolicy_hours", "incident_boost", "selection_rounds", "selection_days")
 _LOG_ONLY = ("routes", "min_route_attempts", "engine", "master")
 
 
@@ -87,6 +87,13 @@ _LOG_ONLY = ("routes", "min_route_attempts", "engine", "master")
     help="Plays of the final model to fit its selection correction on (0: none).",
 )
 @click.option(
+    "--selection-days",
+    type=click.IntRange(1, 30),
+    default=2,
+    show_default=True,
+    help="World days (seeds) the last of those plays pools; more days, a steadier fit, a longer training.",
+)
+@click.option(
     "--version", "version", help="Model version name [default: <world>-s<seed>; with --log: log-<UTC time>]."
 )
 @click.option(
@@ -116,6 +123,7 @@ def train(
     onpolicy_hours: float | None,
     incident_boost: float,
     selection_rounds: int,
+    selection_days: int,
     version: str | None,
     engine: str,
     master: str,
@@ -126,7 +134,8 @@ def train(
     With --world, simulates an exploring logging policy, replays its event log through the streams' feature
     code (point in time), fits and calibrates the nets (--members, averaged), plays them on-policy
     and refits on both logs, fits the correction of the chosen route's probability for the
-    ranking's selection on plays of the final model (--selection-rounds), and exports
+    ranking's selection on plays of the final model (--selection-rounds, the last pooling
+    --selection-days days), and exports
     TorchScript + manifest as OUT/VERSION. Interrupted runs
     resume from OUT/.work; the same seed gives the same model (torch runs on AVX2 kernels:
     model/numerics.py).
@@ -173,6 +182,7 @@ def train(
                 onpolicy_hours=onpolicy_hours,
                 incident_boost=incident_boost,
                 selection_rounds=selection_rounds,
+                selection_seeds=selection_days,
                 version=version,
                 progress=not quiet,
             ),

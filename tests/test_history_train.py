@@ -197,6 +197,10 @@ def test_train_log_refuses_world_options_and_bad_routes(tmp_path: Path) -> None:
     runner = CliRunner()
     clash = runner.invoke(main, ["train", "--log", str(log), "--out", str(tmp_path / "m"), "--hours", "5"])
     assert clash.exit_code == 2 and "--hours simulate a world" in clash.output
+    days = runner.invoke(
+        main, ["train", "--log", str(log), "--out", str(tmp_path / "m"), "--selection-days", "6"]
+    )
+    assert days.exit_code == 2 and "--selection-days simulate a world" in days.output
     bad = runner.invoke(
         main, ["train", "--log", str(log), "--out", str(tmp_path / "m"), "--routes", '[{"id": 3}]']
     )
