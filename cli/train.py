@@ -34,7 +34,15 @@ ROUTES_OPTION = click.option(
     "--routes", help="The server's routes, JSON or a JSON file [default: $AUTHOPT_SERVER_ROUTES]."
 )
 
-_WORLD_ONLY = ("world_ref", "hours", "onpolicy_hours", "incident_boost", "selection_rounds", "selection_days")
+_WORLD_ONLY = (
+    "world_ref",
+    "hours",
+    "onpolicy_hours",
+    "incident_boost",
+    "selection_rounds",
+    "selection_days",
+    "workers",
+)
 _LOG_ONLY = ("routes", "min_route_attempts", "engine", "master")
 
 
@@ -94,6 +102,12 @@ _LOG_ONLY = ("routes", "min_route_attempts", "engine", "master")
     help="World days (seeds) the last of those plays pools; more days, a steadier fit, a longer training.",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Days of that last play played at once, each in its own process [default: the CPUs, at most "
+    "one per day].",
+)
+@click.option(
     "--version", "version", help="Model version name [default: <world>-s<seed>; with --log: log-<UTC time>]."
 )
 @click.option(
@@ -124,6 +138,7 @@ def train(
     incident_boost: float,
     selection_rounds: int,
     selection_days: int,
+    workers: int | None,
     version: str | None,
     engine: str,
     master: str,
@@ -183,6 +198,7 @@ def train(
                 incident_boost=incident_boost,
                 selection_rounds=selection_rounds,
                 selection_seeds=selection_days,
+                workers=workers,
                 version=version,
                 progress=not quiet,
             ),

@@ -53,6 +53,7 @@ class TrainConfig:
     onpolicy_exploration: float = 0.1
     selection_rounds: int = 2  # rounds of play to fit the route column's selection correction; 0: none
     selection_seeds: int = 2  # world seeds (days) the last round plays (seed + 2, seed + 3, ...)
+    workers: int | None = None  # processes the last selection round plays its days in; None: the CPUs
     incident_boost: float = 3.0  # random incidents per day x this in the training traffic
     version: str | None = None
     progress: bool = True
@@ -232,7 +233,7 @@ def _selection(
     world's own span at seeds from seed + 2 (neither training's seeds nor evaluation's); cached."""
     import torch
 
-    from sim.selection import fit_selection
+    from sim.selection import default_workers, fit_selection
 
     path = work / f"selection-r{cfg.selection_rounds}-n{cfg.selection_seeds}.json"
     if not path.exists():
@@ -246,8 +247,15 @@ def _selection(
                     tasks[label] = bar.add_task(label, total=total)
                 bar.update(tasks[label], completed=done)
 
+            workers = cfg.workers if cfg.workers is not None else default_workers(len(seeds))
             fit = fit_selection(
-                config, model_dir, seeds=seeds, hours=hours, rounds=cfg.selection_rounds, progress=show
+                config,
+                model_dir,
+                seeds=seeds,
+                hours=hours,
+                rounds=cfg.selection_rounds,
+                progress=show,
+                workers=workers,
             )
         fitted = {
             "correction": fit.as_dict(),

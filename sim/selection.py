@@ -21,7 +21,10 @@ applied and the correction refitted on that second round's decisions, which pool
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,35 +90,98 @@ def fit_selection(
     hours: float,
     rounds: int = 2,
     progress: Callable[[str, int, int], None] | None = None,
+    workers: int = 1,
 ) -> SelectionFit:
     """Fit the correction for the model in `model_dir` in `rounds` rounds, each playing `hours`:
     the first rounds on `seeds[0]` alone (to move the decisions toward those the correction
     makes), the last on every seed (a day's incidents move the chosen routes' calibration, so
-    the fit pools several days)."""
+    the fit pools several days). With `workers` > 1 the last round plays its seeds in that many
+    processes at once (each with one torch thread, as one process plays them: the same decisions,
+    so the same fit); `progress` then hears of each seed when it is done."""
     if not seeds or rounds < 1:
         raise ValueError("fit_selection needs at least one seed and one round")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     world_cfg = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
-    worlds = {s: World(world_cfg, s) for s in seeds}
-    traffic = {s: w.payments() for s, w in worlds.items()}
     model = load_model_dir(model_dir)
     correction: SelectionCorrection | None = None
     d = Decisions()
     for r in range(rounds):
-        d = Decisions()
-        for s in seeds if r == rounds - 1 else seeds[:1]:
-            label = f"fitting the selection correction (round {r + 1}/{rounds}, seed {s})"
-            n = len(traffic[s])
-
-            def step(k: int, label: str = label, n: int = n) -> None:
-                if progress is not None:
-                    progress(label, k, n)
-
-            one = record_decisions(worlds[s], traffic[s], model, selection=correction, seed=s, progress=step)
-            d.route_p += one.route_p
-            d.chosen += one.chosen
-            d.approved += one.approved
+        label = f"fitting the selection correction (round {r + 1}/{rounds}"
+        last = r == rounds - 1
+        if last and workers > 1 and len(seeds) > 1:
+            d = _play_in_processes(world_cfg, model_dir, seeds, correction, workers, label, progress)
+        else:
+            d = Decisions()
+            for s in seeds if last else seeds[:1]:
+                _extend(d, _play_seed(world_cfg, model, s, correction, f"{label}, seed {s})", progress))
         correction = fit_correction(d)
     assert correction is not None
     return SelectionFit(
         correction, len(d.chosen), chosen_ece(d, SelectionCorrection()), chosen_ece(d, correction)
     )
+
+
+def _extend(d: Decisions, one: Decisions) -> None:
+    d.route_p += one.route_p
+    d.chosen += one.chosen
+    d.approved += one.approved
+
+
+def _play_seed(
+    world_cfg: WorldConfig,
+    model: LoadedModel,
+    seed: int,
+    correction: SelectionCorrection | None,
+    label: str,
+    progress: Callable[[str, int, int], None] | None,
+) -> Decisions:
+    world = World(world_cfg, seed)
+    payments = world.payments()
+    n = len(payments)
+
+    def step(k: int) -> None:
+        if progress is not None:
+            progress(label, k, n)
+
+    return record_decisions(world, payments, model, selection=correction, seed=seed, progress=step)
+
+
+def _play_seed_in_process(
+    world_cfg: WorldConfig, model_dir: Path, seed: int, correction: SelectionCorrection | None
+) -> Decisions:
+    import torch
+
+    torch.set_num_threads(1)  # as the pipeline plays them: the same decisions
+    return _play_seed(world_cfg, load_model_dir(model_dir), seed, correction, "", None)
+
+
+def _play_in_processes(
+    world_cfg: WorldConfig,
+    model_dir: Path,
+    seeds: Sequence[int],
+    correction: SelectionCorrection | None,
+    workers: int,
+    label: str,
+    progress: Callable[[str, int, int], None] | None,
+) -> Decisions:
+    """The last round's seeds, each played in its own process; the decisions pooled in seed order."""
+    context = multiprocessing.get_context("spawn")  # no forked torch state
+    d = Decisions()
+    with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=context) as pool:
+        futures = [pool.submit(_play_seed_in_process, world_cfg, model_dir, s, correction) for s in seeds]
+        if progress is not None:
+            progress(f"{label}, {len(seeds)} seeds in {min(workers, len(seeds))} processes)", 0, len(seeds))
+        for done, future in enumerate(futures, start=1):
+            _extend(d, future.result())
+            if progress is not None:
+                progress(
+                    f"{label}, {len(seeds)} seeds in {min(workers, len(seeds))} processes)", done, len(seeds)
+                )
+    return d
+
+
+def default_workers(seeds: int) -> int:
+    """Processes for a round of `seeds` plays: the CPUs this process may use, at most one per seed."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, seeds))

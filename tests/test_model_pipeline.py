@@ -167,6 +167,23 @@ def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
         train_world(tiny(), trained, TrainConfig(seed=5, hours=4, epochs=2, hidden=16, progress=False))
 
 
+def test_the_selection_fit_plays_its_days_in_processes_to_the_same_fit(trained: Path) -> None:
+    """`fit_selection(workers=2)` plays the last round's days in two processes: the same decisions,
+    so the same correction, as one process playing them in turn."""
+    from sim.selection import fit_selection
+
+    one = fit_selection(tiny(hours=2), trained, seeds=[7, 8, 9], hours=2, rounds=2, workers=1)
+    seen: list[tuple[str, int, int]] = []
+    two = fit_selection(
+        tiny(hours=2), trained, seeds=[7, 8, 9], hours=2, rounds=2, workers=2,
+        progress=lambda label, done, total: seen.append((label, done, total)),
+    )  # fmt: skip
+    assert two == one and one.decisions > 0
+    assert seen[-1] == ("fitting the selection correction (round 2/2, 3 seeds in 2 processes)", 3, 3)
+    with pytest.raises(ValueError, match="workers"):
+        fit_selection(tiny(hours=2), trained, seeds=[7], hours=2, workers=0)
+
+
 def test_evaluate_writes_results_report_and_plots(trained: Path, tmp_path: Path) -> None:
     doc = evaluate_world(tiny(hours=2), trained, [1, 2])
     # seeds in two processes: the same document
