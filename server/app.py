@@ -269,9 +269,7 @@ def _make_challenger(
     )
     batcher = _make_batcher(settings, registry, None)
     engine = DecisionEngine(
-        EngineConfig(
-            settings.exploration_rate, settings.feature_max_age_s, routes, settings.route_share_floor
-        ),
+        EngineConfig(settings.exploration_rate, settings.feature_max_age_s, routes),
         store,
         registry,
         batcher,
@@ -412,9 +410,7 @@ async def create_server(
     cards = _online_cards(settings)
     routes = tuple(policy.Candidate(r.id, r.cost_bps, r.fixed_fee_minor) for r in settings.routes)
     engine = DecisionEngine(
-        EngineConfig(
-            settings.exploration_rate, settings.feature_max_age_s, routes, settings.route_share_floor
-        ),
+        EngineConfig(settings.exploration_rate, settings.feature_max_age_s, routes),
         store,
         registry,
         batcher,

@@ -63,7 +63,6 @@ class EngineConfig:
     exploration_rate: float
     feature_max_age_s: float
     routes: tuple[policy.Candidate, ...]
-    route_share_floor: float = 0.0
 
 
 @dataclass(slots=True)
@@ -245,18 +244,7 @@ class DecisionEngine:
         scores: Scores,
         now: float,
     ) -> optimizer_pb2.RecommendResponse:
-        config = self._config
-        resp = respond(
-            req,
-            cands,
-            feats,
-            scores,
-            now,
-            config.exploration_rate,
-            self._rng,
-            self.health,
-            config.route_share_floor,
-        )
+        resp = respond(req, cands, feats, scores, now, self._config.exploration_rate, self._rng, self.health)
         if self.health is not None and not req.prior_attempts and req.request_id:
             # a first attempt's expected approval per route, kept until its outcome comes (bounded)
             self._expected[req.request_id] = {r.route_id: r.approval_probability for r in resp.routes}
@@ -332,12 +320,9 @@ def respond(
     exploration_rate: float,
     rng: random.Random,
     health: RouteHealth | None = None,
-    share_floor: float = 0.0,
 ) -> optimizer_pb2.RecommendResponse:
     """The policy step: rank by value, demote what route health says is failing now and explore
-    (`policy.explore_with_health`), put first a route the issuer's traffic has left for a
-    `share_floor` share of first attempts (`policy.explore_starved`), advise on a retry (the
-    simulator calls it too)."""
+    (`policy.explore_with_health`), advise on a retry (the simulator calls it too)."""
     amount = req.attempt.amount_minor
     ranked = policy.rank_by_value(amount, cands, scores.p_approve)
     demoted: dict[str, str] = {}
@@ -345,11 +330,6 @@ def respond(
         demoted = health.demoted([r.route_id for r in ranked], req.attempt.card.issuer_country, now)
     probe_share = health.settings.probe_share if health is not None else 0.0
     chosen = policy.explore_with_health(ranked, exploration_rate, rng, demoted, probe_share)
-    if share_floor > 0.0 and not req.prior_attempts:
-        pairs = [(rows.get(Entity.ROUTE_ISSUER) or {}).get("attempts_1h", 0.0) for rows in feats.route_rows]
-        starved = policy.starved_routes([c.route_id for c in cands], pairs, share_floor)
-        starved = [rid for rid in starved if rid not in demoted]
-        chosen = policy.explore_starved(chosen, ranked, starved, share_floor, rng)
     resp = optimizer_pb2.RecommendResponse(
         request_id=req.request_id,
         decision_source=scores.source,  # type: ignore[arg-type]

@@ -242,54 +242,6 @@ def explore_with_health(
     )
 
 
-def explore_starved(
-    chosen: Exploration, ranked: list[RankedRoute], starved: Collection[str], floor: float, rng: random.Random
-) -> Exploration:
-    """`chosen` (as `explore_with_health` drew it), with each `starved` route put first for a
-    `floor` share of requests.
-
-    A route the policy keeps off an issuer's payments is measured on the few it still gets (retries,
-    the odd merchant it suits), and its route x issuer rate then reads as its rate for all of them
-    (docs/model.md, "a rate measured on the policy's own selection"). With probability ``q = floor ×
-    S`` (S starved routes; at most 0.5, shared equally) one of them, drawn uniformly, goes first, so
-    the pair is also measured on the issuer's typical payments. First-position probabilities stay
-    exact: a route's is ``(1 − q)`` × its probability under `chosen`, plus ``q / S`` when starved.
-    No starved route (or a floor of 0) returns `chosen` unchanged, draw for draw."""
-    if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"floor must be in [0, 1], got {floor}")
-    sick = [r for r in ranked if r.route_id in starved]
-    if not sick or floor == 0.0 or len(ranked) < 2:
-        return chosen
-    s = len(sick)
-    q = min(floor * s, _MAX_STARVED_SHARE)
-    inner = dict(zip((r.route_id for r in chosen.routes), chosen.first_position, strict=True))
-    first = {rid: (1.0 - q) * p for rid, p in inner.items()}
-    for r in sick:
-        first[r.route_id] += q / s
-    routes, explored = chosen.routes, chosen.explored
-    if rng.random() < q:
-        pick = sick[rng.randrange(s)]
-        if pick is not routes[0]:
-            routes, explored = [pick, *(r for r in routes if r is not pick)], True
-    return Exploration(routes, explored, first[routes[0].route_id], tuple(first[r.route_id] for r in routes))
-
-
-_MAX_STARVED_SHARE = 0.5  # explore_starved never moves more than this share of requests
-
-
-def starved_routes(route_ids: Sequence[str], pair_attempts: Sequence[float], floor: float) -> list[str]:
-    """The routes whose share of an issuer's recent attempts (`pair_attempts`: each route's route x
-    issuer attempt count, in `route_ids`' order) is below `floor`; none while the issuer has fewer
-    than `STARVED_MIN_ATTEMPTS` in all (a share of a handful means nothing)."""
-    total = sum(pair_attempts)
-    if floor <= 0.0 or total < STARVED_MIN_ATTEMPTS:
-        return []
-    return [rid for rid, n in zip(route_ids, pair_attempts, strict=True) if n < floor * total]
-
-
-STARVED_MIN_ATTEMPTS = 20.0
-
-
 def retry_options(
     amount_minor: int,
     candidates: Sequence[Candidate],

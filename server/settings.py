@@ -77,14 +77,6 @@ class ServerSettings(BaseSettings):
         50, ge=1, le=10_000, description="budget when the request and its deadline give none"
     )
     exploration_rate: float = Field(0.02, ge=0.0, le=0.5, description="epsilon-greedy share of decisions")
-    route_share_floor: float = Field(
-        0.0,
-        ge=0.0,
-        le=0.25,
-        description="share of an issuer's first attempts put first on each route that gets less than "
-        "this share of its traffic, so its route x issuer rate is measured on typical payments (logged, "
-        "exact propensities); 0 turns it off: docs/model.md",
-    )
     route_health: bool = Field(
         False,
         description="demote a route whose approval in the last minute fell below what its decisions "

@@ -279,7 +279,6 @@ def _server_health() -> HealthSettings | None:
 
 
 _SERVER_HEALTH = _server_health()
-_SERVER_SHARE_FLOOR: float = ServerSettings.model_fields["route_share_floor"].default
 
 
 class Authopt:
@@ -301,7 +300,6 @@ class Authopt:
         health: HealthSettings | None = _SERVER_HEALTH,
         replicas: int = 1,
         echo: bool = False,
-        share_floor: float = _SERVER_SHARE_FLOOR,
     ) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -323,7 +321,6 @@ class Authopt:
         self.selection = model.selection if selection == "model" else selection
         self.last_route_p: list[float] | None = None  # the last decision's uncorrected route column
         self.exploration_rate = exploration_rate
-        self.share_floor = share_floor  # the server's route_share_floor
         self.feature_max_age_s = feature_max_age_s
         self.retries = retries
         self.name = "authopt" if retries == "model" else "authopt+ladder"
@@ -370,9 +367,7 @@ class Authopt:
             self._last_replica = self._decided % len(self.healths)
             health = self.healths[self._last_replica]
             self._decided += 1
-        return respond(
-            req, cands, feats, scores, now, self.exploration_rate, self.rng, health, self.share_floor
-        )
+        return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng, health)
 
     def route(self, view: AttemptView) -> Decision:
         req = self.request(view, with_history=False)
