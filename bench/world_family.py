@@ -3,7 +3,7 @@ its capture of the oracle's uplift, its lead over success-rate routing and its c
 
     python -m bench.world_family [--worlds 10] [--first-seed 1] [--payments-per-hour 1000]
         [--train-hours 48] [--eval-hours 6] [--eval-seeds 1] [--members 1] [--epochs 8]
-        [--onpolicy-hours 6] [--selection-rounds 1] [--out family]
+        [--onpolicy-hours 6] [--selection-rounds 1] [--selection-days N] [--workers N] [--out family]
 
 For each world seed: `authopt world random` writes the world, `authopt train --world` trains on it
 with the given budget (the same hyperparameters for every world: never tuned to one), `authopt
@@ -11,6 +11,11 @@ evaluate --world` plays it on the evaluation seeds with static, success-rate, th
 model. Each world's row is printed as it finishes (and kept in OUT/family.json, so an interrupted
 run resumes where it stopped: give another budget another OUT); at the end the medians and counts
 the issue's targets ask about.
+`--selection-days N` trains and evaluates a model whose selection correction pools N days
+(`authopt train --selection-days`) beside the default one: it is kept apart (version
+`random-SEED-dN`, OUT/random-SEED/eval-dN, OUT/family-dN.json), and training's cache under
+OUT/random-SEED/models/.work is shared, so on an OUT that has been run before only the correction is
+fitted again: the same nets, two corrections, the same evaluation payments.
 Prints figures; never fails on them.
 """
 
@@ -34,6 +39,10 @@ def _run(*args: str) -> None:
         raise RuntimeError(f"authopt {' '.join(args)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
 
 
+def _suffix(args: argparse.Namespace) -> str:
+    return "" if args.selection_days is None else f"-d{args.selection_days}"
+
+
 def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     work = args.out / f"random-{seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -41,16 +50,21 @@ def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     _run("world", "random", "--seed", str(seed), "--out", str(world),
          "--payments-per-hour", str(args.payments_per_hour), "--hours", str(args.eval_hours))  # fmt: skip
-    version = f"random-{seed}"
+    version, days = f"random-{seed}{_suffix(args)}", []
+    if args.selection_days is not None:
+        days = ["--selection-days", str(args.selection_days)]
+    if args.workers is not None:
+        days += ["--workers", str(args.workers)]
     if not (work / "models" / version / "manifest.json").exists():
         _run("train", "--world", str(world), "--out", str(work / "models"), "--version", version,
              "--hours", str(args.train_hours), "--members", str(args.members), "--epochs", str(args.epochs),
              "--onpolicy-hours", str(args.onpolicy_hours or args.eval_hours),
-             "--selection-rounds", str(args.selection_rounds), "--quiet")  # fmt: skip
+             "--selection-rounds", str(args.selection_rounds), *days, "--quiet")  # fmt: skip
+    evaluated = work / f"eval{_suffix(args)}"
     _run("evaluate", "--world", str(world), "--model", str(work / "models" / version),
          "--seeds", args.eval_seeds, "--hours", str(args.eval_hours),
-         "--no-ope", "--out", str(work / "eval"))  # fmt: skip
-    (result,) = json.loads((work / "eval" / "results.json").read_text())["worlds"]
+         "--no-ope", "--out", str(evaluated))  # fmt: skip
+    (result,) = json.loads((evaluated / "results.json").read_text())["worlds"]
     measured = {k: v["measured"] for k, v in result["targets"].items()}
     summary = result["summary"]
     return {
@@ -79,10 +93,14 @@ def main(argv: list[str] | None = None) -> None:
         "--onpolicy-hours", type=float, help="train's on-policy hours (default: --eval-hours)"
     )
     parser.add_argument("--selection-rounds", type=int, default=1)
+    parser.add_argument(
+        "--selection-days", type=int, help="train's --selection-days (default: train's own), kept apart"
+    )
+    parser.add_argument("--workers", type=int, help="train's --workers (default: train's own)")
     parser.add_argument("--out", type=Path, default=Path("family"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    done_path = args.out / "family.json"
+    done_path = args.out / f"family{_suffix(args)}.json"
     done: dict[str, dict[str, Any]] = json.loads(done_path.read_text()) if done_path.exists() else {}
     print("seed  static  oracle  authopt  capture  vs SR (pp)  ECE     seconds", flush=True)
     for seed in range(args.first_seed, args.first_seed + args.worlds):

@@ -97,7 +97,7 @@ _LOG_ONLY = ("routes", "min_route_attempts", "engine", "master")
 @click.option(
     "--selection-days",
     type=click.IntRange(1, 30),
-    default=2,
+    default=6,
     show_default=True,
     help="World days (seeds) the last of those plays pools; more days, a steadier fit, a longer training.",
 )

@@ -52,7 +52,7 @@ class TrainConfig:
     onpolicy_hours: float | None = None  # None: the world's own span; 0: no on-policy round
     onpolicy_exploration: float = 0.1
     selection_rounds: int = 2  # rounds of play to fit the route column's selection correction; 0: none
-    selection_seeds: int = 2  # world seeds (days) the last round plays (seed + 2, seed + 3, ...)
+    selection_seeds: int = 6  # world seeds (days) the last round plays (seed + 2, seed + 3, ...)
     workers: int | None = None  # processes the last selection round plays its days in; None: the CPUs
     incident_boost: float = 3.0  # random incidents per day x this in the training traffic
     version: str | None = None
