@@ -23,10 +23,13 @@ Plain data and arithmetic, no Faust: the worker feeds it offsets and clock readi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["PartitionProgress"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,7 +74,12 @@ class PartitionProgress:
             if expected is not None and offset > expected and seek is None:
                 at, seeks = self.sought.get(partition, (expected, 0))
                 if at == expected and seeks >= self.max_seeks:
-                    del self.sought[partition]  # sought there max_seeks times, skipped each time: real
+                    self.sought.pop(partition, None)  # sought there max_seeks times, skipped each time
+                    log.warning(
+                        "worker: offset %d of partition %d skipped again after %d seeks: taken as a "
+                        "hole the broker has; an event there, if any, is not applied",
+                        expected, partition, seeks,
+                    )  # fmt: skip
                 else:
                     seek, seeks = expected, (seeks if at == expected else 0) + 1
             if expected is None or offset >= expected:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from streams.progress import PartitionProgress
 
 
@@ -35,7 +37,7 @@ def test_a_first_batch_past_the_committed_offset_is_a_gap() -> None:
     assert p.observe(4, [5, 6], now=1.0, start=5) is None  # started where committed: no gap
 
 
-def test_a_hole_the_broker_really_has_is_accepted_after_max_seeks() -> None:
+def test_a_hole_the_broker_really_has_is_accepted_after_max_seeks(caplog: pytest.LogCaptureFixture) -> None:
     # e.g. a transaction marker: seeking to it delivers the record after it again, every time
     p = PartitionProgress(stall_s=10, max_seeks=3)
     p.observe(0, [4], now=1.0)
@@ -43,6 +45,7 @@ def test_a_hole_the_broker_really_has_is_accepted_after_max_seeks() -> None:
     assert p.observe(0, [6], now=3.0) == 5  # skipped again: sought again
     assert p.observe(0, [6], now=4.0) == 5
     assert p.observe(0, [6, 7], now=5.0) is None  # the same hole after 3 seeks: real, move on
+    assert "offset 5 of partition 0 skipped again after 3 seeks" in caplog.text  # said, not silent
     assert p.next[0] == 8
     assert p.observe(0, [9], now=6.0) == 8  # a new hole is sought again
 
