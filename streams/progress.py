@@ -15,8 +15,8 @@ compacted, so its offsets are dense; a broker that leaves holes (transaction mar
 `max_seeks` seeks per hole: when the re-reads skip the same offset that many times, the hole is
 accepted as real. One re-skip is not enough to tell: records Faust's fetch loop already holds when
 the seek lands are still delivered after it, past the offset sought, and they move Faust's read
-offset past it again, so the re-read's records below them are dropped inside Faust (a CI run of
-2026-12-07 lost one event that way, when the first re-skip was taken for a real hole).
+offset past it again, so the re-read's records below them are dropped inside Faust (most likely how
+a CI run of 2026-12-07 lost one event, when the first re-skip was taken for a real hole).
 
 Plain data and arithmetic, no Faust: the worker feeds it offsets and clock readings.
 """
