@@ -50,16 +50,16 @@ def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     _run("world", "random", "--seed", str(seed), "--out", str(world),
          "--payments-per-hour", str(args.payments_per_hour), "--hours", str(args.eval_hours))  # fmt: skip
-    version, days = f"random-{seed}{_suffix(args)}", []
+    version, passed = f"random-{seed}{_suffix(args)}", []
     if args.selection_days is not None:
-        days = ["--selection-days", str(args.selection_days)]
+        passed = ["--selection-days", str(args.selection_days)]
     if args.workers is not None:
-        days += ["--workers", str(args.workers)]
+        passed += ["--workers", str(args.workers)]
     if not (work / "models" / version / "manifest.json").exists():
         _run("train", "--world", str(world), "--out", str(work / "models"), "--version", version,
              "--hours", str(args.train_hours), "--members", str(args.members), "--epochs", str(args.epochs),
              "--onpolicy-hours", str(args.onpolicy_hours or args.eval_hours),
-             "--selection-rounds", str(args.selection_rounds), *days, "--quiet")  # fmt: skip
+             "--selection-rounds", str(args.selection_rounds), *passed, "--quiet")  # fmt: skip
     evaluated = work / f"eval{_suffix(args)}"
     _run("evaluate", "--world", str(world), "--model", str(work / "models" / version),
          "--seeds", args.eval_seeds, "--hours", str(args.eval_hours),
