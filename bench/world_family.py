@@ -3,7 +3,8 @@ its capture of the oracle's uplift, its lead over success-rate routing and its c
 
     python -m bench.world_family [--worlds 10] [--first-seed 1] [--payments-per-hour 1000]
         [--train-hours 48] [--eval-hours 6] [--eval-seeds 1] [--members 1] [--epochs 8]
-        [--onpolicy-hours 6] [--selection-rounds 1] [--selection-days N] [--workers N] [--out family]
+        [--onpolicy-hours 6] [--selection-rounds 1] [--selection-days N] [--train-seed N] [--workers N]
+        [--out family]
 
 For each world seed: `authopt world random` writes the world, `authopt train --world` trains on it
 with the given budget (the same hyperparameters for every world: never tuned to one), `authopt
@@ -16,6 +17,9 @@ the issue's targets ask about.
 `random-SEED-dN`, OUT/random-SEED/eval-dN, OUT/family-dN.json), and training's cache under
 OUT/random-SEED/models/.work is shared, so on an OUT that has been run before only the correction is
 fitted again: the same nets, two corrections, the same evaluation payments.
+`--train-seed N` (`authopt train --seed`) trains every world's model again from another seed, kept
+apart the same way (`random-SEED-sN`, `eval-sN`, `family-sN.json`): how much one training moves each
+world, the noise a method change has to beat.
 Prints figures; never fails on them.
 """
 
@@ -40,7 +44,8 @@ def _run(*args: str) -> None:
 
 
 def _suffix(args: argparse.Namespace) -> str:
-    return "" if args.selection_days is None else f"-d{args.selection_days}"
+    days = "" if args.selection_days is None else f"-d{args.selection_days}"
+    return days + ("" if args.train_seed is None else f"-s{args.train_seed}")
 
 
 def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -53,6 +58,8 @@ def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     version, passed = f"random-{seed}{_suffix(args)}", []
     if args.selection_days is not None:
         passed = ["--selection-days", str(args.selection_days)]
+    if args.train_seed is not None:
+        passed += ["--seed", str(args.train_seed)]
     if args.workers is not None:
         passed += ["--workers", str(args.workers)]
     if not (work / "models" / version / "manifest.json").exists():
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--selection-days", type=int, help="train's --selection-days (default: train's own), kept apart"
     )
+    parser.add_argument("--train-seed", type=int, help="train's --seed (default: train's own), kept apart")
     parser.add_argument("--workers", type=int, help="train's --workers (default: train's own)")
     parser.add_argument("--out", type=Path, default=Path("family"))
     args = parser.parse_args(argv)
