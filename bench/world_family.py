@@ -11,7 +11,10 @@ with the given budget (the same hyperparameters for every world: never tuned to 
 evaluate --world` plays it on the evaluation seeds with static, success-rate, the oracle and the
 model. Each world's row is printed as it finishes (and kept in OUT/family.json, so an interrupted
 run resumes where it stopped: give another budget another OUT); at the end the medians and counts
-the issue's targets ask about.
+the issue's targets ask about. A row's ECE is against the outcomes; beside it, the ECE against the
+world's own approval probabilities and a perfectly calibrated model's ECE against the same payments'
+outcomes (`authopt evaluate`'s `calibration`): how much of the first is the model's and how much the
+number of payments'.
 `--selection-days N` trains and evaluates a model whose selection correction pools N days
 (`authopt train --selection-days`) beside the default one: it is kept apart (version
 `random-SEED-dN`, OUT/random-SEED/eval-dN, OUT/family-dN.json), and training's cache under
@@ -73,17 +76,25 @@ def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
          "--no-ope", "--out", str(evaluated))  # fmt: skip
     (result,) = json.loads((evaluated / "results.json").read_text())["worlds"]
     measured = {k: v["measured"] for k, v in result["targets"].items()}
-    summary = result["summary"]
+    summary, calibration = result["summary"], result.get("calibration", {})
     return {
         "seed": seed,
         "capture": measured.get("uplift_capture_first_attempt"),
         "vs_success_rate_pp": measured.get("beats_success_rate_pp"),
         "ece": measured.get("ece"),
+        "ece_truth": calibration.get("ece_truth"),  # against the world's probabilities: no outcome noise
+        "ece_noise_floor": calibration.get("ece_noise_floor"),
         "static": summary["static"]["first_attempt_approval"]["mean"],
         "oracle": summary["oracle"]["first_attempt_approval"]["mean"],
         "authopt": summary["authopt"]["first_attempt_approval"]["mean"],
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _truth(row: dict[str, Any]) -> str:
+    if row.get("ece_truth") is None:  # a row written before results had it
+        return " " * 16
+    return f"({row['ece_truth']:.4f}, {row['ece_noise_floor']:.4f})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     done_path = args.out / f"family{_suffix(args)}.json"
     done: dict[str, dict[str, Any]] = json.loads(done_path.read_text()) if done_path.exists() else {}
-    print("seed  static  oracle  authopt  capture  vs SR (pp)  ECE     seconds", flush=True)
+    print("seed  static  oracle  authopt  capture  vs SR (pp)  ECE     (truth, floor)    seconds", flush=True)
     for seed in range(args.first_seed, args.first_seed + args.worlds):
         row = done.get(str(seed))
         if row is None:
@@ -124,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{seed:4d}  {row['static']:.4f}  {row['oracle']:.4f}  {row['authopt']:.4f}   "
             f"{row['capture']:7.3f}  {row['vs_success_rate_pp']:+10.2f}  {row['ece']:.4f}  "
-            f"{row['seconds']:7.1f}",
+            f"{_truth(row)}  {row['seconds']:7.1f}",
             flush=True,
         )
     rows = [done[str(s)] for s in range(args.first_seed, args.first_seed + args.worlds) if str(s) in done]

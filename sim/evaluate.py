@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from model.features import attempt_context, lookup_features
@@ -258,6 +259,7 @@ class _SeedRun:
     ope: dict[str, float] | None
     calib_p: list[float]
     calib_y: list[float]
+    calib_t: list[float]  # the world's approval probability of the chosen route (no outcome noise)
     reactions: list[dict[str, Any]] = field(default_factory=list)  # per route incident (sim.react)
     react_series: list[dict[str, Any]] = field(default_factory=list)  # share per minute, per incident
 
@@ -274,7 +276,7 @@ def _evaluate_seed(
     model = load_model_dir(model_dir)
     world = World(config, seed)
     payments = world.payments()
-    run = _SeedRun(seed, {}, {}, None, [], [])
+    run = _SeedRun(seed, {}, {}, None, [], [], [])
     for name in policies:
         started = time.monotonic()
         result = play(world, _policy(name, model, seed), payments=payments)
@@ -284,10 +286,13 @@ def _evaluate_seed(
             took = time.monotonic() - started
             progress(f"{config.name} seed {seed} {name}: {len(payments)} payments, {took:.0f} s")
         if name == "authopt":
-            for pm, ok in zip(result.first_p_model, result.first_approved, strict=True):
+            for pm, ok, truth in zip(
+                result.first_p_model, result.first_approved, result.first_p_true, strict=True
+            ):
                 if pm >= 0:
                     run.calib_p.append(pm)
                     run.calib_y.append(float(ok))
+                    run.calib_t.append(truth)
     _react(run, world, payments, model, seed, progress)
     if ope and "authopt" in policies:
         started = time.monotonic()
@@ -374,12 +379,30 @@ def evaluate_world(
             ope_rows[s] = est
     calib_p = [v for s in seeds for v in by_seed[s].calib_p]
     calib_y = [v for s in seeds for v in by_seed[s].calib_y]
-    doc = _summarize(config, model, seeds, runs, series, ope_rows, calib_p, calib_y)
+    calib_t = [v for s in seeds for v in by_seed[s].calib_t]
+    doc = _summarize(config, model, seeds, runs, series, ope_rows, calib_p, calib_y, calib_t)
     reactions = [row for s in seeds for row in by_seed[s].reactions]
     if reactions:
         doc["reactions"] = {"incidents": reactions, "summary": summarize_reactions(reactions)}
         doc["_react_series"] = [row for s in seeds for row in by_seed[s].react_series]
     return doc
+
+
+def calibration_against_truth(
+    p: npt.ArrayLike, truth: npt.ArrayLike, *, draws: int = 20, seed: int = 0
+) -> dict[str, float]:
+    """What the simulator alone can say of a calibration: the ECE of `p` against the world's own
+    approval probabilities (`ece_truth`: no outcome noise), and `ece_noise_floor`, the median ECE
+    against outcomes of a perfectly calibrated model (p = truth) on these payments, over `draws`
+    draws of the outcomes: how much of the outcome ECE the number of rows alone accounts for."""
+    p_arr = np.asarray(p, dtype=np.float64)
+    t_arr = np.clip(np.asarray(truth, dtype=np.float64), 0.0, 1.0)
+    rng = np.random.default_rng(seed)
+    floor = [expected_calibration_error(t_arr, rng.random(len(t_arr)) < t_arr) for _ in range(draws)]
+    return {
+        "ece_truth": expected_calibration_error(p_arr, t_arr),
+        "ece_noise_floor": float(np.median(floor)),
+    }
 
 
 def _summarize(
@@ -391,6 +414,7 @@ def _summarize(
     ope_rows: dict[int, dict[str, float]],
     calib_p: list[float],
     calib_y: list[float],
+    calib_t: list[float],
 ) -> dict[str, Any]:
     names = list(runs)
     metrics = list(next(iter(next(iter(runs.values())).values())))
@@ -449,6 +473,7 @@ def _summarize(
         p, y = np.array(calib_p), np.array(calib_y)
         doc["calibration"] = {
             "ece_evaluation_traffic": expected_calibration_error(p, y),
+            **calibration_against_truth(p, np.array(calib_t)),
             "ece_validation": model.manifest.metrics.get("val_ece_route", float("nan")),
             "reliability": [list(b) for b in reliability_bins(p, y)],
             "rows": len(calib_p),

@@ -257,6 +257,15 @@ def write_report(docs: list[dict[str, Any]], out: Path) -> Path:
                     f"| {name} | {t['target']} | {t['measured']:.4f} | {'yes' if t['met'] else '**no**'} |"
                 )
             lines.append("")
+        cal = doc.get("calibration", {})
+        if "ece_truth" in cal:
+            lines += [
+                f"Calibration of authopt's chosen-route probability on {cal['rows']:,} first attempts: ECE "
+                f"against the outcomes {cal['ece_evaluation_traffic']:.4f}, against the world's own "
+                f"approval probabilities {cal['ece_truth']:.4f}; a perfectly calibrated model would show "
+                f"{cal['ece_noise_floor']:.4f} against the outcomes of these payments (outcome noise alone).",
+                "",
+            ]
         if doc.get("paired"):
             lines += _paired(doc["paired"])
         if doc.get("reactions"):

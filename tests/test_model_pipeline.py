@@ -217,7 +217,10 @@ def test_evaluate_writes_results_report_and_plots(trained: Path, tmp_path: Path)
         oracle >= results["summary"][p]["first_attempt_p_true"]["mean"] - 1e-9 for p in results["summary"]
     )
     assert set(results["targets"]) >= {"uplift_capture_first_attempt", "violations", "ece"}
+    cal = results["calibration"]
+    assert 0 <= cal["ece_truth"] <= 1 and 0 < cal["ece_noise_floor"] < cal["ece_evaluation_traffic"] + 0.05
     report = (tmp_path / "report.md").read_text()
+    assert "against the world's own approval probabilities" in report
     assert "| first-attempt approval |" in report
     assert "| capture of the oracle's uplift (ratio of paired means) |" in report
     for png in ("reliability", "approval-over-time", "uplift-by-segment"):

@@ -74,3 +74,25 @@ def test_the_bootstrap_is_repeatable_and_refuses_unpaired_plays() -> None:
     with pytest.raises(ValueError, match="seed 1: authopt played"):
         paired_estimates(series, SEEDS)
     assert paired_estimates({"static": {}}, ()) == {}
+
+
+def test_calibration_against_truth_separates_miscalibration_from_outcome_noise() -> None:
+    from sim.evaluate import calibration_against_truth
+
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(0.4, 0.95, 12_000)
+    perfect = calibration_against_truth(truth, truth)
+    assert perfect["ece_truth"] == pytest.approx(0.0, abs=1e-12)
+    # outcome noise alone: a perfect model's ECE against 12,000 outcomes is well above zero
+    assert 0.004 < perfect["ece_noise_floor"] < 0.015
+    assert calibration_against_truth(truth, truth, seed=1)["ece_noise_floor"] == pytest.approx(
+        perfect["ece_noise_floor"], rel=0.5
+    )
+    # a model 0.03 too optimistic everywhere: 0.03 against the truth, whatever the outcomes
+    biased = calibration_against_truth(np.clip(truth + 0.03, 0, 1), truth)
+    assert biased["ece_truth"] == pytest.approx(0.03, abs=0.002)
+    # the floor is the same payments' noise, not the model's: it does not move with the model
+    assert biased["ece_noise_floor"] == perfect["ece_noise_floor"]
+    # more rows, less noise
+    more = calibration_against_truth(np.tile(truth, 12), np.tile(truth, 12))
+    assert more["ece_noise_floor"] < perfect["ece_noise_floor"] / 2
