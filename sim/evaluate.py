@@ -51,7 +51,14 @@ from sim.react import (
 )
 from sim.world import Payment, World
 
-__all__ = ["POLICIES", "TARGETS", "evaluate_world", "paired_estimates", "play_metrics"]
+__all__ = [
+    "POLICIES",
+    "TARGETS",
+    "calibration_against_truth",
+    "evaluate_world",
+    "paired_estimates",
+    "play_metrics",
+]
 
 POLICIES = ("static", "cheapest", "success-rate", "oracle", "authopt+ladder", "authopt")
 REACTING = ("static", "success-rate", "oracle", "authopt")  # whose reaction to route incidents is measured

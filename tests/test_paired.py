@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sim.evaluate import _ci, paired_estimates
+from sim.evaluate import _ci, calibration_against_truth, paired_estimates
 from sim.play import PlayResult
 
 SEEDS = (1, 2, 3)
@@ -77,8 +77,6 @@ def test_the_bootstrap_is_repeatable_and_refuses_unpaired_plays() -> None:
 
 
 def test_calibration_against_truth_separates_miscalibration_from_outcome_noise() -> None:
-    from sim.evaluate import calibration_against_truth
-
     rng = np.random.default_rng(3)
     truth = rng.uniform(0.4, 0.95, 12_000)
     perfect = calibration_against_truth(truth, truth)
