@@ -4,7 +4,7 @@ its capture of the oracle's uplift, its lead over success-rate routing and its c
     python -m bench.world_family [--worlds 10] [--first-seed 1] [--payments-per-hour 1000]
         [--train-hours 48] [--eval-hours 6] [--eval-seeds 1] [--members 1] [--epochs 8]
         [--onpolicy-hours 6] [--selection-rounds 1] [--selection-days N] [--train-seed N] [--workers N]
-        [--out family]
+        [--selection-by-issuer] [--out family]
 
 For each world seed: `authopt world random` writes the world, `authopt train --world` trains on it
 with the given budget (the same hyperparameters for every world: never tuned to one), `authopt
@@ -23,6 +23,9 @@ fitted again: the same nets, two corrections, the same evaluation payments.
 `--train-seed N` (`authopt train --seed`) trains every world's model again from another seed, kept
 apart the same way (`random-SEED-sN`, `eval-sN`, `family-sN.json`): how much one training moves each
 world, the noise a method change has to beat.
+`--selection-by-issuer` (`authopt train --selection-by-issuer`) exports the same plays' correction
+fitted with an offset per issuer, kept apart the same way (suffix `-iss`): on an OUT run before with
+the other flags the same, the same nets and plays, only the export and the evaluation are new.
 Prints figures; never fails on them.
 """
 
@@ -48,7 +51,8 @@ def _run(*args: str) -> None:
 
 def _suffix(args: argparse.Namespace) -> str:
     days = "" if args.selection_days is None else f"-d{args.selection_days}"
-    return days + ("" if args.train_seed is None else f"-s{args.train_seed}")
+    seed = "" if args.train_seed is None else f"-s{args.train_seed}"
+    return days + seed + ("-iss" if args.selection_by_issuer else "")
 
 
 def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -65,6 +69,8 @@ def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         passed += ["--seed", str(args.train_seed)]
     if args.workers is not None:
         passed += ["--workers", str(args.workers)]
+    if args.selection_by_issuer:
+        passed += ["--selection-by-issuer"]
     if not (work / "models" / version / "manifest.json").exists():
         _run("train", "--world", str(world), "--out", str(work / "models"), "--version", version,
              "--hours", str(args.train_hours), "--members", str(args.members), "--epochs", str(args.epochs),
@@ -116,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--train-seed", type=int, help="train's --seed (default: train's own), kept apart")
     parser.add_argument("--workers", type=int, help="train's --workers (default: train's own)")
+    parser.add_argument(
+        "--selection-by-issuer",
+        action="store_true",
+        help="train's --selection-by-issuer (an offset per issuer with the correction), kept apart",
+    )
     parser.add_argument("--out", type=Path, default=Path("family"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

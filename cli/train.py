@@ -41,6 +41,7 @@ _WORLD_ONLY = (
     "incident_boost",
     "selection_rounds",
     "selection_days",
+    "selection_by_issuer",
     "workers",
 )
 _LOG_ONLY = ("routes", "min_route_attempts", "engine", "master")
@@ -102,6 +103,12 @@ _LOG_ONLY = ("routes", "min_route_attempts", "engine", "master")
     help="World days (seeds) the last of those plays pools; more days, a steadier fit, a longer training.",
 )
 @click.option(
+    "--selection-by-issuer/--no-selection-by-issuer",
+    default=False,
+    show_default=True,
+    help="Fit the selection correction with a logit offset per issuer (card BIN), exported with it.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     help="Days of that last play played at once, each in its own process [default: the CPUs, at most "
@@ -138,6 +145,7 @@ def train(
     incident_boost: float,
     selection_rounds: int,
     selection_days: int,
+    selection_by_issuer: bool,
     workers: int | None,
     version: str | None,
     engine: str,
@@ -198,6 +206,7 @@ def train(
                 incident_boost=incident_boost,
                 selection_rounds=selection_rounds,
                 selection_seeds=selection_days,
+                selection_by_issuer=selection_by_issuer,
                 workers=workers,
                 version=version,
                 progress=not quiet,
@@ -289,6 +298,12 @@ def _train_log(log_dir: Path, out: Path, routes: str | None, cfg: LogTrainConfig
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated world seeds.")
 @click.option("--hours", type=float, help="Simulated hours per seed [default: the world's].")
 @click.option("--no-ope", is_flag=True, help="Skip the off-policy estimates (saves one play per seed).")
+@click.option(
+    "--selection-by-issuer/--no-selection-by-issuer",
+    default=False,
+    show_default=True,
+    help="Fit the selection correction with a logit offset per issuer (card BIN), exported with it.",
+)
 @click.option(
     "--workers",
     type=click.IntRange(min=1),

@@ -78,6 +78,10 @@ class Manifest:
     data_summary: dict[str, object] = field(default_factory=dict)
     route_selection: dict[str, float] = field(default_factory=dict)
     """`server.policy.SelectionCorrection` of the route column (``sim/selection.py``); {}: none."""
+    route_selection_issuer: dict[str, float] = field(default_factory=dict)
+    """Per issuer (the streams' ISSUER key, ``country|bin6``), a logit offset added after the
+    selection correction to every candidate of that issuer's cards (``server/selection.py``); an
+    issuer not named gets none. {}: none."""
     format: str = "torchscript"
     framework: str = field(default_factory=_framework)
 
@@ -112,6 +116,7 @@ class Manifest:
             metrics=_metrics(doc.get("metrics", {})),
             data_summary=_object(doc.get("data_summary", {}), "data_summary"),
             route_selection=_selection(doc.get("route_selection", {})),
+            route_selection_issuer=_issuer_offsets(doc.get("route_selection_issuer", {})),
             format=_str(doc, "format", nonempty=True) if "format" in doc else "torchscript",
             framework=_str(doc, "framework") if "framework" in doc else "",
         )
@@ -192,6 +197,29 @@ def _selection(value: object) -> dict[str, float]:
     return out
 
 
+MAX_ISSUER_OFFSETS = 100_000
+"""The most issuer offsets a manifest may carry (the fit keeps at most `server.selection.MAX_ISSUERS`)."""
+
+
+def _issuer_offsets(value: object) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError("manifest field 'route_selection_issuer' must be an object of numbers")
+    if len(value) > MAX_ISSUER_OFFSETS:
+        raise ValueError(
+            f"manifest field 'route_selection_issuer' has {len(value)} entries, at most {MAX_ISSUER_OFFSETS}"
+        )
+    out: dict[str, float] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"manifest route_selection_issuer keys must be non-empty strings, got {k!r}")
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or abs(v) > 10:
+            raise ValueError(
+                f"manifest route_selection_issuer[{k!r}] must be a finite number within ±10, got {v!r}"
+            )
+        out[k] = float(v)
+    return out
+
+
 def _object(value: object, key: str) -> dict[str, object]:
     if not isinstance(value, dict):
         raise ValueError(f"manifest field {key!r} must be an object")
@@ -245,6 +273,7 @@ def export_model(
     metrics: Mapping[str, float] | None = None,
     data_summary: Mapping[str, object] | None = None,
     route_selection: Mapping[str, float] | None = None,
+    route_selection_issuer: Mapping[str, float] | None = None,
 ) -> Path:
     """Export `module` as ``model_dir/<version>/`` (``model.pt`` + ``manifest.json``); returns that path.
 
@@ -267,6 +296,7 @@ def export_model(
         metrics={str(k): float(v) for k, v in (metrics or {}).items()},
         data_summary=dict(data_summary or {}),
         route_selection=_selection(dict(route_selection or {})),
+        route_selection_issuer=_issuer_offsets(dict(route_selection_issuer or {})),
     )
     manifest_text = manifest.to_json()  # fail on NaN metrics before touching the disk
     scripted = _script(module)

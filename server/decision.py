@@ -208,7 +208,14 @@ class DecisionEngine:
         except Exception:
             log.exception("inference failed; answering from the fallback policy")
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_ERROR, req, cands, feats)
-        scores = model_scores(out, model.version, model.manifest.delay_buckets_s, model.selection)
+        card = req.attempt.card
+        scores = model_scores(
+            out,
+            model.version,
+            model.manifest.delay_buckets_s,
+            model.selection,
+            model.issuer_offset(card.issuer_country, card.bin),
+        )
         if stats is not None:
             # The batched work happened on the batcher's thread; record it as this request's children.
             tracer.start_span("queue_wait", start_time=stats.queued_ns).end(end_time=stats.started_ns)
@@ -275,13 +282,16 @@ def model_scores(
     model_version: str,
     buckets_s: Sequence[int],
     selection: policy.SelectionCorrection | None = None,
+    issuer_offset: float = 0.0,
 ) -> Scores:
     """Scores from a model's output rows for one request (column 0 route, 1.. retry per delay
     bucket); `selection` (the model's, from its manifest) corrects the route column for the
-    ranking's selection."""
+    ranking's selection, and `issuer_offset` (the model's for the card's issuer) shifts it."""
     p = [r[0] for r in rows]
     if selection is not None:
         p = selection.apply(p)
+    if issuer_offset:
+        p = policy.shift_logits(p, issuer_offset)
     return Scores(Source.DECISION_SOURCE_MODEL, p, [r[1:] for r in rows], buckets_s, model_version)
 
 

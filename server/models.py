@@ -37,7 +37,7 @@ from model import (
 )
 from server.errors import ServerError
 from server.policy import SelectionCorrection
-from streams.contract import CONTRACT_HASH
+from streams.contract import CONTRACT_HASH, Entity, entity_key
 
 __all__ = [
     "POINTER_FILE",
@@ -151,6 +151,13 @@ class LoadedModel:
         """The route column's selection correction from the manifest (None: none recorded)."""
         s = self.manifest.route_selection
         return SelectionCorrection(**s) if s else None
+
+    def issuer_offset(self, issuer_country: str, bin_: str) -> float:
+        """The logit offset of the selection correction for a card of this issuer (0: none)."""
+        offsets = self.manifest.route_selection_issuer
+        if not offsets:
+            return 0.0
+        return offsets.get(entity_key(Entity.ISSUER, issuer_country=issuer_country, bin_=bin_), 0.0)
 
     @property
     def n_outputs(self) -> int:

@@ -42,6 +42,7 @@ __all__ = [
     "rank_by_value",
     "retry_options",
     "route_cost_minor",
+    "shift_logits",
     "success_rate_scores",
 ]
 
@@ -111,6 +112,15 @@ class SelectionCorrection(NamedTuple):
         mean = math.fsum(z) / len(z)
         base = self.intercept + self.mean_scale * mean
         return [_sigmoid(base + self.spread_scale * (zi - mean)) for zi in z]
+
+
+def shift_logits(p_approve: Sequence[float], offset: float) -> list[float]:
+    """Each probability with `offset` added to its logit: an issuer's offset of the selection
+    correction (``server/selection.py``), the same for every candidate of a request, so their
+    order is kept. An offset of 0 changes nothing."""
+    if offset == 0.0:
+        return list(p_approve)
+    return [_sigmoid(_logit(p) + offset) for p in p_approve]
 
 
 @dataclass(frozen=True, slots=True)

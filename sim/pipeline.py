@@ -53,6 +53,7 @@ class TrainConfig:
     onpolicy_exploration: float = 0.1
     selection_rounds: int = 2  # rounds of play to fit the route column's selection correction; 0: none
     selection_seeds: int = 6  # world seeds (days) the last round plays (seed + 2, seed + 3, ...)
+    selection_by_issuer: bool = False  # fit (and export) an offset per issuer with the correction
     workers: int | None = None  # processes the last selection round plays its days in; None: the CPUs
     incident_boost: float = 3.0  # random incidents per day x this in the training traffic
     version: str | None = None
@@ -146,15 +147,22 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
         recal = calibrate(result.net, held)
         result.metrics.update({k.replace("val_", "onpolicy_"): v for k, v in recal.items()})
     selection: dict[str, float] = {}
+    offsets: dict[str, float] = {}
     if cfg.selection_rounds > 0:
         served = work / "served-model"
         if not (served / "v1").exists():
             export_model(result.net, served, "v1", metrics=result.metrics)
         fit = _selection(real_config, served / "v1", cfg, work, console)
-        selection = {k: float(v) for k, v in fit["correction"].items()}
         result.metrics["selection_ece_before"] = fit["ece_before"]
-        result.metrics["selection_ece_after"] = fit["ece_after"]
+        if cfg.selection_by_issuer:
+            selection = {k: float(v) for k, v in fit["by_issuer"].items()}
+            offsets = {k: float(v) for k, v in fit["issuer_offsets"].items()}
+            result.metrics["selection_ece_after"] = fit["ece_after_by_issuer"]
+        else:
+            selection = {k: float(v) for k, v in fit["correction"].items()}
+            result.metrics["selection_ece_after"] = fit["ece_after"]
         data_summary["selection"] = {k: fit[k] for k in ("seeds", "hours", "rounds", "decisions")}
+        data_summary["selection"]["by_issuer"] = cfg.selection_by_issuer
     info: dict[str, object] = {
         "world": config.name,
         "world_seed": cfg.seed,
@@ -164,7 +172,13 @@ def train_world(config: WorldConfig, out: Path, cfg: TrainConfig = TrainConfig()
         "numerics": numerics(),
     }
     path = export_model(
-        result.net, out, version, metrics=result.metrics, data_summary=info, route_selection=selection
+        result.net,
+        out,
+        version,
+        metrics=result.metrics,
+        data_summary=info,
+        route_selection=selection,
+        route_selection_issuer=offsets,
     )
     console.print(
         f"exported {path} — " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()))
@@ -230,12 +244,15 @@ def _selection(
     config: WorldConfig, model_dir: Path, cfg: TrainConfig, work: Path, console: Console
 ) -> dict[str, Any]:
     """The selection correction of the served model (`sim.selection`), fitted on plays of the
-    world's own span at seeds from seed + 2 (neither training's seeds nor evaluation's); cached."""
+    world's own span at seeds from seed + 2 (neither training's seeds nor evaluation's); cached
+    with the same decisions' fit with an offset per issuer beside it, so either can be exported."""
     import torch
 
     from sim.selection import default_workers, fit_selection
 
     path = work / f"selection-r{cfg.selection_rounds}-n{cfg.selection_seeds}.json"
+    if path.exists() and "issuer_offsets" not in json.loads(path.read_text()):
+        path.unlink()  # fitted before the offsets per issuer: fit again
     if not path.exists():
         torch.set_num_threads(1)
         seeds, hours = [cfg.seed + 2 + k for k in range(cfg.selection_seeds)], config.traffic.hours
@@ -261,6 +278,9 @@ def _selection(
             "correction": fit.as_dict(),
             "ece_before": fit.ece_before,
             "ece_after": fit.ece_after,
+            "by_issuer": dict(fit.by_issuer._asdict()),
+            "issuer_offsets": fit.issuer_offsets,
+            "ece_after_by_issuer": fit.ece_after_by_issuer,
             "seeds": seeds,
             "hours": hours,
             "rounds": cfg.selection_rounds,
@@ -270,12 +290,22 @@ def _selection(
         tmp.write_text(json.dumps(fitted, indent=2))
         os.replace(tmp, path)
     doc: dict[str, Any] = json.loads(path.read_text())
-    console.print(
-        "selection correction: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in doc["correction"].items())
-        + f" (chosen-route ECE {doc['ece_before']:.4f} -> {doc['ece_after']:.4f}"
-        + f" on {doc['decisions']:,} decisions)"
-    )
+    if cfg.selection_by_issuer:
+        offsets = doc["issuer_offsets"].values()
+        console.print(
+            "selection correction with an offset per issuer: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in doc["by_issuer"].items())
+            + f", {len(offsets)} offsets in [{min(offsets, default=0):.3f}, {max(offsets, default=0):.3f}]"
+            + f" (chosen-route ECE {doc['ece_before']:.4f} -> {doc['ece_after_by_issuer']:.4f}"
+            + f" on {doc['decisions']:,} decisions)"
+        )
+    else:
+        console.print(
+            "selection correction: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in doc["correction"].items())
+            + f" (chosen-route ECE {doc['ece_before']:.4f} -> {doc['ece_after']:.4f}"
+            + f" on {doc['decisions']:,} decisions)"
+        )
     return doc
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -44,6 +44,7 @@ from sim.play import (
     attempt_message,
 )
 from sim.world import APPROVED, ERROR, Outcome
+from streams.contract import Entity, entity_key
 
 __all__ = [
     "Authopt",
@@ -297,6 +298,7 @@ class Authopt:
         retries: str = "model",
         seed: int = 0,
         selection: server_policy.SelectionCorrection | Literal["model"] | None = "model",
+        issuer_offsets: Mapping[str, float] | Literal["model"] | None = "model",
         health: HealthSettings | None = _SERVER_HEALTH,
         replicas: int = 1,
         echo: bool = False,
@@ -319,7 +321,11 @@ class Authopt:
         self._last_replica = 0  # the replica that made the last decision
         # "model": the correction in the model's manifest, as the server applies it
         self.selection = model.selection if selection == "model" else selection
+        # per issuer key, the logit offset after the correction ("model": the manifest's)
+        offsets = model.manifest.route_selection_issuer if issuer_offsets == "model" else issuer_offsets
+        self.issuer_offsets: Mapping[str, float] = offsets or {}
         self.last_route_p: list[float] | None = None  # the last decision's uncorrected route column
+        self.last_issuer = ""  # the last decision's issuer key (streams.contract's ISSUER)
         self.exploration_rate = exploration_rate
         self.feature_max_age_s = feature_max_age_s
         self.retries = retries
@@ -360,8 +366,11 @@ class Authopt:
             x = torch.frombuffer(encode_flat(ctx, routes, feats.attempt_rows), dtype=torch.float32)
             rows = self.model.infer(x.view(len(routes), -1)).tolist()
             self.last_route_p = [r[0] for r in rows]
+            card = req.attempt.card
+            self.last_issuer = entity_key(Entity.ISSUER, issuer_country=card.issuer_country, bin_=card.bin)
             buckets = self.model.manifest.delay_buckets_s
-            scores = model_scores(rows, self.model.version, buckets, self.selection)
+            offset = self.issuer_offsets.get(self.last_issuer, 0.0) if self.issuer_offsets else 0.0
+            scores = model_scores(rows, self.model.version, buckets, self.selection, offset)
         health = None
         if self.healths:
             self._last_replica = self._decided % len(self.healths)

@@ -21,16 +21,17 @@ applied and the correction refitted on that second round's decisions, which pool
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.models import LoadedModel, load_model_dir
 from server.policy import SelectionCorrection
-from server.selection import Decisions, chosen_ece, fit_correction
+from server.selection import Decisions, chosen_ece, fit_correction, fit_correction_by_issuer
 from sim.config import WorldConfig
 from sim.play import AttemptView, Decision, play
 from sim.policies import Authopt
@@ -50,6 +51,10 @@ class SelectionFit:
     decisions: int
     ece_before: float  # the chosen route's ECE in the last play, uncorrected
     ece_after: float  # ... with the fitted correction (in sample)
+    # the same decisions fitted with an offset per issuer (`fit_correction_by_issuer`)
+    by_issuer: SelectionCorrection = field(default_factory=SelectionCorrection)
+    issuer_offsets: dict[str, float] = field(default_factory=dict)
+    ece_after_by_issuer: float = math.nan
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.correction._asdict())
@@ -64,16 +69,19 @@ def record_decisions(
     seed: int,
     progress: Callable[[int], None] | None = None,
 ) -> Decisions:
-    """Play `payments` with the model as served (its exploration rate, `selection` applied) and
-    keep its decisions."""
-    policy = Authopt(model, selection=selection, seed=seed)
-    out = Decisions()
+    """Play `payments` with the model as served (its exploration rate, `selection` applied, no
+    issuer offsets) and keep its decisions with each card's issuer key."""
+    policy = Authopt(model, selection=selection, issuer_offsets=None, seed=seed)
+    out = Decisions(issuer=[])
+    assert out.issuer is not None
+    issuers = out.issuer
     index: list[int] = []
 
     def keep(view: AttemptView, decision: Decision) -> None:
         if decision.source == "MODEL" and policy.last_route_p is not None:
             out.route_p.append(policy.last_route_p)
             out.chosen.append(view.routes.index(decision.route))
+            issuers.append(policy.last_issuer)
             index.append(view.payment.index)
 
     result = play(world, policy, payments=payments, on_decision=keep, progress=progress)
@@ -105,20 +113,27 @@ def fit_selection(
     world_cfg = config.model_copy(update={"traffic": config.traffic.model_copy(update={"hours": hours})})
     model = load_model_dir(model_dir)
     correction: SelectionCorrection | None = None
-    d = Decisions()
+    d = Decisions(issuer=[])
     for r in range(rounds):
         label = f"fitting the selection correction (round {r + 1}/{rounds}"
         last = r == rounds - 1
         if last and workers > 1 and len(seeds) > 1:
             d = _play_in_processes(world_cfg, model_dir, seeds, correction, workers, label, progress)
         else:
-            d = Decisions()
+            d = Decisions(issuer=[])
             for s in seeds if last else seeds[:1]:
                 _extend(d, _play_seed(world_cfg, model, s, correction, f"{label}, seed {s})", progress))
         correction = fit_correction(d)
     assert correction is not None
+    by_issuer, offsets = fit_correction_by_issuer(d)
     return SelectionFit(
-        correction, len(d.chosen), chosen_ece(d, SelectionCorrection()), chosen_ece(d, correction)
+        correction,
+        len(d.chosen),
+        chosen_ece(d, SelectionCorrection()),
+        chosen_ece(d, correction),
+        by_issuer,
+        offsets,
+        chosen_ece(d, by_issuer, offsets),
     )
 
 
@@ -126,6 +141,8 @@ def _extend(d: Decisions, one: Decisions) -> None:
     d.route_p += one.route_p
     d.chosen += one.chosen
     d.approved += one.approved
+    if d.issuer is not None:
+        d.issuer += one.issuer or []
 
 
 def _play_seed(
@@ -167,7 +184,7 @@ def _play_in_processes(
 ) -> Decisions:
     """The last round's seeds, each played in its own process; the decisions pooled in seed order."""
     context = multiprocessing.get_context("spawn")  # no forked torch state
-    d = Decisions()
+    d = Decisions(issuer=[])
     with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=context) as pool:
         futures = [pool.submit(_play_seed_in_process, world_cfg, model_dir, s, correction) for s in seeds]
         if progress is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -162,6 +163,22 @@ def test_train_exports_a_model_the_server_accepts(trained: Path) -> None:
     assert selection["seeds"] == [7, 8, 9, 10, 11, 12]
     assert pooled["decisions"] < selection["decisions"]
     torch.testing.assert_close(two.infer(torch.from_numpy(x)), a, atol=0, rtol=0)
+    assert manifest.route_selection_issuer == {} and selection["by_issuer"] is False
+    # `authopt train --selection-by-issuer`: the same plays' fit with an offset per issuer (cached
+    # beside the plain one), exported with it; the same nets.
+    cfg = TrainConfig(
+        seed=5, hours=4, epochs=2, hidden=16, selection_by_issuer=True, version="iss", progress=False
+    )
+    train_world(tiny(), trained, cfg)
+    iss = load_model_dir(trained / "iss")
+    by_issuer = iss.manifest.data_summary["selection"]
+    assert isinstance(by_issuer, dict) and by_issuer["by_issuer"] is True
+    assert by_issuer["decisions"] == selection["decisions"]
+    offsets = iss.manifest.route_selection_issuer
+    assert offsets and all(k.count("|") == 1 and math.isfinite(v) for k, v in offsets.items())
+    assert set(iss.manifest.route_selection) == {"intercept", "mean_scale", "spread_scale"}
+    assert iss.manifest.route_selection != manifest.route_selection
+    torch.testing.assert_close(iss.infer(torch.from_numpy(x)), a, atol=0, rtol=0)
     with pytest.raises(FileExistsError, match="already exists"):
         train_world(tiny(), trained, TrainConfig(seed=5, hours=4, epochs=2, hidden=16, progress=False))
 

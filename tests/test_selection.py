@@ -12,8 +12,14 @@ import pytest
 from model import Manifest, make_tiny_artifact
 from server.decision import model_scores
 from server.models import load_model_dir
-from server.policy import SelectionCorrection
-from server.selection import MIN_DECISIONS, Decisions, chosen_ece, fit_correction
+from server.policy import SelectionCorrection, shift_logits
+from server.selection import (
+    MIN_DECISIONS,
+    Decisions,
+    chosen_ece,
+    fit_correction,
+    fit_correction_by_issuer,
+)
 from tests.conftest import ROUTES, ServerFactory, make_request
 
 
@@ -156,5 +162,127 @@ async def test_server_reports_corrected_probabilities(start_server: ServerFactor
     want = c.apply([pa[r] for r in order])
     assert [pb[r] for r in order] == pytest.approx(want, abs=1e-5)
     assert [pb[r] for r in order] != pytest.approx([pa[r] for r in order], abs=1e-3)
+    for r in b.routes:
+        assert r.expected_value_minor == pytest.approx(12_500 * r.approval_probability - r.cost_minor)
+
+
+def _biased_by_issuer(
+    rng: np.random.Generator, n: int, bias: dict[str, float], want: SelectionCorrection
+) -> Decisions:
+    """Decisions whose outcomes follow `want` plus a logit bias per issuer key (issuers drawn with
+    equal odds): a model whose level is off by issuer."""
+    keys = sorted(bias)
+    d = Decisions(issuer=[])
+    assert d.issuer is not None
+    for _ in range(n):
+        p = rng.uniform(0.3, 0.97, size=3).tolist()
+        c = int(np.argmax(p))
+        key = keys[int(rng.integers(len(keys)))]
+        truth = shift_logits([want.apply(p)[c]], bias[key])[0]
+        d.route_p.append(p)
+        d.chosen.append(c)
+        d.issuer.append(key)
+        d.approved.append(bool(rng.random() < truth))
+    return d
+
+
+def test_shift_logits_moves_every_candidate_alike_and_keeps_the_order() -> None:
+    p = [0.9, 0.42, 0.7]
+    assert shift_logits(p, 0.0) == p
+    q = shift_logits(p, -0.6)
+    assert [_logit(b) - _logit(a) for a, b in zip(p, q, strict=True)] == pytest.approx([-0.6] * 3)
+    assert sorted(range(3), key=lambda i: q[i]) == sorted(range(3), key=lambda i: p[i])
+
+
+def test_fit_by_issuer_recovers_each_issuers_offset() -> None:
+    rng = np.random.default_rng(5)
+    want = SelectionCorrection(-0.2, 1.1, 0.7)
+    bias = {"US|411111": 0.5, "GB|522222": -0.4, "DE|433333": 0.0}
+    d = _biased_by_issuer(rng, 30_000, bias, want)
+    got, offsets = fit_correction_by_issuer(d)
+    assert set(offsets) == set(bias)
+    # The offsets are identified up to the shared intercept: compare their differences.
+    for k in bias:
+        assert offsets[k] - offsets["DE|433333"] == pytest.approx(bias[k], abs=0.12)
+        assert offsets[k] + got.intercept == pytest.approx(bias[k] + want.intercept, abs=0.15)
+    assert got.spread_scale == pytest.approx(want.spread_scale, abs=0.1)
+    # On fresh decisions, the offsets take out what the three numbers alone cannot.
+    fresh = _biased_by_issuer(rng, 30_000, bias, want)
+    plain = fit_correction(d)
+    assert chosen_ece(fresh, got, offsets) < 0.6 * chosen_ece(fresh, plain)
+    assert fit_correction_by_issuer(d) == (got, offsets)  # deterministic
+
+
+def test_fit_by_issuer_leaves_rare_and_one_class_issuers_without_an_offset() -> None:
+    rng = np.random.default_rng(9)
+    d = _biased_by_issuer(rng, 5_000, {"US|411111": 0.3, "GB|522222": -0.3}, SelectionCorrection())
+    assert d.issuer is not None
+    # 150 decisions of a third issuer (below MIN_ISSUER_DECISIONS) and 300 all approved of a fourth
+    for key, n, approved in (("FR|455555", 150, None), ("IT|466666", 300, True)):
+        for _ in range(n):
+            d.route_p.append([0.8, 0.6])
+            d.chosen.append(0)
+            d.issuer.append(key)
+            d.approved.append(bool(rng.random() < 0.8) if approved is None else approved)
+    _, offsets = fit_correction_by_issuer(d)
+    assert set(offsets) == {"US|411111", "GB|522222"}
+    # the most frequent only, when capped
+    _, capped = fit_correction_by_issuer(d, max_issuers=1)
+    assert len(capped) == 1
+    # no issuer keys recorded: the plain fit, no offsets
+    plain = Decisions(d.route_p, d.chosen, d.approved)
+    assert fit_correction_by_issuer(plain) == (fit_correction(plain), {})
+    with pytest.raises(ValueError, match="issuer keys"):
+        fit_correction_by_issuer(Decisions(d.route_p, d.chosen, d.approved, issuer=d.issuer[:-1]))
+
+
+def test_manifest_carries_and_checks_the_issuer_offsets(tmp_path: Path) -> None:
+    sel = {"intercept": -0.18, "mean_scale": 1.17, "spread_scale": 0.77}
+    offsets = {"US|411111": 0.25, "GB|522222": -0.5}
+    path = make_tiny_artifact(tmp_path, "1", route_selection=sel, route_selection_issuer=offsets)
+    model = load_model_dir(path)
+    assert model.manifest.route_selection_issuer == offsets
+    assert model.issuer_offset("US", "41111199") == 0.25  # the ISSUER key: country | first six digits
+    assert model.issuer_offset("GB", "522222") == -0.5
+    assert model.issuer_offset("US", "52222211") == 0.0  # not named: none
+    assert load_model_dir(make_tiny_artifact(tmp_path, "2")).issuer_offset("US", "411111") == 0.0
+    for bad, message in [
+        ({"US|411111": float("nan")}, "finite number"),
+        ({"US|411111": 11.0}, "within"),
+        ({"": 0.1}, "non-empty strings"),
+        ({"US|411111": True}, "finite number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make_tiny_artifact(tmp_path, "bad", route_selection=sel, route_selection_issuer=bad)
+    doc = json.loads((path / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="must be an object"):
+        Manifest.from_json(json.dumps({**doc, "route_selection_issuer": [1]}))
+    del doc["route_selection_issuer"]  # an older manifest: none
+    assert Manifest.from_json(json.dumps(doc)).route_selection_issuer == {}
+
+
+async def test_server_shifts_the_probabilities_by_the_cards_issuer(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    c = SelectionCorrection(-0.3, 1.0, 0.5)
+    req = make_request()
+    card = req.attempt.card
+    key = f"{card.issuer_country}|{card.bin[:6]}"
+    plain, shifted = tmp_path / "plain", tmp_path / "shifted"
+    make_tiny_artifact(plain, "1", seed=4, route_selection=c._asdict())
+    make_tiny_artifact(
+        shifted,
+        "1",
+        seed=4,
+        route_selection=c._asdict(),
+        route_selection_issuer={key: -0.7, "XX|000000": 2.0},
+    )
+    a = await (await start_server(model_dir=plain)).stub.Recommend(req, timeout=5)
+    b = await (await start_server(model_dir=shifted)).stub.Recommend(req, timeout=5)
+    pa = {r.route_id: r.approval_probability for r in a.routes}
+    pb = {r.route_id: r.approval_probability for r in b.routes}
+    assert set(pa) == set(pb) == {r[0] for r in ROUTES}
+    for route, p in pa.items():
+        assert _logit(pb[route]) - _logit(p) == pytest.approx(-0.7, abs=1e-4)
     for r in b.routes:
         assert r.expected_value_minor == pytest.approx(12_500 * r.approval_probability - r.cost_minor)
