@@ -299,12 +299,6 @@ def _train_log(log_dir: Path, out: Path, routes: str | None, cfg: LogTrainConfig
 @click.option("--hours", type=float, help="Simulated hours per seed [default: the world's].")
 @click.option("--no-ope", is_flag=True, help="Skip the off-policy estimates (saves one play per seed).")
 @click.option(
-    "--selection-by-issuer/--no-selection-by-issuer",
-    default=False,
-    show_default=True,
-    help="Fit the selection correction with a logit offset per issuer (card BIN), exported with it.",
-)
-@click.option(
     "--workers",
     type=click.IntRange(min=1),
     help="Seeds played at once, each in its own process [default: the CPUs, at most one per seed].",
