@@ -58,6 +58,7 @@ from server import policy, rules
 from server.decision import retry_advice, retry_subject
 from server.models import LoadedModel
 from server.settings import RouteConfig
+from streams.contract import Entity, entity_key
 from streams.decisions import join_decisions
 from streams.replay import FeatureReplay, ReplayStats
 
@@ -115,6 +116,7 @@ class LoggedDecisions:
     propensity: list[float] = field(default_factory=list)  # μ(chosen | x); nan: not logged
     approved: list[float] = field(default_factory=list)
     at: list[float] = field(default_factory=list)
+    issuer: list[str] = field(default_factory=list)  # the card's ISSUER key (the model's issuer offsets)
     segments: dict[str, list[str]] = field(
         default_factory=lambda: {"network": [], "issuer_country": [], "route": []}
     )
@@ -210,6 +212,8 @@ def _add(
     out.propensity.append(mu if mu > 0 else math.nan)
     out.approved.append(1.0 if o.status == attempt_pb2.OUTCOME_STATUS_APPROVED else 0.0)
     out.at.append(at)
+    card = o.attempt.card
+    out.issuer.append(entity_key(Entity.ISSUER, issuer_country=card.issuer_country, bin_=card.bin))
     out.segments["network"].append(_NETWORKS.get(o.attempt.card.network, "unspecified"))
     out.segments["issuer_country"].append(o.attempt.card.issuer_country)
     out.segments["route"].append(o.route_id)
@@ -282,17 +286,21 @@ def rule_violations(model: LoadedModel, logged: LoggedDecisions) -> RuleCheck:
 
 def predict(model: LoadedModel, logged: LoggedDecisions, *, corrected: bool = True) -> list[_F]:
     """The model's P(approve) of every candidate of every decision: through its selection correction
-    (`corrected`, as the server ranks), or the calibrated net's own."""
+    and its issuer's offset (`corrected`, as the server ranks), or the calibrated net's own."""
     if not len(logged):
         return []
     sizes = [len(x) for x in logged.x]
     flat = torch.from_numpy(np.concatenate(logged.x))
     p = np.concatenate([model.infer(flat[i : i + 8192])[:, 0].numpy() for i in range(0, len(flat), 8192)])
     out, start = [], 0
-    for k in sizes:
+    # issuer offsets need each decision's issuer (decisions collected before they were kept: none)
+    offsets = model.manifest.route_selection_issuer if corrected and len(logged.issuer) == len(sizes) else {}
+    for j, k in enumerate(sizes):
         row = [float(v) for v in p[start : start + k]]
         if corrected and model.selection is not None:
             row = model.selection.apply(row)
+        if offsets:
+            row = policy.shift_logits(row, offsets.get(logged.issuer[j], 0.0))
         out.append(np.array(row, dtype=np.float64))
         start += k
     return out

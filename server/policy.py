@@ -7,7 +7,8 @@
 - Selection: the route ranked first is the one with the highest of several noisy estimates, so its
   estimate is biased upward (the optimizer's curse); :class:`SelectionCorrection` shrinks each
   candidate's logit toward the candidates' mean by a factor fitted on the model's own served
-  decisions (``sim/selection.py``), which keeps their order and removes that bias.
+  decisions (``sim/selection.py``), which keeps their order and removes that bias; a model may also
+  carry a logit offset per issuer (:func:`shift_logits`, the same for every candidate of a request).
 - Fallback when the model is unavailable: smoothed success rates per route
   (:func:`success_rate_scores`) and a transparent retry heuristic (:func:`heuristic_retry_probabilities`).
 

@@ -12,6 +12,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -293,6 +294,7 @@ def test_evaluate_on_a_log_and_promote_through_the_gate(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)  # about a minute alone on this 2-core machine
 def test_a_served_models_log_is_read_as_its_own_routing(tmp_path: Path) -> None:
     """`authopt world served` writes a served model's attempts and decision records as `log export`
     does; each first attempt joins its decision, with the server's propensities; `train --log` reads
@@ -339,6 +341,22 @@ def test_a_served_models_log_is_read_as_its_own_routing(tmp_path: Path) -> None:
     ]
     logged = collect(log, routes)
     assert len(logged) == stats.payments  # the imported history has no candidates: only served decisions
+    # each decision's issuer key, so a model's issuer offsets apply off-policy as the server applies them
+    assert len(logged.issuer) == len(logged) and all(k.count("|") == 1 for k in logged.issuer)
+    from history.ope import predict
+    from model import make_tiny_artifact
+
+    sel = {"intercept": -0.1, "mean_scale": 1.0, "spread_scale": 0.8}
+    key = logged.issuer[0]
+    plain = make_tiny_artifact(tmp_path / "plain", "1", route_selection=sel)
+    shifted = make_tiny_artifact(
+        tmp_path / "shifted", "1", route_selection=sel, route_selection_issuer={key: -0.5}
+    )
+    pa, pb = predict(load_model_dir(plain), logged), predict(load_model_dir(shifted), logged)
+    logit = lambda q: np.log(q / (1 - q))  # noqa: E731
+    for k, a, b in zip(logged.issuer, pa, pb, strict=True):
+        assert logit(b) - logit(a) == pytest.approx(np.full(len(a), -0.5 if k == key else 0.0), abs=1e-6)
+    assert sum(k == key for k in logged.issuer) < len(logged)  # some other issuer's kept as they were
     path = train_log(
         log, tmp_path / "models", routes,
         LogTrainConfig(epochs=2, hidden=16, members=1, version="v2", progress=False),
