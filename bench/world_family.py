@@ -4,7 +4,7 @@ its capture of the oracle's uplift, its lead over success-rate routing and its c
     python -m bench.world_family [--worlds 10] [--first-seed 1] [--payments-per-hour 1000]
         [--train-hours 48] [--eval-hours 6] [--eval-seeds 1] [--members 1] [--epochs 8]
         [--onpolicy-hours 6] [--selection-rounds 1] [--selection-days N] [--train-seed N] [--workers N]
-        [--selection-by-issuer] [--out family]
+        [--selection-by-issuer] [--issuer-health] [--out family]
 
 For each world seed: `authopt world random` writes the world, `authopt train --world` trains on it
 with the given budget (the same hyperparameters for every world: never tuned to one), `authopt
@@ -26,6 +26,8 @@ world, the noise a method change has to beat.
 `--selection-by-issuer` (`authopt train --selection-by-issuer`) exports the same plays' correction
 fitted with an offset per issuer, kept apart the same way (suffix `-iss`): on an OUT run before with
 the other flags the same, the same nets and plays, only the export and the evaluation are new.
+`--issuer-health` evaluates the same model with the server's issuer health on (`authopt evaluate
+--issuer-health`), kept apart (OUT/random-SEED/eval...-ih, OUT/family...-ih.json): nothing is trained.
 Prints figures; never fails on them.
 """
 
@@ -49,10 +51,14 @@ def _run(*args: str) -> None:
         raise RuntimeError(f"authopt {' '.join(args)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
 
 
-def _suffix(args: argparse.Namespace) -> str:
+def _model_suffix(args: argparse.Namespace) -> str:
     days = "" if args.selection_days is None else f"-d{args.selection_days}"
     seed = "" if args.train_seed is None else f"-s{args.train_seed}"
     return days + seed + ("-iss" if args.selection_by_issuer else "")
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    return _model_suffix(args) + ("-ih" if args.issuer_health else "")
 
 
 def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -62,7 +68,7 @@ def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     _run("world", "random", "--seed", str(seed), "--out", str(world),
          "--payments-per-hour", str(args.payments_per_hour), "--hours", str(args.eval_hours))  # fmt: skip
-    version, passed = f"random-{seed}{_suffix(args)}", []
+    version, passed = f"random-{seed}{_model_suffix(args)}", []
     if args.selection_days is not None:
         passed = ["--selection-days", str(args.selection_days)]
     if args.train_seed is not None:
@@ -77,9 +83,10 @@ def one_world(seed: int, args: argparse.Namespace) -> dict[str, Any]:
              "--onpolicy-hours", str(args.onpolicy_hours or args.eval_hours),
              "--selection-rounds", str(args.selection_rounds), *passed, "--quiet")  # fmt: skip
     evaluated = work / f"eval{_suffix(args)}"
+    health = ["--issuer-health"] if args.issuer_health else []
     _run("evaluate", "--world", str(world), "--model", str(work / "models" / version),
          "--seeds", args.eval_seeds, "--hours", str(args.eval_hours),
-         "--no-ope", "--out", str(evaluated))  # fmt: skip
+         "--no-ope", "--out", str(evaluated), *health)  # fmt: skip
     (result,) = json.loads((evaluated / "results.json").read_text())["worlds"]
     measured = {k: v["measured"] for k, v in result["targets"].items()}
     summary, calibration = result["summary"], result.get("calibration", {})
@@ -126,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         "--selection-by-issuer",
         action="store_true",
         help="train's --selection-by-issuer (an offset per issuer with the correction), kept apart",
+    )
+    parser.add_argument(
+        "--issuer-health",
+        action="store_true",
+        help="evaluate's --issuer-health (the server's issuer health on), kept apart; trains nothing",
     )
     parser.add_argument("--out", type=Path, default=Path("family"))
     args = parser.parse_args(argv)

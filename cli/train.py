@@ -303,6 +303,11 @@ def _train_log(log_dir: Path, out: Path, routes: str | None, cfg: LogTrainConfig
     type=click.IntRange(min=1),
     help="Seeds played at once, each in its own process [default: the CPUs, at most one per seed].",
 )
+@click.option(
+    "--issuer-health",
+    is_flag=True,
+    help="Play authopt with the server's issuer health on (setting issuer_health; docs/model.md).",
+)
 @log_option("Evaluate off-policy on this log's decisions instead of playing a world.")
 @click.option(
     "--champion",
@@ -332,6 +337,7 @@ def evaluate(
     hours: float | None,
     no_ope: bool,
     workers: int | None,
+    issuer_health: bool,
     log_dir: Path | None,
     champion: Path | None,
     routes: str | None,
@@ -347,12 +353,13 @@ def evaluate(
     given = {
         n
         for n in (
-            "world_refs", "seeds", "hours", "no_ope", "workers", "champion", "routes", "since", "exploration"
+            "world_refs", "seeds", "hours", "no_ope", "workers", "issuer_health", "champion", "routes",
+            "since", "exploration",
         )
         if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT
     }  # fmt: skip
     if log_dir is not None:
-        clash = sorted(given & {"world_refs", "seeds", "hours", "no_ope", "workers"})
+        clash = sorted(given & {"world_refs", "seeds", "hours", "no_ope", "workers", "issuer_health"})
         if clash:
             flags = ", ".join("--" + n.replace("_refs", "").replace("_", "-") for n in clash)
             raise click.UsageError(f"{flags} play a world; --log evaluates on the log's decisions")
@@ -396,6 +403,7 @@ def evaluate(
                 ope=not no_ope,
                 progress=lambda m: click.echo(m, err=True),
                 workers=workers or min(os.cpu_count() or 1, len(seed_list)),
+                issuer_health=issuer_health,
             )
         )
     path = write_results(docs, out)

@@ -28,6 +28,7 @@ from server.decision_log import DecisionLog, KafkaDecisionLog, NoDecisionLog
 from server.errors import MalformedRequests
 from server.health import HealthSettings, RouteHealth
 from server.idempotency import IdempotencyCache, make_cache
+from server.issuer_health import IssuerHealth, IssuerHealthSettings
 from server.models import ModelRegistry, resolve_device
 from server.publisher import OutcomePublisher, make_publisher
 from server.service import OptimizerService
@@ -249,6 +250,13 @@ def route_health(settings: ServerSettings) -> RouteHealth | None:
     )
 
 
+def issuer_health(settings: ServerSettings) -> IssuerHealth | None:
+    """The replica's issuer health (None when `issuer_health` is off)."""
+    if not settings.issuer_health:
+        return None
+    return IssuerHealth(IssuerHealthSettings(half_life_s=settings.issuer_health_half_life_s))
+
+
 def _make_challenger(
     settings: ServerSettings,
     store: FeatureStore,
@@ -257,9 +265,10 @@ def _make_challenger(
     metrics: Metrics,
     cards: OnlineCards | None = None,
     health: RouteHealth | None = None,
+    issuers: IssuerHealth | None = None,
 ) -> Challenger | None:
     """With a shadow model directory: the challenger's registry, batcher, engine and shadow (route
-    health shared with the served engine: one replica's outcomes, one view of the routes)."""
+    and issuer health shared with the served engine: one replica's outcomes, one view of them)."""
     if settings.shadow_model_dir is None:
         return None
     registry = ModelRegistry(
@@ -276,6 +285,7 @@ def _make_challenger(
         rng=random.Random(None if settings.seed is None else settings.seed + 1),
         cards=cards,
         health=health,
+        issuer_health=issuers,
     )
     shadow = Shadow(
         engine.decide,
@@ -417,6 +427,7 @@ async def create_server(
         rng=random.Random(settings.seed),
         cards=cards,
         health=route_health(settings),
+        issuer_health=issuer_health(settings),
     )
     decision_log: DecisionLog = (
         KafkaDecisionLog(
@@ -434,7 +445,9 @@ async def create_server(
         if publisher is not None
         else make_publisher(settings.kafka, settings.kafka_publish_timeout_s)
     )
-    challenger = _make_challenger(settings, store, routes, decision_log, metrics, cards, engine.health)
+    challenger = _make_challenger(
+        settings, store, routes, decision_log, metrics, cards, engine.health, engine.issuer_health
+    )
     service = OptimizerService(
         engine,
         IdempotencyCache(make_cache(settings.cache_url), settings.idempotency_ttl_s),

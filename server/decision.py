@@ -24,6 +24,7 @@ from model.layout import DELAY_BUCKETS_S, encode_flat
 from server import policy, rules
 from server.batcher import BatchStats, DeadlineExceeded, MicroBatcher, QueueFull
 from server.health import RouteHealth
+from server.issuer_health import IssuerHealth, is_unavailable, issuer_key
 from server.models import ModelRegistry
 from server.telemetry import tracer
 from streams.contract import Entity
@@ -75,6 +76,7 @@ class Scores:
     buckets_s: Sequence[int]
     model_version: str
     batch_rows: int | None = None
+    issuer_factor: float = 1.0  # issuer health's, already in p_approve (1: none)
 
 
 _MAX_EXPECTED = 100_000  # first-attempt decisions whose outcome route health still waits for
@@ -93,11 +95,15 @@ class DecisionEngine:
         rng: random.Random | None = None,
         cards: OnlineCards | None = None,
         health: RouteHealth | None = None,
+        issuer_health: IssuerHealth | None = None,
     ) -> None:
         self._config = config
         self.health = health
+        self.issuer_health = issuer_health
         # what each recent first-attempt decision expected of its routes, for route health
         self._expected: OrderedDict[str, dict[str, float]] = OrderedDict()
+        # and of its chosen route before issuer health's factor, for issuer health
+        self._issuer_expected: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._store = store
         self._cards = cards
         self._registry = registry
@@ -209,12 +215,16 @@ class DecisionEngine:
             log.exception("inference failed; answering from the fallback policy")
             return self._fallback(Source.DECISION_SOURCE_FALLBACK_ERROR, req, cands, feats)
         card = req.attempt.card
+        factor = 1.0
+        if self.issuer_health is not None:
+            factor = self.issuer_health.factor(issuer_key(card.issuer_country, card.bin), now)
         scores = model_scores(
             out,
             model.version,
             model.manifest.delay_buckets_s,
             model.selection,
             model.issuer_offset(card.issuer_country, card.bin),
+            factor,
         )
         if stats is not None:
             # The batched work happened on the batcher's thread; record it as this request's children.
@@ -257,14 +267,39 @@ class DecisionEngine:
             self._expected[req.request_id] = {r.route_id: r.approval_probability for r in resp.routes}
             if len(self._expected) > _MAX_EXPECTED:
                 self._expected.popitem(last=False)
+        if (
+            self.issuer_health is not None
+            and scores.source == Source.DECISION_SOURCE_MODEL
+            and not req.prior_attempts
+            and req.request_id
+        ):
+            top = resp.routes[0]
+            self._issuer_expected[req.request_id] = (
+                top.route_id,
+                top.approval_probability / scores.issuer_factor,
+            )
+            if len(self._issuer_expected) > _MAX_EXPECTED:
+                self._issuer_expected.popitem(last=False)
         return resp
 
     def observe(self, outcome: attempt_pb2.AttemptOutcome) -> None:
         """An outcome the server has just published: route health sees it at once (O(1)), with what
         the decision expected of its route: as this replica remembers it when it made the decision,
         else as the caller echoed it (`expected_approval`, when another replica made it)."""
-        if self.health is None or outcome.attempt.attempt_number > 1:
+        if outcome.attempt.attempt_number > 1:
             return  # retries are another population: first attempts only
+        if self.issuer_health is not None:
+            chosen = self._issuer_expected.pop(outcome.request_id, None)
+            card = outcome.attempt.card
+            self.issuer_health.observe(
+                issuer_key(card.issuer_country, card.bin),
+                outcome.attempted_at.ToMicroseconds() / 1e6,
+                outcome.status == attempt_pb2.OUTCOME_STATUS_APPROVED,
+                is_unavailable(outcome.response_code),
+                chosen[1] if chosen is not None and chosen[0] == outcome.route_id else None,
+            )
+        if self.health is None:
+            return
         expected = self._expected.pop(outcome.request_id, {}).get(outcome.route_id)
         if expected is None and outcome.HasField("expected_approval"):
             expected = outcome.expected_approval
@@ -283,16 +318,23 @@ def model_scores(
     buckets_s: Sequence[int],
     selection: policy.SelectionCorrection | None = None,
     issuer_offset: float = 0.0,
+    issuer_factor: float = 1.0,
 ) -> Scores:
     """Scores from a model's output rows for one request (column 0 route, 1.. retry per delay
     bucket); `selection` (the model's, from its manifest) corrects the route column for the
-    ranking's selection, and `issuer_offset` (the model's for the card's issuer) shifts it."""
+    ranking's selection, `issuer_offset` (the model's for the card's issuer) shifts it, and
+    `issuer_factor` (issuer health's, below 1 while the card's issuer is down) scales it."""
     p = [r[0] for r in rows]
     if selection is not None:
         p = selection.apply(p)
     if issuer_offset:
         p = policy.shift_logits(p, issuer_offset)
-    return Scores(Source.DECISION_SOURCE_MODEL, p, [r[1:] for r in rows], buckets_s, model_version)
+    if issuer_factor != 1.0:
+        p = [v * issuer_factor for v in p]
+    retry = [r[1:] for r in rows]
+    return Scores(
+        Source.DECISION_SOURCE_MODEL, p, retry, buckets_s, model_version, issuer_factor=issuer_factor
+    )
 
 
 def fallback_scores(

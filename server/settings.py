@@ -102,6 +102,16 @@ class ServerSettings(BaseSettings):
     route_health_probe_share: float = Field(
         0.1, ge=0, le=1, description="share of a demoted route's requests that still probe it first (logged)"
     )
+    issuer_health: bool = Field(
+        False,
+        description="while a card's issuer answers 91/96 to this replica's recent first attempts, scale "
+        "every route's approval probability by the issuer's observed / expected approval over the last "
+        "minutes (server/issuer_health.py): calibration in an issuer outage, route order kept; off by "
+        "default: docs/model.md",
+    )
+    issuer_health_half_life_s: float = Field(
+        90.0, gt=0, le=1800, description="half-life of issuer health's window, seconds"
+    )
     max_message_bytes: int = Field(
         65_536, ge=1024, le=4 * 1024 * 1024, description="largest request accepted"
     )

@@ -30,6 +30,7 @@ import torch
 from model.features import attempt_context, lookup_features
 from model.layout import encode_flat
 from model.train import expected_calibration_error, reliability_bins
+from server.issuer_health import IssuerHealthSettings
 from server.models import LoadedModel, load_model_dir
 from sim.config import WorldConfig
 from sim.play import AttemptView, Decision, PlayResult, attempt_message, play
@@ -240,7 +241,7 @@ def _ope(log: _OpeLog, logged: PlayResult, model: LoadedModel, epsilon: float) -
     }
 
 
-def _policy(name: str, model: LoadedModel | None, seed: int) -> Any:
+def _policy(name: str, model: LoadedModel | None, seed: int, issuer_health: bool = False) -> Any:
     match name:
         case "static":
             return Static()
@@ -252,7 +253,12 @@ def _policy(name: str, model: LoadedModel | None, seed: int) -> Any:
             return Oracle()
         case "authopt" | "authopt+ladder":
             assert model is not None
-            return Authopt(model, retries="model" if name == "authopt" else "ladder", seed=seed)
+            return Authopt(
+                model,
+                retries="model" if name == "authopt" else "ladder",
+                seed=seed,
+                issuer_health=IssuerHealthSettings() if issuer_health else None,
+            )
     raise ValueError(f"unknown policy {name!r}")
 
 
@@ -278,6 +284,7 @@ def _evaluate_seed(
     policies: Sequence[str],
     ope: bool,
     progress: Callable[[str], None] | None = None,
+    issuer_health: bool = False,
 ) -> _SeedRun:
     torch.set_num_threads(1)
     model = load_model_dir(model_dir)
@@ -286,7 +293,7 @@ def _evaluate_seed(
     run = _SeedRun(seed, {}, {}, None, [], [], [])
     for name in policies:
         started = time.monotonic()
-        result = play(world, _policy(name, model, seed), payments=payments)
+        result = play(world, _policy(name, model, seed, issuer_health), payments=payments)
         run.runs[name] = play_metrics(result)
         run.series[name] = result
         if progress is not None:
@@ -356,18 +363,23 @@ def evaluate_world(
     ope: bool = True,
     progress: Callable[[str], None] | None = None,
     workers: int = 1,
+    issuer_health: bool = False,
 ) -> dict[str, Any]:
     """Play every policy on `config` for every seed; the results document (see `write_results`).
 
     `workers` > 1 plays that many seeds at once, each in its own process (one core each: a play is
-    one thread of Python); the results are the same as one after another."""
+    one thread of Python); the results are the same as one after another. `issuer_health` plays
+    authopt with the server's issuer health on (`server.issuer_health`, setting `issuer_health`)."""
     model = load_model_dir(model_dir)
     done: list[_SeedRun] = []
     if workers > 1 and len(seeds) > 1:
         context = multiprocessing.get_context("spawn")  # no forked torch state
         with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=context) as pool:
             started = time.monotonic()
-            futures = [pool.submit(_evaluate_seed, config, model_dir, s, policies, ope) for s in seeds]
+            futures = [
+                pool.submit(_evaluate_seed, config, model_dir, s, policies, ope, None, issuer_health)
+                for s in seeds
+            ]
             for future in as_completed(futures):
                 run = future.result()
                 done.append(run)
@@ -375,7 +387,7 @@ def evaluate_world(
                     took = time.monotonic() - started
                     progress(f"{config.name} seed {run.seed}: every policy played ({took:.0f} s since start)")
     else:
-        done = [_evaluate_seed(config, model_dir, s, policies, ope, progress) for s in seeds]
+        done = [_evaluate_seed(config, model_dir, s, policies, ope, progress, issuer_health) for s in seeds]
     by_seed = {r.seed: r for r in done}
     runs = {p: {s: by_seed[s].runs[p] for s in seeds} for p in policies}
     series = {p: {s: by_seed[s].series[p] for s in seeds} for p in policies}
@@ -388,6 +400,7 @@ def evaluate_world(
     calib_y = [v for s in seeds for v in by_seed[s].calib_y]
     calib_t = [v for s in seeds for v in by_seed[s].calib_t]
     doc = _summarize(config, model, seeds, runs, series, ope_rows, calib_p, calib_y, calib_t)
+    doc["issuer_health"] = issuer_health
     reactions = [row for s in seeds for row in by_seed[s].reactions]
     if reactions:
         doc["reactions"] = {"incidents": reactions, "summary": summarize_reactions(reactions)}

@@ -33,6 +33,7 @@ from server import policy as server_policy
 from server import rules
 from server.decision import fallback_scores, model_scores, respond
 from server.health import HealthSettings, RouteHealth
+from server.issuer_health import IssuerHealth, IssuerHealthSettings, is_unavailable, issuer_key
 from server.models import LoadedModel
 from server.settings import ServerSettings
 from sim.play import (
@@ -302,6 +303,7 @@ class Authopt:
         health: HealthSettings | None = _SERVER_HEALTH,
         replicas: int = 1,
         echo: bool = False,
+        issuer_health: IssuerHealthSettings | None = None,
     ) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -311,6 +313,14 @@ class Authopt:
         # made by the next replica in turn, and its outcome is reported, as a separate call, to
         # the next in turn of its own rotation, so each replica sees a 1/N share of the outcomes.
         self.healths = [RouteHealth(health) for _ in range(replicas)] if health is not None else []
+        # The server's issuer health (None: off), one per replica as route health; only the replica
+        # that made a decision knows what the model expected of its route (before the correction)
+        self.issuer_healths = (
+            [IssuerHealth(issuer_health) for _ in range(replicas)] if issuer_health is not None else []
+        )
+        self._issuer_expected: list[dict[int, tuple[str, float]]] = [{} for _ in self.issuer_healths]
+        self._last_factor = 1.0  # the last decision's issuer-health factor
+        self.replicas = replicas
         self._decided = 0  # decisions made, for the round-robin
         self._reported = 0  # outcomes reported, for the round-robin
         # per replica, payment -> route -> expected approval: as in the server, only the replica that
@@ -354,6 +364,12 @@ class Authopt:
         assert view.store is not None
         feats = lookup_features(view.store, req.attempt, [c.route_id for c in cands])
         now = view.now
+        health = issuer_health = None
+        if self.healths or self.issuer_healths:  # the replica that decides, in turn
+            self._last_replica = self._decided % self.replicas
+            self._decided += 1
+            health = self.healths[self._last_replica] if self.healths else None
+            issuer_health = self.issuer_healths[self._last_replica] if self.issuer_healths else None
         stale = feats.routes_as_of is not None and now - feats.routes_as_of > self.feature_max_age_s
         if feats.routes_known == 0 or stale:
             self.last_route_p = None
@@ -364,18 +380,14 @@ class Authopt:
             ctx = attempt_context(req.attempt, req.prior_attempts, at=now)
             routes = [(c.route_id, c.cost_bps, rows) for c, rows in zip(cands, feats.route_rows, strict=True)]
             x = torch.frombuffer(encode_flat(ctx, routes, feats.attempt_rows), dtype=torch.float32)
-            rows = self.model.infer(x.view(len(routes), -1)).tolist()
-            self.last_route_p = [r[0] for r in rows]
+            out = self.model.infer(x.view(len(routes), -1)).tolist()
+            self.last_route_p = [r[0] for r in out]
             card = req.attempt.card
             self.last_issuer = entity_key(Entity.ISSUER, issuer_country=card.issuer_country, bin_=card.bin)
             buckets = self.model.manifest.delay_buckets_s
             offset = self.issuer_offsets.get(self.last_issuer, 0.0) if self.issuer_offsets else 0.0
-            scores = model_scores(rows, self.model.version, buckets, self.selection, offset)
-        health = None
-        if self.healths:
-            self._last_replica = self._decided % len(self.healths)
-            health = self.healths[self._last_replica]
-            self._decided += 1
+            self._last_factor = issuer_health.factor(self.last_issuer, now) if issuer_health else 1.0
+            scores = model_scores(out, self.model.version, buckets, self.selection, offset, self._last_factor)
         return respond(req, cands, feats, scores, now, self.exploration_rate, self.rng, health)
 
     def route(self, view: AttemptView) -> Decision:
@@ -387,6 +399,12 @@ class Authopt:
             self._expected[self._last_replica][view.payment.index] = {
                 r.route_id: r.approval_probability for r in resp.routes
             }
+        if self.issuer_healths and resp.decision_source == Source.DECISION_SOURCE_MODEL:
+            # what the model expected of the chosen route before issuer health's factor
+            self._issuer_expected[self._last_replica][view.payment.index] = (
+                resp.routes[0].route_id,
+                resp.routes[0].approval_probability / self._last_factor,
+            )
         source = optimizer_pb2.DecisionSource.Name(resp.decision_source).removeprefix("DECISION_SOURCE_")
         top = resp.routes[0]
         p = top.approval_probability if resp.decision_source == Source.DECISION_SOURCE_MODEL else -1.0
@@ -404,11 +422,25 @@ class Authopt:
         return None
 
     def observe(self, view: AttemptView, route: int, outcome: Outcome) -> None:
-        if not self.healths:
+        if not (self.healths or self.issuer_healths):
             return
-        replica = self._reported % len(self.healths)  # every attempt's outcome is a call in turn
+        replica = self._reported % self.replicas  # every attempt's outcome is a call in turn
         self._reported += 1
-        if view.number == 1:  # route health judges first attempts, as the server
+        if view.number == 1 and self.issuer_healths:  # issuer health too judges first attempts only
+            w = view.world
+            card = view.payment.card
+            key = issuer_key(w.issuer_country[int(w.card_issuer[card])], w.card_bin[card])
+            route_id = w.route_ids[route]
+            mine = [e.pop(view.payment.index, None) for e in self._issuer_expected][replica]
+            expected = mine[1] if mine is not None and mine[0] == route_id else None
+            self.issuer_healths[replica].observe(
+                key,
+                view.now,
+                outcome.status == APPROVED,
+                is_unavailable(outcome.response_code),
+                expected,
+            )
+        if view.number == 1 and self.healths:  # route health judges first attempts, as the server
             w = view.world
             issuer = w.issuer_country[int(w.card_issuer[view.payment.card])]
             route_id = w.route_ids[route]
