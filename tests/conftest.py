@@ -20,6 +20,8 @@ from authopt.samples import sample_request
 from authopt.v1 import events_pb2, optimizer_pb2, optimizer_pb2_grpc
 from model import make_tiny_artifact
 from server import AuthoptServer, InMemoryFeatureStore, ServerSettings, create_server
+from sim import load_world
+from sim.config import WorldConfig
 from streams import Entity, entity_key
 
 _SPANS = InMemorySpanExporter()
@@ -55,6 +57,29 @@ def model_dir(tmp_path: Path) -> Path:
 def make_request(request_id: str = "req-1", **attempt_overrides: Any) -> optimizer_pb2.RecommendRequest:
     """A valid RecommendRequest over ROUTES for a Visa credit card (`authopt.samples`)."""
     return sample_request(request_id, ROUTES, **attempt_overrides)
+
+
+def small_default_world(payments_per_hour: float, hours: float, cards: int) -> WorldConfig:
+    """The default world at the given size, without issuer outages (scheduled or random): a test adds
+    the one incident it measures."""
+    config = load_world("default")
+    return config.model_copy(
+        update={
+            "traffic": config.traffic.model_copy(
+                update={"payments_per_hour": payments_per_hour, "hours": hours}
+            ),
+            "cards": config.cards.model_copy(update={"count": cards}),
+            "issuers": [
+                i.model_copy(
+                    update={
+                        "outages": [],
+                        "random_outages": i.random_outages.model_copy(update={"per_day": 0.0}),
+                    }
+                )
+                for i in config.issuers
+            ],
+        }
+    )
 
 
 def fill_route_features(store: InMemoryFeatureStore, as_of: float | None = None) -> None:

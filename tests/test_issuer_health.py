@@ -19,11 +19,11 @@ from model.artifacts import DEFAULT_MODEL_DIR
 from server.decision import model_scores
 from server.issuer_health import IssuerHealth, IssuerHealthSettings, is_unavailable, issuer_key
 from server.models import load_model_dir
-from sim import World, load_world
+from sim import World
 from sim.config import Episode, WorldConfig
 from sim.play import play
 from sim.policies import Authopt
-from tests.conftest import Recording, ServerFactory, make_request
+from tests.conftest import Recording, ServerFactory, make_request, small_default_world
 
 T0 = 1_800_000_000.0
 DE = issuer_key("DE", "41111111")
@@ -179,22 +179,7 @@ async def test_the_server_scales_an_issuer_that_answers_91_and_no_other(
 def _world_with_issuer_outage() -> tuple[WorldConfig, int]:
     """The default world, small (45 minutes), without random issuer outages; one 25-minute outage
     (severity 0.9) of its busiest issuer at 15 minutes."""
-    config = load_world("default")
-    config = config.model_copy(
-        update={
-            "traffic": config.traffic.model_copy(update={"payments_per_hour": 2000, "hours": 0.75}),
-            "cards": config.cards.model_copy(update={"count": 2000}),
-            "issuers": [
-                i.model_copy(
-                    update={
-                        "outages": [],
-                        "random_outages": i.random_outages.model_copy(update={"per_day": 0.0}),
-                    }
-                )
-                for i in config.issuers
-            ],
-        }
-    )
+    config = small_default_world(2000, 0.75, 2000)
     world = World(config, 1)
     busiest = Counter(int(world.card_issuer[p.card]) for p in world.payments()).most_common(1)[0][0]
     episode = Episode(start_hour=15 / 60, minutes=25, severity=0.9)

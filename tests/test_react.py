@@ -12,7 +12,7 @@ import pytest
 
 from model.artifacts import DEFAULT_MODEL_DIR
 from server import policy as server_policy
-from sim import World, load_world
+from sim import World
 from sim.config import Episode, WorldConfig
 from sim.evaluate import evaluate_world, write_results
 from sim.play import AttemptView, Decision, play
@@ -24,6 +24,7 @@ from sim.react import (
     summarize_reactions,
     without_route_incidents,
 )
+from tests.conftest import small_default_world
 
 START_H, MINUTES = 1.0, 40.0
 REACT_S, RETURN_S = 300.0, 120.0
@@ -32,22 +33,7 @@ REACT_S, RETURN_S = 300.0, 120.0
 def world_with_incident() -> tuple[WorldConfig, str]:
     """The default world, smaller, with no random incidents and one scheduled degradation of the route
     most merchants route to first."""
-    config = load_world("default")
-    config = config.model_copy(
-        update={
-            "traffic": config.traffic.model_copy(update={"payments_per_hour": 3000, "hours": 3}),
-            "cards": config.cards.model_copy(update={"count": 3000}),
-            "issuers": [
-                i.model_copy(
-                    update={
-                        "outages": [],
-                        "random_outages": i.random_outages.model_copy(update={"per_day": 0.0}),
-                    }
-                )
-                for i in config.issuers
-            ],
-        }
-    )
+    config = small_default_world(3000, 3, 3000)
     calm = without_route_incidents(config)
     world = World(calm, 1)
     busiest = Counter(world.route_ids[world.merchant_primary[p.merchant]] for p in world.payments())
