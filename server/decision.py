@@ -285,7 +285,8 @@ class DecisionEngine:
     def observe(self, outcome: attempt_pb2.AttemptOutcome) -> None:
         """An outcome the server has just published: route health sees it at once (O(1)), with what
         the decision expected of its route: as this replica remembers it when it made the decision,
-        else as the caller echoed it (`expected_approval`, when another replica made it)."""
+        else as the caller echoed it (`expected_approval`, when another replica made it). Issuer
+        health sees it too, with this replica's own expectation only (before its factor)."""
         if outcome.attempt.attempt_number > 1:
             return  # retries are another population: first attempts only
         if self.issuer_health is not None:
